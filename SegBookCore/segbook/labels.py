@@ -1,0 +1,64 @@
+"""Class names, display colours and SNOMED CT terminology for segment outputs.
+
+The TotalSegmentator STU-Nets output 105 channels in alphabetical order (`totalsegmentator_label_order.json`,
+uni-medical/STU-Net); codes and colours come from SlicerTotalSegmentator's mapping table (Apache-2.0).
+"""
+from __future__ import annotations
+
+import csv
+import colorsys
+import json
+from functools import lru_cache
+from importlib import resources
+
+__all__ = ["totalseg_class_names", "terminology", "default_color", "class_table"]
+
+
+def _data(name: str):
+    return resources.files("segbook") / "data" / name
+
+
+@lru_cache(maxsize=None)
+def totalseg_class_names() -> tuple[str, ...]:
+    """The 105 output names of the TotalSegmentator-pretrained STU-Nets; index 0 is background."""
+    order = json.loads(_data("totalsegmentator_label_order.json").read_text())
+    return tuple(order[str(i)] for i in range(len(order)))
+
+
+@lru_cache(maxsize=None)
+def _snomed() -> dict[str, dict]:
+    with _data("totalsegmentator_snomed_mapping.csv").open(newline="") as f:
+        return {row["Name"]: row for row in csv.DictReader(f) if row.get("Name")}
+
+
+def terminology(name: str) -> dict | None:
+    """SNOMED CT category/type/modifier of a structure name, as {"category": (scheme, code, meaning), ...}."""
+    row = _snomed().get(name)
+    if row is None:
+        return None
+    out = {}
+    for key, prefix in (("category", "Category"), ("type", "Type"), ("type_modifier", "TypeModifier"),
+                        ("region", "Region"), ("region_modifier", "RegionModifier")):
+        if row.get(f"{prefix}_CodeValue"):
+            out[key] = [row[f"{prefix}_CodingScheme"], row[f"{prefix}_CodeValue"], row[f"{prefix}_CodeMeaning"]]
+    return out
+
+
+def default_color(name: str, index: int) -> list[int]:
+    """The mapping table's colour where known, else a stable distinct hue from the class index."""
+    row = _snomed().get(name)
+    if row is not None and row.get("Color_R"):
+        return [int(row["Color_R"]), int(row["Color_G"]), int(row["Color_B"])]
+    r, g, b = colorsys.hsv_to_rgb((index * 0.618034) % 1.0, 0.65, 0.95)
+    return [round(r * 255), round(g * 255), round(b * 255)]
+
+
+def class_table(class_names, colors=None) -> list[dict]:
+    """One entry per foreground class: {"value", "name", "color", "terminology"}; the sidecar's contents."""
+    table = []
+    for i, name in enumerate(class_names):
+        if i == 0:
+            continue
+        color = list(colors[i]) if colors else default_color(name, i)
+        table.append({"value": i, "name": name, "color": color, "terminology": terminology(name)})
+    return table

@@ -1,0 +1,113 @@
+"""The model zoo through the real huggingface_hub code path, offline, from a laid-out hub cache."""
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import segbook
+from segbook import zoo
+from conftest import DATA, fixture_config, run_cli, write_released_checkpoint
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def lay_out_hub_cache(hf_home: Path, repo: str, filename: str, source: Path) -> Path:
+    """Put `source` where huggingface_hub's cache keeps `repo/filename` at revision main (blob + symlink)."""
+    repo_dir = Path(hf_home) / "hub" / ("models--" + repo.replace("/", "--"))
+    data = source.read_bytes()
+    blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(data)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(COMMIT)
+    snap = repo_dir / "snapshots" / COMMIT / filename
+    snap.parent.mkdir(parents=True)
+    snap.symlink_to(blob)
+    return snap
+
+
+@pytest.fixture
+def stunet_s_in_hub_cache(tmp_path, monkeypatch):
+    """A checkpoint with STU-Net-S's exact keys and shapes, in the released format, in an offline hub cache."""
+    torch.manual_seed(0)
+    net = segbook.build_stunet("S")
+    ckpt = write_released_checkpoint(tmp_path / "small_ep4k.model",
+                                     {f"module.{k}": v for k, v in net.state_dict().items()})
+    hf_home = tmp_path / "hf"
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    lay_out_hub_cache(hf_home, "ziyanhuang/STU-Net", "small_ep4k.model", ckpt)
+    return net, hf_home
+
+
+def test_download_converts_once_offline_then_loads_from_model_folder(stunet_s_in_hub_cache, tmp_path):
+    net, hf_home = stunet_s_in_hub_cache
+    result = run_cli("download", "stunet-s-totalseg")
+    assert result.returncode == 0, result.stderr
+    folder = Path(result.stdout.split(": ", 1)[1].strip())
+    assert (folder / "weights.safetensors").is_file() and (folder / "model.json").is_file()
+    saved = json.loads((folder / "model.json").read_text())
+    assert saved["name"] == "stunet-s-totalseg" and saved["class_names"][1] == "adrenal_gland_left"
+
+    listing = run_cli("models").stdout
+    assert any(line.startswith("stunet-s-totalseg") and " yes " in line for line in listing.splitlines())
+
+    # Later loads read only the model folder: remove the hub cache and load again, in this process.
+    import shutil
+    shutil.rmtree(hf_home)
+    model = segbook.create_model("stunet-s-totalseg")
+    assert model.config.name == "stunet-s-totalseg" and model.deep_supervision is False
+    for k, v in net.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_create_model_downloads_through_hub_cache_in_process(stunet_s_in_hub_cache, monkeypatch):
+    import huggingface_hub.constants as hub_constants
+    net, hf_home = stunet_s_in_hub_cache
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    model = segbook.create_model("stunet-s-totalseg", deep_supervision=True)
+    assert model.deep_supervision and zoo.is_cached("stunet-s-totalseg")
+    assert torch.equal(model.seg_outputs[0].weight, net.seg_outputs[0].weight)
+
+
+def test_offline_and_not_cached_is_one_clear_line():
+    result = run_cli("download", "stunet-b-totalseg")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not cached" in lines[0] and "--checkpoint" in lines[0]
+    with pytest.raises(segbook.ModelNotFound, match="not cached"):
+        segbook.create_model("stunet-b-totalseg")
+
+
+def test_checkpoint_downloaded_by_hand(tmp_path):
+    """An offline user with base_ep4k.model-style file: the named model's config, the file's weights."""
+    cfg = fixture_config("tiny_totalseg_pools")
+    folder = zoo.save_model_folder(tmp_path / "tiny", segbook.ModelConfig(
+        name="tiny", arch=segbook.Arch(1, 7, cfg["dims"], cfg["depth"], cfg["pool_op_kernel_sizes"]),
+        plan=segbook.Plan([1.5] * 3, [32, 32, 64]), class_names=[f"c{i}" for i in range(7)]), {})
+    model = segbook.create_model(folder, checkpoint=DATA / "tiny_totalseg_pools.model")
+    ref = segbook.load_checkpoint(DATA / "tiny_totalseg_pools.model")
+    assert torch.equal(model.seg_outputs[-1].weight, ref["seg_outputs.4.weight"])
+    with pytest.raises(segbook.CheckpointError, match="missing key"):
+        segbook.create_model("stunet-s-totalseg", checkpoint=DATA / "tiny_totalseg_pools.model")
+
+
+def test_unknown_name_lists_known_models():
+    with pytest.raises(segbook.ModelNotFound, match="unknown model 'nope'.*stunet-s-totalseg"):
+        segbook.create_model("nope")
+    result = run_cli("download", "nope")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_registry_records_are_complete():
+    for name in ["stunet-s-totalseg", "stunet-b-totalseg", "stunet-l-totalseg", "stunet-h-totalseg"]:
+        cfg = zoo.REGISTRY[name]
+        assert cfg.hub_repo == "ziyanhuang/STU-Net" and cfg.hub_filename.endswith("_ep4k.model")
+        assert cfg.arch.input_channels == 1 and cfg.plan.normalization == "zscore"
+        assert cfg.plan.mirror_axes == [0, 1, 2] and len(cfg.colors) == 105
+        # config survives the model.json round trip unchanged
+        assert segbook.ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    brats = zoo.REGISTRY["brats21-stunet-b"]
+    assert brats.arch.input_channels == 4 and brats.arch.pool_op_kernel_sizes == [[2, 2, 2]] * 5

@@ -1,0 +1,100 @@
+"""`segbook predict`: segment image files, DICOM folders or a folder of images with one model."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..errors import InputError
+from ..events import make_reporter
+from ..io import IMAGE_SUFFIXES, output_format
+
+HELP = "segment CT/MR images (NIfTI, NRRD, MHA, DICOM folders) with an STU-Net model"
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="image file, DICOM series folder, or folder of image files")
+    parser.add_argument("-o", "--output", required=True,
+                        help="output label map (e.g. seg.nii.gz, seg.seg.nrrd); a folder for several inputs")
+    parser.add_argument("--model", required=True, help="model name (see `segbook models`) or model folder")
+    parser.add_argument("--checkpoint", help="weights file to use with the named model's plan "
+                                             "(e.g. a hand-downloaded base_ep4k.model)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    tta = parser.add_mutually_exclusive_group()
+    tta.add_argument("--tta", dest="tta", action="store_true", help="mirror test-time augmentation (8 flips)")
+    tta.add_argument("--no-tta", dest="tta", action="store_false", help="no test-time augmentation (default)")
+    parser.set_defaults(tta=False)
+    parser.add_argument("--step", type=float, default=0.5, help="tile step as a fraction of the patch (0.5)")
+    parser.add_argument("--classes", help="comma-separated class names to keep (others become background)")
+    parser.add_argument("--roi", help="X0,Y0,Z0,X1,Y1,Z1: predict only inside this physical box (LPS mm)")
+    parser.add_argument("--format", default=".nii.gz", choices=[s for s in IMAGE_SUFFIXES if s != ".nhdr"],
+                        help="output suffix when OUTPUT is a folder (default .nii.gz)")
+    parser.add_argument("--progress", default="bar", choices=["bar", "json", "none"],
+                        help="progress display: bar (stderr), json (one event per line on stdout), none")
+
+
+def _strip_suffix(name: str) -> str:
+    low = name.lower()
+    for s in IMAGE_SUFFIXES:
+        if low.endswith(s):
+            return name[: -len(s)]
+    return name
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.is_file() and any(path.name.lower().endswith(s) for s in IMAGE_SUFFIXES if s != ".nhdr")
+
+
+def _expand(inputs: list[str]) -> tuple[list[Path], bool]:
+    """Input paths -> images to segment, and whether the output must be a folder. A folder holding image
+    files stands for those files; any other folder is a DICOM series."""
+    images, many = [], len(inputs) > 1
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files = sorted(p for p in item.iterdir() if _is_image_file(p))
+            if files:
+                images += files
+                many = True
+                continue
+        images.append(item)
+    return images, many
+
+
+def _parse_roi(text: str | None):
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 6:
+        raise InputError(f"--roi '{text}': need six numbers X0,Y0,Z0,X1,Y1,Z1 (LPS mm)")
+    return values
+
+
+def run(args) -> int:
+    from ..inference import Predictor
+
+    images, many = _expand(args.inputs)
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    roi = _parse_roi(args.roi)
+    out = Path(args.output)
+    if many:
+        if out.exists() and not out.is_dir():
+            raise InputError(f"{out}: several inputs need an output folder, and this is a file")
+        targets = [out / (_strip_suffix(p.name) + args.format) for p in images]
+    else:
+        output_format(out)
+        targets = [out]
+    reporter = make_reporter(args.progress)
+    predictor = Predictor(args.model, checkpoint=args.checkpoint, device=args.device, tta=args.tta,
+                          step=args.step, reporter=reporter)
+    if classes:
+        predictor.label_values(classes)     # an unknown class name fails before any image is read
+    for i, (src, dst) in enumerate(zip(images, targets)):
+        reporter.emit({"event": "case", "input": str(src), "output": str(dst), "index": i, "total": len(images)})
+        sidecar = predictor.predict_file(src, dst, roi_lps=roi, classes=classes)
+        reporter.done(input=str(src), output=str(dst), elapsed_s=sidecar["elapsed_s"])
+    return 0

@@ -1,0 +1,131 @@
+"""Export: logits on the network's grid -> label map on the original (cropped) grid, slab by slab.
+
+nnU-Net resamples all class logits to the original grid (linear; nearest along an axis more than 3x coarser,
+`resample_data_or_seg_to_shape(order=1, order_z=0)`), takes the argmax and puts the crop back. Holding
+105 classes at full resolution does not fit in memory for a large CT, so `SlabExporter` takes finished
+z-slabs of logits as the sliding window completes them and emits the output z-slices those slabs
+determine; linear interpolation is separable, so resampling z first and then (y, x) gives the same values.
+
+Tensors are (K, z, y, x) with K classes; the output is a (z, y, x) label array.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["linear_weights", "resample_axis", "resample_plane", "SlabExporter"]
+
+log = logging.getLogger(__name__)
+
+
+def linear_weights(in_len: int, out_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i0, i1, w) per output sample of linear resampling along one axis: value = (1-w)*x[i0] + w*x[i1].
+
+    Pixel-centre alignment and edge clamping, as skimage resize(order=1, mode="edge") / scipy zoom with
+    grid_mode=True, which nnU-Net uses.
+    """
+    coords = float(in_len) / out_len * (np.arange(out_len) + 0.5) - 0.5
+    coords = np.clip(coords, 0, in_len - 1)
+    i0 = np.floor(coords).astype(np.intp)
+    i1 = np.minimum(i0 + 1, in_len - 1)
+    return i0, i1, (coords - i0).astype(np.float32)
+
+
+def _nearest(in_len: int, out_len: int) -> np.ndarray:
+    coords = float(in_len) / out_len * (np.arange(out_len) + 0.5) - 0.5
+    return np.clip(np.floor(coords + 0.5), 0, in_len - 1).astype(np.intp)
+
+
+def resample_axis(x: torch.Tensor, dim: int, out_len: int, mode: str) -> torch.Tensor:
+    """Resample tensor `x` along `dim` to `out_len` samples, mode "linear" or "nearest"."""
+    in_len = x.shape[dim]
+    if in_len == out_len:
+        return x
+    if mode == "nearest":
+        return x.index_select(dim, torch.from_numpy(_nearest(in_len, out_len)).to(x.device))
+    i0, i1, w = linear_weights(in_len, out_len)
+    shape = [1] * x.ndim
+    shape[dim] = out_len
+    w = torch.from_numpy(w).to(x.device, x.dtype).view(shape)
+    a = x.index_select(dim, torch.from_numpy(i0).to(x.device))
+    b = x.index_select(dim, torch.from_numpy(i1).to(x.device))
+    return torch.lerp(a, b, w)
+
+
+def resample_plane(x: torch.Tensor, size: tuple[int, int], modes: tuple[str, str]) -> torch.Tensor:
+    """(K, n, y, x) -> (K, n, *size): the last two axes resampled with their own modes."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if modes == ("linear", "linear"):
+        # One fused bilinear pass; torch's align_corners=False mapping and edge clamping equal skimage's.
+        y = F.interpolate(x.transpose(0, 1), size=tuple(size), mode="bilinear", align_corners=False)
+        return y.transpose(0, 1)
+    return resample_axis(resample_axis(x, -2, size[0], modes[0]), -1, size[1], modes[1])
+
+
+class SlabExporter:
+    """Turn (K, z, y, x) logits, fed as consecutive z-slabs, into labels on the destination grid.
+
+    src_shape: (z, y, x) of the logits; out: a (z, y, x) integer array to fill (the destination grid, e.g. a
+    view of the un-cropped label map); modes: "linear"/"nearest" per axis; label_of_channel: the label value
+    written for each class channel (0 to drop a class). Each output z-slice is emitted once all source slices
+    it interpolates are fed, in chunks of at most `chunk_voxels` K*z*y*x values.
+    """
+
+    def __init__(self, src_shape, out: np.ndarray, modes, label_of_channel: np.ndarray,
+                 chunk_voxels: int = 2 ** 27):
+        self.src_shape, self.out, self.modes = tuple(src_shape), out, tuple(modes)
+        dst_z = out.shape[0]
+        if self.modes[0] == "nearest":
+            self.i0 = _nearest(self.src_shape[0], dst_z)
+            self.i1, self.w = self.i0, np.zeros(dst_z, np.float32)
+        else:
+            self.i0, self.i1, self.w = linear_weights(self.src_shape[0], dst_z)
+        self.label_of_channel = torch.as_tensor(label_of_channel)
+        self.chunk_voxels = chunk_voxels
+        self.next_out = 0            # first output slice not yet written
+        self.buffer = None           # source slices still needed: (K, n, y, x), starting at buffer_z0
+        self.buffer_z0 = 0
+
+    def feed(self, z0: int, slab: torch.Tensor) -> None:
+        """Add source slices [z0, z0 + slab.shape[1]) (float logits); they must follow the previous ones."""
+        if self.buffer is not None and z0 != self.buffer_z0 + self.buffer.shape[1]:
+            raise ValueError(f"slab at z={z0} does not follow the previous one")
+        if self.buffer is None:
+            self.buffer, self.buffer_z0 = slab, z0
+        else:
+            self.buffer = torch.cat((self.buffer, slab), 1)
+        end = self.buffer_z0 + self.buffer.shape[1]
+        stop = self.next_out
+        while stop < len(self.i1) and self.i1[stop] < end:
+            stop += 1
+        self._emit(self.next_out, stop)
+        self.next_out = stop
+        # Keep only the source slices later outputs still need.
+        keep_from = int(self.i0[stop]) if stop < len(self.i0) else end
+        if keep_from > self.buffer_z0:
+            self.buffer = self.buffer[:, keep_from - self.buffer_z0:].clone()
+            self.buffer_z0 = keep_from
+
+    def _emit(self, start: int, stop: int) -> None:
+        k, _, sy, sx = self.buffer.shape
+        per_slice = k * max(sy * sx, self.out.shape[1] * self.out.shape[2])
+        chunk = max(1, self.chunk_voxels // per_slice)
+        for a in range(start, stop, chunk):
+            b = min(a + chunk, stop)
+            i0 = torch.from_numpy(self.i0[a:b] - self.buffer_z0).to(self.buffer.device)
+            lo = self.buffer.index_select(1, i0)
+            if self.modes[0] == "linear" and np.any(self.w[a:b] != 0):
+                i1 = torch.from_numpy(self.i1[a:b] - self.buffer_z0).to(self.buffer.device)
+                w = torch.from_numpy(self.w[a:b]).to(lo.device, lo.dtype).view(1, -1, 1, 1)
+                lo = torch.lerp(lo, self.buffer.index_select(1, i1), w)
+            logits = resample_plane(lo, self.out.shape[1:], self.modes[1:])
+            labels = self.label_of_channel.to(logits.device)[logits.argmax(0)]
+            self.out[a:b] = labels.cpu().numpy()
+
+    @property
+    def complete(self) -> bool:
+        return self.next_out == self.out.shape[0]

@@ -1,0 +1,324 @@
+"""The Predictor: load a model once, segment many arrays or files (nnU-Net-faithful, bounded memory).
+
+    p = Predictor("stunet-s-totalseg", device="auto", tta=False)
+    labels = p.predict_array(image, spacing)          # image (C, z, y, x) or (z, y, x), spacing (z, y, x) mm
+    sidecar = p.predict_file("ct.nii.gz", "ct_seg.nii.gz")
+
+Pipeline: `preprocess` (crop, normalise, resample to the plan), zero-pad to the patch, sliding window
+(`sliding_window`: nnU-Net's tiles, Gaussian weights, optional mirror TTA), accumulation of weighted logits
+in float16 (as nnU-Net) in a window of one patch depth along z, and `export.SlabExporter` turning each
+finished z-slab into labels on the original grid. Peak memory is one patch-deep slab of class logits
+instead of the whole volume at full resolution.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import InputError
+from .events import Reporter
+from .export import SlabExporter
+from .io import atomic_path, output_format, read_image, sidecar_path, write_labels
+from .labels import class_table
+from .preprocess import preprocess, separate_axis
+from .sliding_window import compute_steps, gaussian_weights, mirror_axes_sets, padding_for_patch
+
+__all__ = ["Predictor", "resolve_device", "ROI_CONTEXT"]
+
+log = logging.getLogger(__name__)
+
+# An ROI is grown by this fraction of the patch (in mm, at the plan spacing) on each side, clipped to the
+# image, so that the network sees context around the box; labels are kept inside the box only.
+ROI_CONTEXT = 0.25
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" -> the first CUDA device if there is one, else the CPU; "cpu", "cuda", "cuda:N" as given."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"unknown device '{device}' (auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device '{device}' requested but CUDA is not available")
+    return dev
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def _inference_state(net: nn.Module, threads: int | None):
+    """eval mode, deep supervision off and (on the CPU) all cores, restored afterwards so that a training
+    network handed in for validation comes back as it was."""
+    was_training, ds = net.training, getattr(net, "deep_supervision", None)
+    old_threads = torch.get_num_threads()
+    net.eval()
+    if ds is not None:
+        net.deep_supervision = False
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        torch.set_num_threads(old_threads)
+        net.train(was_training)
+        if ds is not None:
+            net.deep_supervision = ds
+
+
+class Predictor:
+    """Segments with one model. `model`: a registry name, a model folder, or an STU-Net module with a
+    `.config` (ModelConfig) attached; `checkpoint`: weights file for a named model (released format ok).
+    A module handed in is used as is (its device is kept unless `device` says otherwise)."""
+
+    def __init__(self, model, *, checkpoint=None, device="auto", tta: bool = False, step: float = 0.5,
+                 reporter: Reporter | None = None):
+        if not 0 < step <= 1:
+            raise InputError(f"step must be in (0, 1], got {step}")
+        if isinstance(model, nn.Module):
+            if not hasattr(model, "config"):
+                raise ValueError("a network handed to Predictor needs its ModelConfig attached as `.config`")
+            net, self.owns_network = model, False
+            params = next(model.parameters(), None)
+            if str(device) == "auto" and params is not None and params.device.type == "cuda":
+                device = params.device
+        else:
+            from .zoo import create_model
+            net = create_model(model, pretrained=checkpoint is None, checkpoint=checkpoint)
+            self.owns_network = True
+        self.network, self.config = net, net.config
+        self.device = resolve_device(device)
+        self.network.to(self.device)
+        if self.owns_network and self.device.type == "cpu":
+            # oneDNN's 3D convolutions run ~1.4x faster in channels-last layout on the CPU (same results).
+            self.network.to(memory_format=torch.channels_last_3d)
+        self.tta, self.step = bool(tta), float(step)
+        self.reporter = reporter or Reporter()
+        self.checkpoint = str(checkpoint) if checkpoint else None
+
+    # ---------------------------------------------------------------- arrays
+    def label_values(self, classes) -> np.ndarray:
+        names = list(self.config.class_names)
+        keep = range(len(names)) if not classes else [self._class_index(c) for c in classes]
+        table = np.zeros(len(names), dtype=np.int64)
+        for i in keep:
+            table[i] = i
+        return table
+
+    def _class_index(self, name: str) -> int:
+        if name not in self.config.class_names[1:]:
+            close = [n for n in self.config.class_names[1:] if name.lower() in n.lower()][:5]
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise InputError(f"class '{name}' is not an output of model {self.config.name}{hint}")
+        return self.config.class_names.index(name)
+
+    def _label_dtype(self):
+        return np.uint8 if len(self.config.class_names) <= 256 else np.uint16
+
+    def predict_array(self, image, spacing, *, roi=None, classes=None) -> np.ndarray:
+        """Segment `image` (C, z, y, x) or (z, y, x), voxel spacing (z, y, x) in mm.
+
+        roi: voxel box (z0, y0, x0, z1, y1, x1), end exclusive, or None; only that box is predicted (with
+        context around it) and everything outside is background. classes: names to keep, others -> 0.
+        Returns a (z, y, x) uint8 (uint16 above 255 classes) label map on the input grid.
+        """
+        image = np.asarray(image)
+        if image.ndim == 3:
+            image = image[None]
+        if image.ndim != 4:
+            raise InputError(f"image of shape {image.shape}: need (C, z, y, x) or (z, y, x)")
+        if image.shape[0] != self.config.arch.input_channels:
+            raise InputError(f"image has {image.shape[0]} channel(s), model {self.config.name} takes "
+                             f"{self.config.arch.input_channels}")
+        spacing = tuple(float(s) for s in spacing)
+        if len(spacing) != 3 or min(spacing) <= 0 or not all(map(math.isfinite, spacing)):
+            raise InputError(f"invalid spacing {spacing}")
+        lo, hi = float(image.min()), float(image.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise InputError("image holds NaN or infinite values")
+        if lo == hi:
+            raise InputError(f"image is constant (every voxel {lo:g}): nothing to segment")
+        label_of_channel = self.label_values(classes)
+        shape = image.shape[1:]
+        out = np.zeros(shape, dtype=self._label_dtype())
+        if roi is None:
+            self._segment(image, spacing, label_of_channel, out)
+            return out
+        box = self._check_roi(roi, shape)
+        margin = [math.ceil(ROI_CONTEXT * p * t / s) for p, t, s in
+                  zip(self.config.plan.patch_size, self.config.plan.spacing, spacing)]
+        ctx = [(max(box[a] - margin[a], 0), min(box[a + 3] + margin[a], shape[a])) for a in range(3)]
+        crop = tuple(slice(a, b) for a, b in ctx)
+        part = np.zeros(tuple(b - a for a, b in ctx), dtype=out.dtype)
+        self._segment(image[(slice(None), *crop)], spacing, label_of_channel, part)
+        inner = tuple(slice(box[a] - ctx[a][0], box[a + 3] - ctx[a][0]) for a in range(3))
+        out[tuple(slice(box[a], box[a + 3]) for a in range(3))] = part[inner]
+        return out
+
+    @staticmethod
+    def _check_roi(roi, shape) -> list[int]:
+        if len(roi) != 6:
+            raise InputError(f"ROI needs 6 numbers (z0, y0, x0, z1, y1, x1), got {list(roi)}")
+        box = [int(v) for v in roi]
+        lo = [max(box[a], 0) for a in range(3)]
+        hi = [min(box[a + 3], shape[a]) for a in range(3)]
+        if any(h <= l for l, h in zip(lo, hi)):
+            raise InputError(f"ROI {box} (voxels z, y, x) lies outside the image {tuple(shape)}")
+        return lo + hi
+
+    def _segment(self, image: np.ndarray, spacing, label_of_channel, out: np.ndarray) -> None:
+        """Fill `out` (z, y, x) with the labels of `image` (C, z, y, x)."""
+        plan = self.config.plan
+        threads = _cpu_count() if self.device.type == "cpu" else None
+        self.reporter.progress("preprocess", 0, 1)
+        with _inference_state(self.network, threads):
+            pre = preprocess(image, spacing, plan)
+            self.reporter.progress("preprocess", 1, 1)
+            axis = separate_axis(plan.spacing, spacing)   # export: nnU-Net checks the plan spacing first
+            modes = ["nearest" if a == axis else "linear" for a in range(3)]
+            view = out[tuple(slice(lo, hi) for lo, hi in pre.bbox)]
+            try:
+                self._sliding_window(pre.data, view, modes, label_of_channel, self.device)
+            except torch.cuda.OutOfMemoryError:
+                log.warning("out of GPU memory for the logits; accumulating them in CPU memory instead")
+                torch.cuda.empty_cache()
+                self._sliding_window(pre.data, view, modes, label_of_channel, torch.device("cpu"))
+
+    def _sliding_window(self, data: np.ndarray, out: np.ndarray, modes, label_of_channel,
+                        results_device: torch.device) -> None:
+        """Tiles over `data` (C, z, y, x) at the plan spacing; labels into `out` (cropped original grid)."""
+        patch = tuple(int(p) for p in self.config.plan.patch_size)
+        pads = padding_for_patch(data.shape[1:], patch)
+        if any(sum(p) for p in pads):
+            data = np.pad(data, [(0, 0)] + pads)
+        padded = data.shape[1:]
+        steps = compute_steps(padded, patch, self.step)
+        total = len(steps[0]) * len(steps[1]) * len(steps[2])
+        k = self.config.arch.num_classes
+        inner = [slice(lo, s - hi) for (lo, hi), s in zip(pads, padded)]
+        exporter = SlabExporter([s.stop - s.start for s in inner], out, modes, label_of_channel)
+        gauss = torch.from_numpy(gaussian_weights(patch)).to(results_device)
+        # The logits window spans one patch along z; slices before the next tile row are final.
+        acc = torch.zeros((k, patch[0], *padded[1:]), dtype=torch.float16, device=results_device)
+        weight = torch.zeros((patch[0], *padded[1:]), dtype=torch.float16, device=results_device)
+        source = torch.from_numpy(data)
+        done = 0
+        self.reporter.progress("predict", 0, total)
+        for zi, z in enumerate(steps[0]):
+            for y in steps[1]:
+                for x in steps[2]:
+                    tile = source[:, z:z + patch[0], y:y + patch[1], x:x + patch[2]]
+                    pred = self._predict_tile(tile).to(results_device)
+                    pred *= gauss
+                    acc[:, :, y:y + patch[1], x:x + patch[2]] += pred
+                    weight[:, y:y + patch[1], x:x + patch[2]] += gauss
+                    del pred
+                    done += 1
+                    self.reporter.progress("predict", done, total)
+            final = steps[0][zi + 1] - z if zi + 1 < len(steps[0]) else patch[0]
+            self._finalize(acc, weight, z, final, inner, exporter)
+            if final < patch[0]:
+                _shift_left(acc, final)
+                _shift_left(weight, final)
+        if not exporter.complete:
+            raise RuntimeError("export did not cover the whole output (internal error)")
+
+    @staticmethod
+    def _finalize(acc, weight, z, n, inner, exporter) -> None:
+        """Pass window slices [0, n) (global z .. z+n) inside the unpadded region to the exporter."""
+        a, b = max(z, inner[0].start), min(z + n, inner[0].stop)
+        if a >= b:
+            return
+        region = (slice(a - z, b - z), inner[1], inner[2])
+        logits = torch.div(acc[(slice(None), *region)], weight[region])   # float16, as nnU-Net
+        if torch.isinf(logits).any():
+            raise RuntimeError("float16 overflow in the accumulated logits")
+        exporter.feed(a - inner[0].start, logits.float())
+
+    def _predict_tile(self, tile: torch.Tensor) -> torch.Tensor:
+        """(C, pz, py, px) -> (K, pz, py, px) float32 logits, averaged over the mirror flips when TTA is on."""
+        x = tile[None].to(self.device, non_blocking=True)
+        if self.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        flips = mirror_axes_sets([a + 2 for a in self.config.plan.mirror_axes]) if self.tta else [()]
+        amp = torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else contextlib.nullcontext()
+        with amp:
+            if self.device.type == "cuda" and len(flips) > 1:
+                # One batch of all flips keeps the GPU busy; the CPU gains nothing from batching.
+                batch = torch.cat([torch.flip(x, f) if f else x for f in flips])
+                out = self.network(batch).float()
+                pred = sum(torch.flip(out[i:i + 1], f) if f else out[i:i + 1] for i, f in enumerate(flips))
+            else:
+                pred = None
+                for f in flips:
+                    y = self.network(torch.flip(x, f) if f else x).float()
+                    y = torch.flip(y, f) if f else y
+                    pred = y if pred is None else pred.add_(y)
+        if len(flips) > 1:
+            pred /= len(flips)
+        return pred[0].contiguous()
+
+    # ---------------------------------------------------------------- files
+    def predict_file(self, input_path, output_path, *, roi_lps=None, classes=None) -> dict:
+        """Segment an image file or DICOM folder into `output_path` (label map with the input's geometry)
+        plus a sidecar JSON (classes, colours, terminology, settings) beside it; returns the sidecar dict.
+
+        roi_lps: physical box (x0, y0, z0, x1, y1, x1) in LPS mm, as ITK. Both files appear only complete.
+        """
+        t0 = time.perf_counter()
+        output_format(output_path)          # an unknown output suffix fails before any work
+        image, geometry = read_image(input_path)
+        roi = geometry.physical_box_to_voxels(roi_lps) if roi_lps is not None else None
+        try:
+            labels = self.predict_array(image, geometry.spacing_zyx, roi=roi, classes=classes)
+        except InputError as e:
+            raise InputError(f"{input_path}: {e}") from None
+        keep = set(int(v) for v in self.label_values(classes) if v)
+        table = [c for c in class_table(self.config.class_names, self.config.colors) if c["value"] in keep]
+        sidecar = {
+            "input": str(input_path), "output": str(output_path),
+            "model": self.config.name, "checkpoint": self.checkpoint,
+            "labels": table,
+            "settings": {"device": str(self.device), "tta": self.tta, "step": self.step,
+                         "classes": list(classes) if classes else None,
+                         "roi_lps": [float(v) for v in roi_lps] if roi_lps is not None else None,
+                         "roi_voxels_zyx": list(roi) if roi else None,
+                         "plan": {"spacing": list(self.config.plan.spacing),
+                                  "patch_size": list(self.config.plan.patch_size),
+                                  "normalization": self.config.plan.normalization}},
+            "geometry": {"size": list(geometry.size), "spacing": list(geometry.spacing)},
+        }
+        self.reporter.progress("write", 0, 1)
+        sidecar["elapsed_s"] = round(time.perf_counter() - t0, 3)
+        with atomic_path(sidecar_path(output_path)) as tmp_json:
+            tmp_json.write_text(json.dumps(sidecar, indent=1))
+            write_labels(labels, geometry, output_path, table)
+        self.reporter.progress("write", 1, 1)
+        log.info("%s -> %s in %.1f s", input_path, output_path, time.perf_counter() - t0)
+        return sidecar
+
+
+def _shift_left(t: torch.Tensor, n: int) -> None:
+    """Move the window along z by n slices in place (z is dim -3) and zero the freed tail, copying in
+    blocks of n so that no block reads what an earlier one wrote."""
+    depth = t.shape[-3]
+    for a in range(0, depth - n, n):
+        b = min(a + n, depth - n)
+        t[..., a:b, :, :] = t[..., a + n:b + n, :, :]
+    t[..., depth - n:, :, :] = 0

@@ -1,0 +1,215 @@
+"""Reading images and writing label maps with their exact geometry (SimpleITK conventions).
+
+Arrays are in SimpleITK's array order: an image is (C, z, y, x), a label map (z, y, x). Geometry keeps
+SimpleITK's own order (x, y, z) for spacing/origin/size and a row-major 3x3 direction, physical points
+in LPS millimetres as ITK. Nothing is reoriented: the released models were trained on images as stored.
+Every file written goes to a temporary name in the target folder first and is renamed when complete, so
+readers (and a Ctrl-C) never leave a half-written output.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+__all__ = ["Geometry", "read_image", "write_labels", "output_format", "sidecar_path", "atomic_path",
+           "IMAGE_SUFFIXES"]
+
+log = logging.getLogger(__name__)
+
+# Suffixes we read and write; ".seg.nrrd" must be tested before ".nrrd".
+IMAGE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a (z, y, x) array lies in space; every tuple in SimpleITK order (x, y, z)."""
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]  # 9 values, row-major 3x3
+
+    @property
+    def shape_zyx(self) -> tuple[int, int, int]:
+        return tuple(reversed(self.size))
+
+    @property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        return tuple(reversed(self.spacing))
+
+    def apply_to(self, image: sitk.Image) -> sitk.Image:
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    def physical_box_to_voxels(self, box_lps) -> tuple[int, int, int, int, int, int]:
+        """A physical box (x0, y0, z0, x1, y1, z1) in LPS mm -> voxel box (z0, y0, x0, z1, y1, x1), end exclusive.
+
+        The voxel box is the smallest one holding every voxel centre inside the box (all 8 corners are
+        mapped, so oblique directions work). Raises InputError when it holds no voxel of the image.
+        """
+        lo, hi = np.minimum(box_lps[:3], box_lps[3:]), np.maximum(box_lps[:3], box_lps[3:])
+        ref = self.apply_to(sitk.Image([1, 1, 1], sitk.sitkUInt8))
+        corners = np.array([ref.TransformPhysicalPointToContinuousIndex(
+            (float(x), float(y), float(z))) for x in (lo[0], hi[0]) for y in (lo[1], hi[1])
+            for z in (lo[2], hi[2])])
+        start = np.maximum(np.ceil(corners.min(0) - 1e-6), 0).astype(int)
+        stop = np.minimum(np.floor(corners.max(0) + 1e-6) + 1, self.size).astype(int)
+        if np.any(stop <= start):
+            raise InputError(f"ROI {list(map(float, box_lps))} (LPS mm) lies outside the image")
+        (x0, y0, z0), (x1, y1, z1) = start, stop
+        return int(z0), int(y0), int(x0), int(z1), int(y1), int(x1)
+
+
+def _geometry(image: sitk.Image) -> Geometry:
+    dim = image.GetDimension()
+    direction = np.array(image.GetDirection()).reshape(dim, dim)[:3, :3]
+    return Geometry(tuple(int(s) for s in image.GetSize()[:3]), tuple(float(s) for s in image.GetSpacing()[:3]),
+                    tuple(float(s) for s in image.GetOrigin()[:3]), tuple(float(d) for d in direction.ravel()))
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise InputError(f"{folder}: folder holds no image file and no DICOM series")
+    # A folder with several series: take the one with most slices (the usual axial volume).
+    files = max((reader.GetGDCMSeriesFileNames(str(folder), s) for s in series), key=len)
+    if len(series) > 1:
+        log.warning("%s: %d DICOM series, reading the largest (%d files)", folder, len(series), len(files))
+    reader.SetFileNames(files)
+    return reader.Execute()
+
+
+def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
+    """Read a NIfTI/NRRD/MHA file or a DICOM series folder.
+
+    Returns (array (C, z, y, x) float32, Geometry). A 4D image or a vector image becomes C channels.
+    Raises InputError (message names the path) for missing, unreadable or 2D images.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    try:
+        image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
+    except InputError:
+        raise
+    except RuntimeError as e:
+        msg = str(e).strip().splitlines()
+        detail = next((m for m in msg if "ERROR" in m or "Exception" in m or "Unable" in m), msg[-1] if msg else "")
+        raise InputError(f"{path}: cannot read as an image ({detail.strip()[:200]})") from None
+    dim = image.GetDimension()
+    if dim < 3 or (dim == 3 and image.GetSize()[2] == 1 and not path.is_dir()):
+        raise InputError(f"{path}: a {dim}D image ({'x'.join(map(str, image.GetSize()))}); a 3D volume is needed")
+    if dim > 4:
+        raise InputError(f"{path}: a {dim}D image; a 3D volume (or 4D channels) is needed")
+    geometry = _geometry(image)
+    array = sitk.GetArrayViewFromImage(image)
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        if dim != 3:
+            raise InputError(f"{path}: a 4D image of vectors is not supported")
+        array = np.moveaxis(array, -1, 0)       # (z, y, x, c) -> (c, z, y, x)
+    elif dim == 3:
+        array = array[None]
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if not np.isfinite(array).all():
+        raise InputError(f"{path}: image holds NaN or infinite values")
+    return array, geometry
+
+
+def output_format(path: str | os.PathLike) -> str:
+    """The suffix that picks the writer, e.g. ".nii.gz", ".seg.nrrd"; InputError if none is known."""
+    name = Path(path).name.lower()
+    for suffix in IMAGE_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return suffix
+    raise InputError(f"{path}: unknown output format (use one of {', '.join(IMAGE_SUFFIXES)})")
+
+
+def sidecar_path(output: str | os.PathLike) -> Path:
+    """out.nii.gz -> out.json (the sidecar JSON written next to a label map)."""
+    output = Path(output)
+    return output.with_name(output.name[: -len(output_format(output))] + ".json")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class atomic_path:
+    """Context manager yielding a temporary path beside `path` (same suffix); renamed onto `path` on success,
+    removed on any error or interrupt."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        suffix = next((s for s in IMAGE_SUFFIXES if self.path.name.lower().endswith(s)), self.path.suffix)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part" + suffix, dir=self.path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())    # mkstemp makes 0600; outputs get the usual permissions
+        self.tmp = Path(tmp)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+        return False
+
+
+def _seg_nrrd_metadata(image: sitk.Image, labels: np.ndarray, class_table: list[dict]) -> None:
+    """Slicer's segmentation NRRD fields (one layer, a segment per class present in the table)."""
+    image.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")
+    image.SetMetaData("Segmentation_ContainedRepresentationNames", "Binary labelmap|")
+    image.SetMetaData("Segmentation_ReferenceImageExtentOffset", "0 0 0")
+    extent = " ".join(f"0 {s - 1}" for s in reversed(labels.shape))
+    for i, entry in enumerate(class_table):
+        key = f"Segment{i}_"
+        color = " ".join(f"{c / 255:.6g}" for c in entry["color"])
+        image.SetMetaData(key + "ID", f"Segment_{entry['value']}")
+        image.SetMetaData(key + "Name", entry["name"])
+        image.SetMetaData(key + "NameAutoGenerated", "0")
+        image.SetMetaData(key + "Color", color)
+        image.SetMetaData(key + "ColorAutoGenerated", "0")
+        image.SetMetaData(key + "LabelValue", str(entry["value"]))
+        image.SetMetaData(key + "Layer", "0")
+        image.SetMetaData(key + "Extent", extent)
+        term = entry.get("terminology")
+        if term and "category" in term and "type" in term:
+            code = lambda k: "^".join(term.get(k, ["", "", ""]))  # noqa: E731  scheme^value^meaning
+            tag = "~".join(["Segmentation category and type - 3D Slicer General Anatomy list", code("category"),
+                            code("type"), code("type_modifier"), "Anatomic codes - DICOM master list",
+                            code("region"), code("region_modifier")])
+            image.SetMetaData(key + "Tags", f"TerminologyEntry:{tag}|")
+
+
+def write_labels(labels: np.ndarray, geometry: Geometry, path: str | os.PathLike,
+                 class_table: list[dict] | None = None) -> Path:
+    """Write a (z, y, x) label map with `geometry`, atomically; `.seg.nrrd` adds Slicer segment metadata."""
+    path = Path(path)
+    fmt = output_format(path)
+    if tuple(labels.shape) != geometry.shape_zyx:
+        raise ValueError(f"label map shape {labels.shape} does not match the geometry {geometry.shape_zyx}")
+    image = geometry.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(labels)))
+    if fmt == ".seg.nrrd":
+        _seg_nrrd_metadata(image, labels, class_table or [])
+    with atomic_path(path) as tmp:
+        try:
+            sitk.WriteImage(image, str(tmp), useCompression=True)
+        except RuntimeError as e:
+            raise InputError(f"{path}: cannot write ({str(e).strip().splitlines()[-1][:200]})") from None
+    return path

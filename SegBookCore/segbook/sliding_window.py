@@ -1,0 +1,73 @@
+"""Sliding-window maths as small pure functions, placed and weighted exactly as nnU-Net v2 does.
+
+Shapes and positions are per spatial axis in array order (z, y, x).
+"""
+from __future__ import annotations
+
+import itertools
+from functools import lru_cache
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+__all__ = ["compute_steps", "tile_starts", "gaussian_weights", "padding_for_patch", "mirror_axes_sets"]
+
+
+def compute_steps(image_size, patch_size, step: float) -> list[list[int]]:
+    """Start index of the tiles along each axis (nnU-Net's `compute_steps_for_sliding_window`).
+
+    The step is at most `step * patch` voxels but shrinks so that the first tile starts at 0 and the last
+    one ends at the image border; `image_size` must be >= `patch_size` on every axis (pad first).
+    """
+    if not 0 < step <= 1:
+        raise ValueError(f"step must be in (0, 1], got {step}")
+    if any(i < p for i, p in zip(image_size, patch_size)):
+        raise ValueError(f"image {tuple(image_size)} smaller than the patch {tuple(patch_size)}: pad it first")
+    steps = []
+    for size, patch in zip(image_size, patch_size):
+        n = int(np.ceil((size - patch) / (patch * step))) + 1
+        stride = (size - patch) / (n - 1) if n > 1 else 0.0
+        steps.append([int(np.round(stride * i)) for i in range(n)])
+    return steps
+
+
+def tile_starts(image_size, patch_size, step: float) -> list[tuple[int, int, int]]:
+    """Every tile's (z, y, x) start, in nnU-Net's order (z outermost, x innermost)."""
+    return list(itertools.product(*compute_steps(image_size, patch_size, step)))
+
+
+@lru_cache(maxsize=4)
+def _gaussian64(patch_size: tuple[int, ...], sigma_scale: float) -> np.ndarray:
+    impulse = np.zeros(patch_size)
+    impulse[tuple(p // 2 for p in patch_size)] = 1
+    return gaussian_filter(impulse, [p * sigma_scale for p in patch_size], 0, mode="constant", cval=0)
+
+
+def gaussian_weights(patch_size, sigma_scale: float = 1 / 8, value_scaling_factor: float = 10,
+                     dtype=np.float16) -> np.ndarray:
+    """Tile weights (nnU-Net's `compute_gaussian`): a Gaussian of sigma = patch * sigma_scale, peak
+    `value_scaling_factor`, cast to `dtype`; zeros (underflow at the corners) become the smallest non-zero
+    value so that no voxel ends with weight 0. nnU-Net accumulates in float16 with peak 10: the default."""
+    g = _gaussian64(tuple(int(p) for p in patch_size), float(sigma_scale))
+    g = (g / (g.max() / value_scaling_factor)).astype(dtype)
+    zero = g == 0
+    if zero.any():
+        g[zero] = g[~zero].min()
+    return g
+
+
+def padding_for_patch(shape, patch_size) -> list[tuple[int, int]]:
+    """(before, after) zero padding per axis that makes `shape` at least `patch_size`, centred as nnU-Net's
+    `pad_nd_image` (the odd voxel goes after)."""
+    pads = []
+    for s, p in zip(shape, patch_size):
+        diff = max(int(p) - int(s), 0)
+        pads.append((diff // 2, diff - diff // 2))
+    return pads
+
+
+def mirror_axes_sets(axes) -> list[tuple[int, ...]]:
+    """The flips of mirror TTA: the identity first, then every non-empty combination of `axes`
+    (2**len(axes) in all, nnU-Net's order)."""
+    axes = list(axes)
+    return [()] + [c for r in range(1, len(axes) + 1) for c in itertools.combinations(axes, r)]

@@ -1,0 +1,162 @@
+"""A long-lived prediction worker: `python -m segbook.worker`, driven by JSON lines on stdin.
+
+The Slicer module starts one worker and keeps it alive between clicks, so the second Segment click on the
+same model pays no start-up (imports, weight loading). Requests, one JSON object per line on stdin:
+
+    {"id": "r1", "command": "predict", "input": "in.nrrd", "output": "out.nrrd", "model": "NAME|DIR",
+     "checkpoint": null, "device": "auto", "tta": false, "classes": ["liver"], "roi_lps": [x0,y0,z0,x1,y1,z1]}
+    {"id": "r2", "command": "ping"}
+    {"command": "shutdown"}
+
+Events, one JSON object per line on stdout (the core's progress protocol, see `segbook.events`), each
+tagged with the request id it belongs to:
+
+    {"event": "ready", "pid": 123}                                   once, at start
+    {"event": "progress", "request": "r1", "stage": "predict", "done": 3, "total": 27}
+    {"event": "loaded", "request": "r1", "model": "...", "reused": true, "seconds": 0.0}
+    {"event": "done", "request": "r1", "result": {...sidecar...}, "seconds": 4.2, "reused": true}
+    {"event": "error", "request": "r1", "message": "one line"}
+
+A failed request answers with an error event and the worker goes on serving. Cancelling is done by the
+client killing the process: predict_file writes its outputs atomically, so nothing half-written is left.
+Anything else printed to stdout by libraries is redirected to stderr so the event stream stays clean.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+from .errors import SegBookError
+from .events import JsonReporter
+
+__all__ = ["Worker", "main"]
+
+log = logging.getLogger(__name__)
+
+
+class _TaggedReporter(JsonReporter):
+    """JSON events tagged with the current request id.
+
+    The worker emits the terminal `done`/`error` of each request itself (with the sidecar and timings);
+    terminal events raised inside the core are passed on under the name `stage-done` so that a client
+    waiting for `done` never sees two.
+    """
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.request = None
+
+    def emit(self, event: dict) -> None:
+        event = dict(event)
+        if self.request is not None and "request" not in event:
+            event["request"] = self.request
+        super().emit(event)
+
+    def done(self, **values) -> None:
+        self.emit({"event": "stage-done", **values})
+
+    def error(self, message: str) -> None:
+        self.emit({"event": "warning", "message": message})
+
+    def send(self, event: dict) -> None:
+        """A terminal event of the worker itself."""
+        super().emit(event)
+
+
+class Worker:
+    """Serves requests, keeping the last Predictor loaded: the same model again pays no start-up."""
+
+    def __init__(self, out_stream):
+        self.reporter = _TaggedReporter(out_stream)
+        self._key = None                # (model, checkpoint, device) of the loaded Predictor
+        self._predictor_obj = None
+
+    # -- requests -------------------------------------------------------------------------------------
+    def handle(self, request: dict) -> bool:
+        """Serve one request; False when the worker should stop."""
+        command = request.get("command")
+        rid = request.get("id")
+        self.reporter.request = rid
+        t0 = time.monotonic()
+        try:
+            if command == "shutdown":
+                return False
+            if command == "ping":
+                self.reporter.send({"event": "done", "request": rid, "result": {"pid": os.getpid()},
+                                    "seconds": 0.0})
+            elif command == "predict":
+                result, reused = self._predict(request)
+                self.reporter.send({"event": "done", "request": rid, "result": result, "reused": reused,
+                                    "seconds": round(time.monotonic() - t0, 3)})
+            else:
+                raise SegBookError(f"unknown command '{command}' (predict, ping or shutdown)")
+        except SegBookError as e:
+            self.reporter.send({"event": "error", "request": rid, "message": str(e)})
+        except Exception as e:  # a bug or an unexpected library error: report it, keep serving
+            log.exception("request %s failed", rid)
+            first = str(e).splitlines()[0] if str(e) else ""
+            self.reporter.send({"event": "error", "request": rid, "message": f"{type(e).__name__}: {first}"})
+        finally:
+            self.reporter.request = None
+        return True
+
+    def _predictor(self, request: dict):
+        """The Predictor for (model, checkpoint, device), loaded once; TTA is a per-request setting."""
+        from .inference import Predictor
+
+        model, checkpoint = str(request["model"]), request.get("checkpoint") or None
+        key = (model, checkpoint, request.get("device") or "auto")
+        reused = self._key == key
+        if not reused:
+            self._predictor_obj, self._key = None, None     # one model in memory at a time
+            t0 = time.monotonic()
+            self._predictor_obj = Predictor(model, checkpoint=checkpoint, device=key[2], reporter=self.reporter)
+            self._key = key
+            self.reporter.emit({"event": "loaded", "model": model, "reused": False,
+                                "device": str(self._predictor_obj.device),
+                                "seconds": round(time.monotonic() - t0, 3)})
+        self._predictor_obj.tta = bool(request.get("tta", False))
+        return self._predictor_obj, reused
+
+    def _predict(self, request: dict):
+        for field in ("input", "output", "model"):
+            if not request.get(field):
+                raise SegBookError(f"predict request without '{field}'")
+        predictor, reused = self._predictor(request)
+        classes = request.get("classes") or None
+        roi = request.get("roi_lps") or None
+        result = predictor.predict_file(request["input"], request["output"], roi_lps=roi, classes=classes)
+        return result, reused
+
+    # -- loop -----------------------------------------------------------------------------------------
+    def serve(self, in_stream) -> None:
+        self.reporter.send({"event": "ready", "pid": os.getpid()})
+        for line in in_stream:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                request = json.loads(line)
+                if not isinstance(request, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as e:
+                self.reporter.send({"event": "error", "request": None, "message": f"bad request line ({e})"})
+                continue
+            if not self.handle(request):
+                break
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO if os.environ.get("SEGBOOK_WORKER_VERBOSE") else logging.WARNING,
+                        stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    out = sys.stdout
+    sys.stdout = sys.stderr     # stray prints of libraries must not corrupt the event stream
+    Worker(out).serve(sys.stdin)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,236 @@
+"""Fine-tune panel logic: collect training cases from the scene into a persistent folder, run fine-tuning.
+
+The training folder lives under the user's SegBook folder, so cases corrected over several Slicer sessions
+add up. Its `dataset.json` is the case list `segbook finetune` reads (see `segbook.dataset`):
+
+    {"name": ..., "class_names": ["background", "a", "b"], "channel_names": ["image"],
+     "cases": [{"name": "case1", "image": "cases/case1_image.nrrd", "label": "cases/case1_label.nrrd",
+                "classes_present": ["a", "b"], "missing_as_background": false}]}
+
+Segment names define the classes: a name is a class, its index in `class_names` is the label value written
+for it, for every case. A case that lacks one of the classes is refused unless the user says the missing
+structure is truly absent there (then its voxels count as background). Training runs
+`python -m segbook finetune ... --progress json` in a child process; its events drive the progress bar
+and the loss / Dice chart, and the model folder it writes appears in the Segment panel's selector.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from . import NodeIO
+from .Parameters import FineTuneParameters
+from .ProcessRunner import EXIT_EVENT, ProcessRunner, coreEnvironment, pythonExecutable
+
+log = logging.getLogger(__name__)
+
+
+class TrainingSetError(ValueError):
+    """A case that cannot join the training set; one line saying what to fix."""
+
+
+def _safeName(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "case"
+
+
+class FineTuneLogic:
+    def __init__(self, trainingDirectory, modelsDirectory,
+                 runnerFactory: Optional[Callable[[list], ProcessRunner]] = None):
+        self.trainingDirectory = Path(trainingDirectory)
+        self.modelsDirectory = Path(modelsDirectory)
+        self._runnerFactory = runnerFactory or (
+            lambda args: ProcessRunner([pythonExecutable(), "-m", "segbook", *args], env=coreEnvironment()))
+        self.runner: Optional[ProcessRunner] = None
+        self.history: list = []             # metric events of the current run, for the chart
+        self.lastProgress: Optional[dict] = None
+        self.final: Optional[dict] = None   # {"ok": bool, "message": str, "model": path}
+        self.outputDirectory: Optional[Path] = None
+
+    # -- the training set -------------------------------------------------------------------------
+    @property
+    def datasetPath(self) -> Path:
+        return self.trainingDirectory / "dataset.json"
+
+    def dataset(self) -> dict:
+        try:
+            return json.loads(self.datasetPath.read_text())
+        except FileNotFoundError:
+            return {"name": "segbook-training", "class_names": ["background"], "channel_names": ["image"],
+                    "cases": []}
+
+    def _save(self, dataset: dict) -> None:
+        self.trainingDirectory.mkdir(parents=True, exist_ok=True)
+        tmp = self.datasetPath.with_name(".dataset.json.tmp")
+        tmp.write_text(json.dumps(dataset, indent=1))
+        os.replace(tmp, self.datasetPath)
+
+    def classNames(self) -> list:
+        return list(self.dataset()["class_names"])
+
+    def setClasses(self, names: list) -> None:
+        """Fix the class order (e.g. the base model's) before the first case is added."""
+        dataset = self.dataset()
+        if dataset["cases"]:
+            raise TrainingSetError("the class list is fixed once cases have been added")
+        dataset["class_names"] = ["background"] + [n for n in names if n != "background"]
+        self._save(dataset)
+
+    def cases(self) -> list:
+        return list(self.dataset()["cases"])
+
+    def removeCase(self, name: str) -> None:
+        dataset = self.dataset()
+        kept = [c for c in dataset["cases"] if c["name"] != name]
+        for case in dataset["cases"]:
+            if case["name"] == name:
+                for key in ("image", "label"):
+                    (self.trainingDirectory / case[key]).unlink(missing_ok=True)
+        dataset["cases"] = kept
+        self._save(dataset)
+
+    def addCase(self, volumeNode, segmentationNode, name: Optional[str] = None,
+                missingAsBackground: bool = False, allowNewClasses: bool = True) -> dict:
+        """Export a volume + segmentation pair into the training folder; returns the case entry.
+
+        Label values follow the training set's class list (new segment names are appended when
+        `allowNewClasses`). Adding a case under an existing name replaces it (a corrected case).
+        """
+        if volumeNode is None or segmentationNode is None:
+            raise TrainingSetError("select both a volume and its segmentation")
+        segmentation = segmentationNode.GetSegmentation()
+        names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+        if not names:
+            raise TrainingSetError(f"segmentation '{segmentationNode.GetName()}' has no segments")
+        duplicate = next((n for n in names if names.count(n) > 1), None)
+        if duplicate:
+            raise TrainingSetError(f"two segments are named '{duplicate}'; segment names define the classes")
+        dataset = self.dataset()
+        classes = list(dataset["class_names"])
+        new = [n for n in names if n not in classes]
+        if new and len(classes) > 1 and not allowNewClasses:
+            raise TrainingSetError(f"segment(s) {', '.join(new)} are not classes of this training set "
+                                   f"({', '.join(classes[1:])}); rename them")
+        classes += new
+        missing = [c for c in classes[1:] if c not in names]
+        if missing and not missingAsBackground:
+            raise TrainingSetError(f"this case has no segment for {', '.join(missing)}; add it, or confirm "
+                                   f"that it is absent here so that it counts as background")
+        nameToValue = {n: classes.index(n) for n in names}
+        labels = NodeIO.segmentationToLabels(segmentationNode, volumeNode, nameToValue)
+        if not labels.any():
+            raise TrainingSetError(f"segmentation '{segmentationNode.GetName()}' is empty on this volume's grid")
+
+        caseName = _safeName(name or volumeNode.GetName())
+        imageRel, labelRel = f"cases/{caseName}_image.nrrd", f"cases/{caseName}_label.nrrd"
+        NodeIO.writeVolume(volumeNode, self.trainingDirectory / imageRel)
+        NodeIO.writeLabels(labels, volumeNode, self.trainingDirectory / labelRel)
+        entry = {"name": caseName, "image": imageRel, "label": labelRel, "classes_present": names,
+                 "missing_as_background": bool(missing)}
+        dataset["class_names"] = classes
+        dataset["cases"] = [c for c in dataset["cases"] if c["name"] != caseName] + [entry]
+        self._save(dataset)
+        log.info("case %s added (%s)", caseName, ", ".join(f"{n}={v}" for n, v in nameToValue.items()))
+        return entry
+
+    def addDatasetFolder(self, folder, missingAsBackground: bool = False) -> list:
+        """Copy the cases of an nnU-Net/Decathlon raw folder or case list into the training set.
+
+        Label values are rewritten into this set's class order, by class name.
+        """
+        import SimpleITK as sitk
+        from segbook.dataset import read_dataset
+        source = read_dataset(folder)
+        dataset = self.dataset()
+        classes = list(dataset["class_names"])
+        classes += [n for n in source.class_names[1:] if n not in classes]
+        missing = [c for c in classes[1:] if c not in source.class_names]
+        if missing and not missingAsBackground:
+            raise TrainingSetError(f"{folder}: has no class {', '.join(missing)}; confirm that it counts "
+                                   f"as background there")
+        remap = np.array([classes.index(n) if n in classes else 0 for n in source.class_names], dtype=np.int32)
+        added = []
+        for case in source.cases:
+            if len(case.images) != 1:
+                raise TrainingSetError(f"{folder}: case {case.name} has {len(case.images)} channels; "
+                                       f"the panel trains single-channel models")
+            caseName = _safeName(case.name)
+            imageRel, labelRel = f"cases/{caseName}_image.nrrd", f"cases/{caseName}_label.nrrd"
+            (self.trainingDirectory / "cases").mkdir(parents=True, exist_ok=True)
+            sitk.WriteImage(sitk.ReadImage(str(case.images[0])), str(self.trainingDirectory / imageRel), True)
+            label = sitk.ReadImage(str(case.label))
+            values = sitk.GetArrayFromImage(label).astype(np.int32)
+            if values.min() < 0 or values.max() >= len(remap):
+                raise TrainingSetError(f"{case.label}: label values outside 0..{len(remap) - 1}")
+            out = sitk.GetImageFromArray(remap[values].astype(np.uint8))
+            out.CopyInformation(label)
+            sitk.WriteImage(out, str(self.trainingDirectory / labelRel), True)
+            added.append({"name": caseName, "image": imageRel, "label": labelRel,
+                          "classes_present": list(source.class_names[1:]), "missing_as_background": bool(missing)})
+        names = {c["name"] for c in added}
+        dataset["class_names"] = classes
+        dataset["cases"] = [c for c in dataset["cases"] if c["name"] not in names] + added
+        self._save(dataset)
+        return added
+
+    # -- training ---------------------------------------------------------------------------------
+    def isRunning(self) -> bool:
+        return self.runner is not None and self.runner.isRunning()
+
+    def start(self, params: FineTuneParameters, resume: bool = False) -> list:
+        """Start `segbook finetune` on the training set; returns the command-line arguments used."""
+        if self.isRunning():
+            raise TrainingSetError("fine-tuning is already running")
+        if len(self.cases()) < 2:
+            raise TrainingSetError("add at least two cases before fine-tuning")
+        self.outputDirectory = self.modelsDirectory / _safeName(params.outputName)
+        args = params.arguments(self.datasetPath, self.outputDirectory, resume=resume)
+        self.history, self.lastProgress, self.final = [], None, None
+        self.runner = self._runnerFactory(args)
+        self.runner.start()
+        self.runner.closeInput()
+        return args
+
+    def _accept(self, event: dict) -> None:
+        kind = event.get("event")
+        if kind == "progress":
+            self.lastProgress = event
+        elif kind == "metric":
+            self.history.append(event)
+        elif kind == "error":
+            self.final = {"ok": False, "message": event.get("message", "fine-tuning failed")}
+        elif kind == EXIT_EVENT and self.final is None:     # an error event already said what went wrong
+            code = event.get("returncode")
+            folder = self.outputDirectory
+            if code == 0 and folder is not None and (folder / "model.json").is_file():
+                self.final = {"ok": True, "message": "done", "model": str(folder)}
+            else:
+                tail = (event.get("stderr") or "").strip().splitlines()
+                self.final = {"ok": False, "message": tail[-1] if tail else f"fine-tuning exited with {code}"}
+
+    def poll(self) -> list:
+        events = self.runner.poll() if self.runner is not None else []
+        for event in events:
+            self._accept(event)
+        return events
+
+    def wait(self, timeout: Optional[float] = None, onEvent=None) -> dict:
+        """Block until the run ends; returns the final {"ok", "message", "model"}."""
+        def seen(event):
+            self._accept(event)
+            if onEvent is not None:
+                onEvent(event)
+        self.runner.waitFor(lambda e: e.get("event") == EXIT_EVENT, timeout=timeout, onEvent=seen)
+        return self.final
+
+    def stop(self) -> None:
+        """Stop training now; a later start(resume=True) continues from the last saved checkpoint."""
+        if self.runner is not None:
+            self.runner.kill()
+            self.poll()
+        self.final = {"ok": False, "message": "stopped", "stopped": True}

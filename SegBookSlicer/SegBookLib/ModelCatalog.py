@@ -1,0 +1,103 @@
+"""The models the Segment panel offers: released ones, bundled ones and the user's fine-tuned folders.
+
+A fine-tuned model is a model folder (weights.safetensors + model.json) under the user's SegBook folder;
+it appears here as soon as a fine-tuning run writes it. Model folders picked by hand (offline use) are
+remembered in `extra_models.json`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+
+def userDirectory() -> Path:
+    """Where SegBook keeps fine-tuned models and training cases across Slicer sessions.
+
+    $SEGBOOK_HOME, else a SegBook folder beside Slicer's user settings, else ~/.segbook.
+    """
+    if os.environ.get("SEGBOOK_HOME"):
+        return Path(os.environ["SEGBOOK_HOME"])
+    try:
+        import slicer
+        if getattr(slicer, "app", None) is not None:
+            return Path(slicer.app.slicerUserSettingsFilePath).parent / "SegBook"
+    except ImportError:
+        pass
+    return Path.home() / ".segbook"
+
+
+@dataclass
+class ModelEntry:
+    name: str               # what the worker is given: a registered name or a folder path
+    label: str              # what the selector shows
+    description: str
+    parameters: int
+    downloaded: bool
+    fineTuned: bool
+    classNames: list
+
+    @property
+    def sizeText(self) -> str:
+        return f"{self.parameters / 1e6:.1f}M parameters"
+
+
+class ModelCatalog:
+    def __init__(self, root: Optional[Path] = None):
+        self.root = Path(root) if root is not None else userDirectory()
+
+    @property
+    def modelsDirectory(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def trainingDirectory(self) -> Path:
+        return self.root / "training"
+
+    def _extraFile(self) -> Path:
+        return self.root / "extra_models.json"
+
+    def addModelFolder(self, folder) -> None:
+        """Remember a model folder chosen on disk (for offline users)."""
+        from segbook.zoo import get_config
+        folder = str(Path(folder).resolve())
+        get_config(folder)  # raises a one-line error if it is not a model folder
+        extra = self._extraFolders()
+        if folder not in extra:
+            extra.append(folder)
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._extraFile().write_text(json.dumps(extra, indent=1))
+
+    def _extraFolders(self) -> list:
+        try:
+            return [p for p in json.loads(self._extraFile().read_text()) if isinstance(p, str)]
+        except (OSError, ValueError):
+            return []
+
+    def fineTunedFolders(self) -> list:
+        if not self.modelsDirectory.is_dir():
+            return []
+        return sorted(p for p in self.modelsDirectory.iterdir() if (p / "model.json").is_file())
+
+    def entries(self) -> list:
+        """Every model the selector offers, released first, then the user's."""
+        from segbook.zoo import get_config, is_cached, list_models, num_parameters
+        out = []
+        for name in list_models():
+            config = get_config(name)
+            out.append(ModelEntry(name, name, config.description, num_parameters(config), is_cached(name),
+                                  False, list(config.class_names)))
+        for folder in self.fineTunedFolders() + [Path(p) for p in self._extraFolders()]:
+            try:
+                config = get_config(folder)
+            except ValueError as e:
+                log.warning("skipping model folder %s: %s", folder, e)
+                continue
+            out.append(ModelEntry(str(folder), f"{config.name} (yours)", config.description,
+                                  num_parameters(config), True, True, list(config.class_names)))
+        return out

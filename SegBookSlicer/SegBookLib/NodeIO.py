@@ -1,0 +1,262 @@
+"""MRML nodes <-> the files and arrays the core reads, with exact geometry.
+
+Slicer keeps volumes in RAS: a node holds a voxel array (k, j, i) = (z, y, x) and an IJK-to-RAS matrix.
+The core (SimpleITK) works in LPS: array (z, y, x) plus origin/spacing/direction. Going from one to the
+other flips the sign of the first two world axes; nothing is resampled or reoriented, so the voxels the
+core sees are the node's voxels, in the same order.
+
+Everything here takes the scene and nodes as arguments and uses only MRML/VTK/SimpleITK, so it runs on a
+real MRML scene from the slicer-core wheel as well as inside the application.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+# The terminology context Slicer ships for DICOM codes; the SNOMED CT codes of the mapping table are from it.
+TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
+ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+
+
+# -- geometry -----------------------------------------------------------------------------------------
+def ijkToRasArray(volumeNode) -> np.ndarray:
+    """The node's 4x4 IJK-to-RAS matrix as a numpy array (local coordinates, before parent transforms)."""
+    import vtk
+    m = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def lpsGeometry(ijkToRas: np.ndarray):
+    """(spacing xyz, origin LPS, direction LPS 3x3 whose columns are the i, j, k axes) of an IJK-to-RAS matrix."""
+    linear = ijkToRas[:3, :3]
+    spacing = np.linalg.norm(linear, axis=0)
+    direction = RAS_TO_LPS @ (linear / spacing)
+    origin = RAS_TO_LPS @ ijkToRas[:3, 3]
+    return spacing, origin, direction
+
+
+def ijkToRasFromImage(image) -> np.ndarray:
+    """The IJK-to-RAS matrix of a SimpleITK image (LPS geometry)."""
+    spacing = np.array(image.GetSpacing())
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    m = np.eye(4)
+    m[:3, :3] = RAS_TO_LPS @ direction * spacing
+    m[:3, 3] = RAS_TO_LPS @ np.array(image.GetOrigin())
+    return m
+
+
+def setIjkToRas(volumeNode, matrix: np.ndarray) -> None:
+    import vtk
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(matrix[r, c]))
+    volumeNode.SetIJKToRASMatrix(m)
+
+
+def volumeToImage(volumeNode):
+    """A SimpleITK image (LPS) holding exactly the node's voxels and local geometry."""
+    import SimpleITK as sitk
+    import slicer
+    if volumeNode is None or volumeNode.GetImageData() is None:
+        raise ValueError("the input volume has no image data")
+    if volumeNode.GetImageData().GetNumberOfScalarComponents() != 1:
+        raise ValueError(f"volume '{volumeNode.GetName()}' has several components per voxel; "
+                         f"SegBook models take one scalar volume")
+    array = slicer.util.arrayFromVolume(volumeNode)           # (z, y, x)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    spacing, origin, direction = lpsGeometry(ijkToRasArray(volumeNode))
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetOrigin([float(o) for o in origin])
+    image.SetDirection([float(d) for d in direction.ravel()])
+    return image
+
+
+def writeVolume(volumeNode, path) -> Path:
+    """Write the node to a file the core reads (NRRD or NIfTI by extension), no resampling. Atomic."""
+    import SimpleITK as sitk
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".tmp-" + path.name)
+    sitk.WriteImage(volumeToImage(volumeNode), str(tmp), useCompression=True)
+    os.replace(tmp, path)
+    return path
+
+
+def readLabelArray(path):
+    """(labels (z, y, x) int array, IJK-to-RAS 4x4) of a label map file written by the core."""
+    import SimpleITK as sitk
+    image = sitk.ReadImage(str(path))
+    return sitk.GetArrayFromImage(image), ijkToRasFromImage(image)
+
+
+# -- ROI ----------------------------------------------------------------------------------------------
+def _worldToLocal(volumeNode) -> np.ndarray:
+    """4x4 world-to-local matrix of the volume's parent transform (identity without one)."""
+    import vtk
+    parent = volumeNode.GetParentTransformNode()
+    if parent is None:
+        return np.eye(4)
+    if not parent.IsTransformToWorldLinear():
+        raise ValueError(f"volume '{volumeNode.GetName()}' is under a non-linear transform; harden it first")
+    m = vtk.vtkMatrix4x4()
+    parent.GetMatrixTransformFromWorld(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def roiToLpsBox(roiNode, volumeNode) -> list:
+    """[x0, y0, z0, x1, y1, z1] in LPS mm of the volume's local frame: the axis-aligned box of the ROI.
+
+    The ROI's eight corners are taken in world RAS (its own rotation and transforms included), moved into
+    the volume's frame, converted to LPS; the box around them is what the core predicts inside.
+    """
+    toWorld = roiNode.GetObjectToWorldMatrix()     # the object frame is centred on the ROI, axes along its sides
+    objectToWorld = np.array([[toWorld.GetElement(r, c) for c in range(4)] for r in range(4)])
+    size = np.array(roiNode.GetSize())
+    corners = np.array([[sx, sy, sz, 1.0] for sx in (-0.5, 0.5) for sy in (-0.5, 0.5) for sz in (-0.5, 0.5)])
+    corners[:, :3] *= size
+    world = corners @ objectToWorld.T
+    local = world @ _worldToLocal(volumeNode).T
+    lps = local[:, :3] @ RAS_TO_LPS.T
+    lo, hi = lps.min(axis=0), lps.max(axis=0)
+    return [float(v) for v in (*lo, *hi)]
+
+
+# -- segmentation -------------------------------------------------------------------------------------
+def terminologyString(terminology: Optional[dict]) -> Optional[str]:
+    """Slicer's terminology entry string for a class table entry's {"category", "type", ...} codes.
+
+    Format (vtkSlicerTerminologiesModuleLogic): context~category~type~typeModifier~anatomicContext~region~
+    regionModifier, each code as scheme^value^meaning.
+    """
+    if not terminology or not terminology.get("category") or not terminology.get("type"):
+        return None
+
+    def code(key):
+        value = terminology.get(key)
+        return "^".join(value) if value else "^^"
+
+    return "~".join([TERMINOLOGY_CONTEXT, code("category"), code("type"), code("type_modifier"),
+                     ANATOMIC_CONTEXT, code("region"), code("region_modifier")])
+
+
+def setSegmentTerminology(segment, entry: str) -> None:
+    if hasattr(segment, "SetTerminology"):          # Slicer >= 5.8
+        segment.SetTerminology(entry)
+    else:
+        segment.SetTag(segment.GetTerminologyEntryTagName(), entry)
+
+
+def segmentTerminology(segment) -> str:
+    if hasattr(segment, "GetTerminology"):
+        return segment.GetTerminology()
+    value = ""
+    segment.GetTag(segment.GetTerminologyEntryTagName(), value)
+    return value
+
+
+def labelsToSegmentation(scene, labels: np.ndarray, ijkToRas: np.ndarray, classes: list, segmentationNode,
+                         referenceVolumeNode=None) -> list:
+    """Fill `segmentationNode` (emptied first) with one segment per label value present in `labels`.
+
+    `classes` is the sidecar's class table [{value, name, color (0-255), terminology}]. Values absent from the
+    table get a generic name. Returns the segment ids, in label order. The reference geometry is taken from
+    `referenceVolumeNode` so that DICOM SEG export and the Segment Editor use the input's grid.
+    """
+    import slicer
+    byValue = {int(c["value"]): c for c in classes}
+    present = [int(v) for v in np.unique(labels) if v != 0]
+    labelmapNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "SegBook temporary labels")
+    try:
+        setIjkToRas(labelmapNode, ijkToRas)
+        slicer.util.updateVolumeFromArray(labelmapNode, np.ascontiguousarray(labels.astype(np.int16)))
+        segmentation = segmentationNode.GetSegmentation()
+        segmentation.RemoveAllSegments()
+        if referenceVolumeNode is not None:
+            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
+        logic = slicer.vtkSlicerSegmentationsModuleLogic()
+        if present and not logic.ImportLabelmapToSegmentationNode(labelmapNode, segmentationNode):
+            raise RuntimeError("importing the label map into the segmentation failed")
+    finally:
+        scene.RemoveNode(labelmapNode)
+    ids = []
+    for index in range(segmentation.GetNumberOfSegments()):
+        segmentId = segmentation.GetNthSegmentID(index)
+        segment = segmentation.GetSegment(segmentId)
+        value = int(segment.GetLabelValue())
+        entry = byValue.get(value, {"name": f"label_{value}", "color": None, "terminology": None})
+        segment.SetName(entry["name"])
+        if entry.get("color"):
+            segment.SetColor(*[c / 255.0 for c in entry["color"]])
+        term = terminologyString(entry.get("terminology"))
+        if term:
+            setSegmentTerminology(segment, term)
+        ids.append((value, segmentId))
+    if segmentationNode.GetDisplayNode() is None:
+        segmentationNode.CreateDefaultDisplayNodes()
+    return [segmentId for _, segmentId in sorted(ids)]
+
+
+def segmentMask(segmentationNode, segmentId: str, referenceVolumeNode) -> np.ndarray:
+    """A segment's voxels on the reference volume's grid, (z, y, x) uint8 0/1.
+
+    Works in the segmentation's own scene (slicer.util's helpers assume the application's scene).
+    """
+    import slicer
+    import vtk
+    scene = segmentationNode.GetScene()
+    labelmapNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "SegBook temporary mask")
+    try:
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(segmentId)
+        logic = slicer.vtkSlicerSegmentationsModuleLogic()
+        if not logic.ExportSegmentsToLabelmapNode(segmentationNode, ids, labelmapNode, referenceVolumeNode):
+            raise RuntimeError(f"cannot export segment {segmentId} of '{segmentationNode.GetName()}'")
+        return (slicer.util.arrayFromVolume(labelmapNode) > 0).astype(np.uint8)
+    finally:
+        scene.RemoveNode(labelmapNode)
+
+
+def segmentationToLabels(segmentationNode, referenceVolumeNode, nameToValue: dict) -> np.ndarray:
+    """A (z, y, x) label array on the reference volume's grid: each segment's voxels get its class value.
+
+    `nameToValue` maps segment names to label values; segments not in it are ignored (the caller decides
+    whether that is an error). Later segments overwrite earlier ones where they overlap.
+    """
+    import slicer
+    shape = slicer.util.arrayFromVolume(referenceVolumeNode).shape
+    labels = np.zeros(shape, dtype=np.uint8 if max(nameToValue.values(), default=0) < 256 else np.uint16)
+    segmentation = segmentationNode.GetSegmentation()
+    for index in range(segmentation.GetNumberOfSegments()):
+        segmentId = segmentation.GetNthSegmentID(index)
+        name = segmentation.GetSegment(segmentId).GetName()
+        if name not in nameToValue:
+            continue
+        mask = segmentMask(segmentationNode, segmentId, referenceVolumeNode)
+        labels[mask > 0] = nameToValue[name]
+    return labels
+
+
+def writeLabels(labels: np.ndarray, referenceVolumeNode, path) -> Path:
+    """Write a (z, y, x) label array with the reference volume's geometry (LPS file). Atomic."""
+    import SimpleITK as sitk
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(labels))
+    spacing, origin, direction = lpsGeometry(ijkToRasArray(referenceVolumeNode))
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetOrigin([float(o) for o in origin])
+    image.SetDirection([float(d) for d in direction.ravel()])
+    tmp = path.with_name(".tmp-" + path.name)
+    sitk.WriteImage(image, str(tmp), useCompression=True)
+    os.replace(tmp, path)
+    return path

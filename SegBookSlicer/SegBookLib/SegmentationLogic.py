@@ -1,0 +1,173 @@
+"""Segment a volume node with the core, in a long-lived worker process, into a segmentation node.
+
+A Segment click: the volume node is written to a temporary NRRD (exact voxels and geometry, LPS), the
+worker (`python -m segbook.worker`) runs `Predictor.predict_file` on it, and the label map + class table it
+writes become a segmentation node: one segment per structure found, named, coloured, terminology-coded,
+with the input volume as reference geometry. The worker stays alive between clicks with the model loaded.
+
+The scene is only touched when a result is applied, so Cancel (which kills the worker) leaves it as it
+was. The logic takes the scene and nodes as arguments and has no Qt: the widget drains events from a
+QTimer with `poll()`, the batch script and the tests block with `wait()`.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from . import NodeIO
+from .Parameters import SegmentParameters
+from .ProcessRunner import EXIT_EVENT, ProcessRunner, coreEnvironment, pythonExecutable
+
+log = logging.getLogger(__name__)
+
+
+class SegmentationError(RuntimeError):
+    """A failed segmentation; the message is the worker's one-line error."""
+
+
+def defaultWorker() -> ProcessRunner:
+    return ProcessRunner([pythonExecutable(), "-m", "segbook.worker"], env=coreEnvironment())
+
+
+class SegmentationLogic:
+    _ids = itertools.count(1)
+
+    def __init__(self, workerFactory: Callable[[], ProcessRunner] = defaultWorker):
+        self._workerFactory = workerFactory
+        self.worker: Optional[ProcessRunner] = None
+        self.job: Optional[dict] = None
+        self.lastEvent: Optional[dict] = None    # last progress event of the running job (stage, done, total)
+
+    # -- state ------------------------------------------------------------------------------------
+    def isBusy(self) -> bool:
+        return self.job is not None and self.job.get("final") is None
+
+    def workerPid(self) -> Optional[int]:
+        return self.worker.process.pid if self.worker is not None and self.worker.isRunning() else None
+
+    # -- run --------------------------------------------------------------------------------------
+    def start(self, volumeNode, params: SegmentParameters, roiNode=None) -> str:
+        """Export the volume and send a predict request; returns the request id. Does not touch the scene."""
+        if self.isBusy():
+            raise SegmentationError("a segmentation is already running")
+        if volumeNode is None:
+            raise SegmentationError("select an input volume")
+        roi = NodeIO.roiToLpsBox(roiNode, volumeNode) if roiNode is not None else None
+        tmp = Path(tempfile.mkdtemp(prefix="segbook-"))
+        try:
+            inputPath = NodeIO.writeVolume(volumeNode, tmp / "input.nrrd")
+        except Exception:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        requestId = f"seg{next(self._ids)}"
+        if self.worker is None or not self.worker.isRunning():
+            self.worker = self._workerFactory()
+            self.worker.start()
+        self.job = {"id": requestId, "tmp": tmp, "output": tmp / "labels.nrrd", "t0": time.monotonic(),
+                    "volumeID": volumeNode.GetID(), "final": None}
+        self.lastEvent = None
+        self.worker.send(params.request(requestId, inputPath, self.job["output"], roi))
+        log.info("request %s sent (%s, roi %s)", requestId, params.model, roi)
+        return requestId
+
+    def _accept(self, event: dict) -> bool:
+        """Keep the events of the running job; record its final event."""
+        if self.job is None:
+            return False
+        if event.get("event") == EXIT_EVENT:
+            if self.job["final"] is None:
+                stderr = (event.get("stderr") or "").strip().splitlines()
+                self.job["final"] = {"event": "error", "message": "the SegBook worker stopped (exit code "
+                                     f"{event.get('returncode')})" + (f": {stderr[-1]}" if stderr else "")}
+            return True
+        if event.get("request") != self.job["id"]:
+            return False
+        if event.get("event") == "progress":
+            self.lastEvent = event
+        if event.get("event") in ("done", "error") and self.job["final"] is None:
+            self.job["final"] = dict(event, elapsed=round(time.monotonic() - self.job["t0"], 3))
+        return True
+
+    def poll(self) -> list:
+        """Events of the running job received so far (non-blocking)."""
+        if self.worker is None:
+            return []
+        return [e for e in self.worker.poll() if self._accept(e)]
+
+    def wait(self, timeout: Optional[float] = None, onEvent: Optional[Callable[[dict], None]] = None) -> dict:
+        """Block until the running job ends; returns its final event (done or error)."""
+        if self.job is None:
+            raise SegmentationError("nothing is running")
+        if self.job["final"] is None:
+            def seen(event):
+                if self._accept(event) and onEvent is not None:
+                    onEvent(event)
+            self.worker.waitFor(lambda e: self.job["final"] is not None, timeout=timeout, onEvent=seen)
+        return self.job["final"]
+
+    def cancel(self) -> None:
+        """Kill the worker (the only way to stop a prediction at once); the scene is left as it was."""
+        if self.worker is not None:
+            self.worker.kill()
+            self.worker.poll()
+        self._forgetJob()
+
+    def _forgetJob(self) -> None:
+        if self.job is not None:
+            shutil.rmtree(self.job["tmp"], ignore_errors=True)
+        self.job = None
+        self.lastEvent = None
+
+    def shutdown(self) -> None:
+        """Ask the worker to exit (at module cleanup); kill it if it does not."""
+        if self.worker is not None and self.worker.isRunning():
+            try:
+                self.worker.send({"command": "shutdown"})
+                self.worker.closeInput()
+                self.worker.process.wait(timeout=5)
+            except Exception:  # a stuck or dead worker: make sure it is gone
+                self.worker.kill()
+        self._forgetJob()
+
+    # -- result -----------------------------------------------------------------------------------
+    def applyResult(self, scene, volumeNode, segmentationNode=None, name: Optional[str] = None):
+        """Turn the finished job's label map into a segmentation node (created if not given).
+
+        Raises SegmentationError with the worker's message if the job failed. The temporary files are
+        removed either way.
+        """
+        if self.job is None or self.job["final"] is None:
+            raise SegmentationError("no finished segmentation to apply")
+        final = self.job["final"]
+        try:
+            if final.get("event") != "done":
+                raise SegmentationError(final.get("message", "segmentation failed"))
+            labels, ijkToRas = NodeIO.readLabelArray(self.job["output"])
+            result = final.get("result") or {}
+            classes = result.get("labels") or result.get("classes") or []
+            if segmentationNode is None:
+                segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                                           name or f"{volumeNode.GetName()} segmentation")
+            NodeIO.labelsToSegmentation(scene, labels, ijkToRas, classes, segmentationNode, volumeNode)
+            parent = volumeNode.GetParentTransformNode()
+            segmentationNode.SetAndObserveTransformNodeID(parent.GetID() if parent is not None else None)
+            segmentationNode.SetAttribute("SegBook.Elapsed", str(final.get("elapsed")))
+            return segmentationNode
+        finally:
+            self._forgetJob()
+
+    def segment(self, scene, volumeNode, params: SegmentParameters, segmentationNode=None, roiNode=None,
+                timeout: Optional[float] = None, onEvent=None):
+        """Blocking: start, wait, apply. Used by the batch script and the self-test."""
+        self.start(volumeNode, params, roiNode)
+        try:
+            self.wait(timeout=timeout, onEvent=onEvent)
+        except BaseException:
+            self.cancel()
+            raise
+        return self.applyResult(scene, volumeNode, segmentationNode)

@@ -1,0 +1,310 @@
+"""The Slicer module's logic on a real MRML scene (slicer-core wheel), through the real worker process."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer")
+
+from slicer_fixtures import IMAGE, IMAGE2, LABEL, LABEL2, load_label_segmentation, load_volume, make_tiny_model  # noqa: E402
+from SegBookLib import NodeIO  # noqa: E402
+from SegBookLib.FineTuneLogic import FineTuneLogic, TrainingSetError  # noqa: E402
+from SegBookLib.ModelCatalog import ModelCatalog  # noqa: E402
+from SegBookLib.Parameters import FineTuneParameters, SegmentParameters  # noqa: E402
+from SegBookLib.SegmentationLogic import SegmentationError, SegmentationLogic  # noqa: E402
+
+FLIP = np.diag([-1.0, -1.0, 1.0])
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def logic():
+    """One logic (one worker process) for the module: it is meant to stay alive between clicks."""
+    lg = SegmentationLogic()
+    yield lg
+    lg.shutdown()
+
+
+@pytest.fixture
+def scene():
+    s = slicer.vtkMRMLScene()
+    yield s
+    s.Clear(1)
+
+
+def ijk_to_ras(node):
+    return NodeIO.ijkToRasArray(node)
+
+
+def scene_snapshot(scene):
+    nodes = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+    return [(n.GetID(), n.GetClassName(), n.GetName(), n.GetMTime()) for n in nodes]
+
+
+def segment_masks(segmentation_node, reference):
+    seg = segmentation_node.GetSegmentation()
+    out = {}
+    for i in range(seg.GetNumberOfSegments()):
+        sid = seg.GetNthSegmentID(i)
+        out[sid] = NodeIO.segmentMask(segmentation_node, sid, reference)
+    return out
+
+
+# -- geometry -------------------------------------------------------------------------------------------
+def test_volume_node_holds_what_the_core_reads(scene, tmp_path):
+    """Slicer's reader -> node (RAS) -> our export (LPS) -> the core's reader: same voxels, same place."""
+    from segbook.io import read_image
+    node = load_volume(scene, IMAGE)
+    reference = sitk.ReadImage(str(IMAGE))
+    # the node's IJK-to-RAS is the file's LPS geometry with x and y negated
+    expected = np.eye(4)
+    expected[:3, :3] = FLIP @ np.array(reference.GetDirection()).reshape(3, 3) * np.array(reference.GetSpacing())
+    expected[:3, 3] = FLIP @ np.array(reference.GetOrigin())
+    assert np.allclose(ijk_to_ras(node), expected)
+    assert np.array_equal(slicer.util.arrayFromVolume(node), sitk.GetArrayFromImage(reference))
+
+    array, geometry = read_image(NodeIO.writeVolume(node, tmp_path / "input.nrrd"))
+    assert np.array_equal(array[0], sitk.GetArrayFromImage(reference).astype(np.float32))
+    assert geometry.size == reference.GetSize()
+    assert np.allclose(geometry.origin, reference.GetOrigin())
+    assert np.allclose(geometry.direction, reference.GetDirection())
+    assert np.allclose(geometry.spacing, reference.GetSpacing())
+
+
+def test_oblique_geometry_matches_slicers_own_writer(scene, tmp_path):
+    node = load_volume(scene, IMAGE)
+    angle = np.deg2rad(30)
+    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    m = np.eye(4)
+    m[:3, :3] = rot @ np.diag([0.8, 1.2, 2.5])
+    m[:3, 3] = [10.0, -20.0, 5.0]
+    NodeIO.setIjkToRas(node, m)
+
+    ours = sitk.ReadImage(str(NodeIO.writeVolume(node, tmp_path / "ours.nrrd")))
+    assert np.allclose(ours.GetSpacing(), [0.8, 1.2, 2.5])
+    assert np.allclose(ours.GetOrigin(), [-10.0, 20.0, 5.0])
+    assert np.allclose(np.array(ours.GetDirection()).reshape(3, 3), FLIP @ rot)
+    # Slicer's NRRD writer puts the node in the same place
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(tmp_path / "slicer.nrrd"))
+    assert storage.WriteData(node)
+    theirs = sitk.ReadImage(str(tmp_path / "slicer.nrrd"))
+    assert np.allclose(ours.GetOrigin(), theirs.GetOrigin())
+    assert np.allclose(ours.GetDirection(), theirs.GetDirection())
+    assert np.allclose(ours.GetSpacing(), theirs.GetSpacing())
+    assert np.array_equal(sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(theirs))
+    # and back: the file's geometry gives the node's matrix
+    assert np.allclose(NodeIO.ijkToRasFromImage(ours), m)
+
+
+def test_roi_box_is_lps_in_the_volume_frame(scene):
+    node = load_volume(scene, IMAGE)
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    roi.SetCenter(1.0, 2.0, 3.0)
+    roi.SetSize(4.0, 6.0, 8.0)
+    assert NodeIO.roiToLpsBox(roi, node) == pytest.approx([-3.0, -5.0, -1.0, 1.0, 1.0, 7.0])
+    # a volume moved by a linear transform: the box is given in the volume's own frame
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    import vtk
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(0, 3, 10.0)
+    transform.SetMatrixTransformToParent(shift)
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    assert NodeIO.roiToLpsBox(roi, node) == pytest.approx([7.0, -5.0, -1.0, 11.0, 1.0, 7.0])
+
+
+# -- Segment ------------------------------------------------------------------------------------------
+def test_segment_builds_named_coded_segments_on_the_input_grid(scene, logic, tiny_model):
+    volume = load_volume(scene, IMAGE, "MRI")
+    events = []
+    params = SegmentParameters(model=str(tiny_model), device="cpu")
+    segmentation = logic.segment(scene, volume, params, timeout=120, onEvent=events.append)
+
+    assert any(e["event"] == "progress" and e["stage"] == "predict" for e in events)
+    seg = segmentation.GetSegmentation()
+    names = [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())]
+    assert sorted(names) == ["liver", "spleen"]
+    # each segment is exactly the voxels the core labelled with its value, on the input's grid
+    masks = segment_masks(segmentation, volume)
+    shape = slicer.util.arrayFromVolume(volume).shape
+    union = np.zeros(shape, bool)
+    for sid, mask in masks.items():
+        segment = seg.GetSegment(sid)
+        assert mask.shape == shape and mask.any()
+        assert not (union & (mask > 0)).any(), "segments of one label map do not overlap"
+        union |= mask > 0
+        value = {"liver": 1, "spleen": 2}[segment.GetName()]
+        assert segment.GetLabelValue() == value
+    # colours and SNOMED CT codes from the mapping table
+    liver = seg.GetSegment(seg.GetSegmentIdBySegmentName("liver"))
+    from segbook.labels import default_color
+    assert np.allclose(liver.GetColor(), np.array(default_color("liver", 1)) / 255.0)
+    term = NodeIO.segmentTerminology(liver)
+    assert term.startswith(NodeIO.TERMINOLOGY_CONTEXT + "~SCT^123037004^")
+    assert "SCT^10200004^Liver" in term
+    entry = slicer.vtkSlicerTerminologyEntry()
+    assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(term, entry)
+    assert entry.GetTypeObject().GetCodeValue() == "10200004"
+    # reference geometry = the input volume, so DICOM SEG export uses its grid
+    ref = segmentation.GetNodeReferenceID("referenceImageGeometryRef")
+    assert ref == volume.GetID()
+    assert float(segmentation.GetAttribute("SegBook.Elapsed")) > 0
+    assert scene.GetFirstNodeByClass("vtkMRMLLabelMapVolumeNode") is None, "no temporary node left behind"
+
+
+def test_second_click_reuses_the_worker_and_the_model(scene, logic, tiny_model):
+    volume = load_volume(scene, IMAGE)
+    params = SegmentParameters(model=str(tiny_model), device="cpu")
+    logic.segment(scene, volume, params, timeout=120)
+    pid = logic.workerPid()
+    events = []
+    target = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "target")
+    out = logic.segment(scene, volume, params, segmentationNode=target, timeout=120, onEvent=events.append)
+    assert out is target
+    assert logic.workerPid() == pid
+    assert not any(e["event"] == "loaded" for e in events)
+    assert [e for e in events if e["event"] == "done"][0]["reused"] is True
+
+
+def test_roi_restricts_the_result(scene, logic, tiny_model):
+    volume = load_volume(scene, IMAGE)
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    ijk = ijk_to_ras(volume)
+    shape = slicer.util.arrayFromVolume(volume).shape          # (k, j, i)
+    centre = ijk @ np.array([shape[2] / 2, shape[1] / 2, shape[0] / 2, 1.0])
+    roi.SetCenter(*centre[:3])
+    roi.SetSize(12.0, 14.0, 10.0)
+    segmentation = logic.segment(scene, volume, SegmentParameters(model=str(tiny_model), device="cpu"),
+                                 roiNode=roi, timeout=120)
+    bounds = [0.0] * 6
+    roi.GetRASBounds(bounds)
+    k, j, i = np.indices(shape)
+    ras = np.einsum("rc,c...->r...", ijk, np.stack([i, j, k, np.ones_like(i)]).astype(float))[:3]
+    inside = np.ones(shape, bool)
+    for axis in range(3):
+        inside &= (ras[axis] >= bounds[2 * axis] - 1e-3) & (ras[axis] <= bounds[2 * axis + 1] + 1e-3)
+    masks = segment_masks(segmentation, volume)
+    assert masks, "something is segmented inside the ROI"
+    for mask in masks.values():
+        assert not (mask[~inside] > 0).any(), "voxels outside the ROI are labelled"
+        assert (mask[inside] > 0).any()
+
+
+def test_cancel_kills_the_worker_and_leaves_the_scene_unchanged(scene, logic, tiny_model):
+    volume = load_volume(scene, IMAGE)
+    existing = load_label_segmentation(scene, LABEL, volume, {1: "anterior", 2: "posterior"}, "keep me")
+    masks_before = segment_masks(existing, volume)
+    before = scene_snapshot(scene)
+    logic.start(volume, SegmentParameters(model=str(tiny_model), device="cpu", tta=True))
+    pid = logic.workerPid()
+    logic.worker.waitFor(lambda e: e.get("event") == "progress" and e.get("stage") == "predict", timeout=60)
+    logic.cancel()
+    assert not logic.isBusy() and logic.workerPid() is None
+    import os
+    with pytest.raises(OSError):
+        os.kill(pid, 0)
+    assert scene_snapshot(scene) == before
+    masks_after = segment_masks(existing, volume)
+    assert masks_after.keys() == masks_before.keys()
+    assert all(np.array_equal(masks_after[k], masks_before[k]) for k in masks_before)
+    # the next click starts a fresh worker
+    out = logic.segment(scene, volume, SegmentParameters(model=str(tiny_model), device="cpu"), timeout=120)
+    assert out.GetSegmentation().GetNumberOfSegments() == 2 and logic.workerPid() != pid
+
+
+def test_worker_error_is_one_line_and_changes_nothing(scene, logic, tiny_model):
+    volume = load_volume(scene, IMAGE)
+    before = scene_snapshot(scene)
+    with pytest.raises(SegmentationError, match="kidney_left"):
+        logic.segment(scene, volume, SegmentParameters(model=str(tiny_model), device="cpu",
+                                                       classes=["kidney_left"]), timeout=120)
+    assert scene_snapshot(scene) == before
+    # a subset that exists gives only that structure
+    out = logic.segment(scene, volume, SegmentParameters(model=str(tiny_model), device="cpu", classes=["spleen"]),
+                        timeout=120)
+    seg = out.GetSegmentation()
+    assert [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())] == ["spleen"]
+
+
+# -- Fine-tune export -----------------------------------------------------------------------------------
+def test_fine_tune_export_writes_the_label_mapping(scene, tmp_path):
+    from segbook.dataset import check_dataset, read_dataset
+    ft = FineTuneLogic(tmp_path / "training", tmp_path / "models")
+    v1 = load_volume(scene, IMAGE, "case one")
+    s1 = load_label_segmentation(scene, LABEL, v1, {1: "anterior", 2: "posterior"})
+    v2 = load_volume(scene, IMAGE2, "case two")
+    # the second case has its segments in the other order and names them the same: values follow names
+    s2 = load_label_segmentation(scene, LABEL2, v2, {1: "anterior", 2: "posterior"})
+    seg2 = s2.GetSegmentation()
+    seg2.SetSegmentIndex(seg2.GetSegmentIdBySegmentName("posterior"), 0)
+    ft.setClasses(["posterior", "anterior"])            # e.g. the base model's order
+
+    ft.addCase(v1, s1)
+    ft.addCase(v2, s2)
+    dataset = json.loads((tmp_path / "training" / "dataset.json").read_text())
+    assert dataset["class_names"] == ["background", "posterior", "anterior"]
+    assert [c["name"] for c in dataset["cases"]] == ["case_one", "case_two"]
+    for case, label_file in zip(dataset["cases"], (LABEL, LABEL2)):
+        written = sitk.ReadImage(str(tmp_path / "training" / case["label"]))
+        original = sitk.ReadImage(str(label_file))
+        a, b = sitk.GetArrayFromImage(written), sitk.GetArrayFromImage(original)
+        assert np.array_equal(a == 1, b == 2) and np.array_equal(a == 2, b == 1) and np.array_equal(a == 0, b == 0)
+        assert np.allclose(written.GetOrigin(), original.GetOrigin())
+        assert np.allclose(written.GetDirection(), original.GetDirection())
+        image = sitk.ReadImage(str(tmp_path / "training" / case["image"]))
+        assert np.array_equal(sitk.GetArrayFromImage(image),
+                              sitk.GetArrayFromImage(sitk.ReadImage(str(IMAGE if case is dataset["cases"][0]
+                                                                        else IMAGE2))))
+    # the core reads and accepts the set as written
+    ds = read_dataset(tmp_path / "training" / "dataset.json")
+    assert ds.class_names == ["background", "posterior", "anterior"] and len(ds.cases) == 2
+    check_dataset(ds, expected_channels=1)
+    # the set persists: a new session sees the same cases
+    assert [c["name"] for c in FineTuneLogic(tmp_path / "training", tmp_path / "models").cases()] == \
+        ["case_one", "case_two"]
+
+
+def test_fine_tune_refuses_inconsistent_cases(scene, tmp_path):
+    ft = FineTuneLogic(tmp_path / "training", tmp_path / "models")
+    v1 = load_volume(scene, IMAGE, "one")
+    ft.addCase(v1, load_label_segmentation(scene, LABEL, v1, {1: "anterior", 2: "posterior"}))
+    v2 = load_volume(scene, IMAGE2, "two")
+    partial = load_label_segmentation(scene, LABEL2, v2, {1: "anterior", 2: "posterior"})
+    partial.GetSegmentation().RemoveSegment(partial.GetSegmentation().GetSegmentIdBySegmentName("posterior"))
+    with pytest.raises(TrainingSetError, match="posterior"):
+        ft.addCase(v2, partial)
+    entry = ft.addCase(v2, partial, missingAsBackground=True)
+    assert entry["missing_as_background"] is True
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "training" / entry["label"])))
+    assert set(np.unique(label).tolist()) == {0, 1}
+    renamed = load_label_segmentation(scene, LABEL2, v2, {1: "front", 2: "posterior"})
+    with pytest.raises(TrainingSetError, match="front"):
+        ft.addCase(v2, renamed, allowNewClasses=False)
+
+
+def test_catalog_lists_fine_tuned_models(tmp_path, tiny_model):
+    catalog = ModelCatalog(tmp_path / "home")
+    released = {e.name for e in catalog.entries()}
+    assert "stunet-b-totalseg" in released
+    make_tiny_model(catalog.modelsDirectory / "my-liver", name="my-liver")
+    mine = [e for e in catalog.entries() if e.fineTuned]
+    assert [e.label for e in mine] == ["my-liver (yours)"] and mine[0].downloaded
+    catalog.addModelFolder(tiny_model)
+    assert str(tiny_model.resolve()) in {e.name for e in ModelCatalog(tmp_path / "home").entries()}
+
+
+def test_fine_tune_arguments_map_onto_the_cli(tmp_path):
+    args = FineTuneParameters(base="hippocampus-demo", outputName="mine", preset="quick", epochs=2,
+                              iterationsPerEpoch=3).arguments("d.json", tmp_path / "m", resume=True)
+    assert args[:5] == ["finetune", "d.json", "-o", str(tmp_path / "m"), "--base"]
+    for flag, value in (("--preset", "quick"), ("--epochs", "2"), ("--iterations-per-epoch", "3"),
+                        ("--progress", "json")):
+        assert args[args.index(flag) + 1] == value
+    assert "--resume" in args

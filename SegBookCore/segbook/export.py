@@ -105,7 +105,7 @@ class SlabExporter:
         self._emit(self.next_out, stop)
         self.next_out = stop
         # Keep only the source slices later outputs still need.
-        keep_from = int(self.i0[stop]) if stop < len(self.i0) else end
+        keep_from = min(int(self.i0[stop]), end) if stop < len(self.i0) else end
         if keep_from > self.buffer_z0:
             self.buffer = self.buffer[:, keep_from - self.buffer_z0:].clone()
             self.buffer_z0 = keep_from

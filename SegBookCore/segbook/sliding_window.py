@@ -8,6 +8,7 @@ import itertools
 from functools import lru_cache
 
 import numpy as np
+import torch
 from scipy.ndimage import gaussian_filter
 
 __all__ = ["compute_steps", "tile_starts", "gaussian_weights", "padding_for_patch", "mirror_axes_sets"]
@@ -36,6 +37,10 @@ def tile_starts(image_size, patch_size, step: float) -> list[tuple[int, int, int
     return list(itertools.product(*compute_steps(image_size, patch_size, step)))
 
 
+_TORCH_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
+                 np.dtype(np.float64): torch.float64}
+
+
 @lru_cache(maxsize=4)
 def _gaussian64(patch_size: tuple[int, ...], sigma_scale: float) -> np.ndarray:
     impulse = np.zeros(patch_size)
@@ -49,7 +54,8 @@ def gaussian_weights(patch_size, sigma_scale: float = 1 / 8, value_scaling_facto
     `value_scaling_factor`, cast to `dtype`; zeros (underflow at the corners) become the smallest non-zero
     value so that no voxel ends with weight 0. nnU-Net accumulates in float16 with peak 10: the default."""
     g = _gaussian64(tuple(int(p) for p in patch_size), float(sigma_scale))
-    g = (g / (g.max() / value_scaling_factor)).astype(dtype)
+    # Cast through torch as nnU-Net does: its float64 -> float16 rounding differs from numpy's in a few voxels.
+    g = torch.from_numpy(g / (g.max() / value_scaling_factor)).to(_TORCH_DTYPES[np.dtype(dtype)]).numpy()
     zero = g == 0
     if zero.any():
         g[zero] = g[~zero].min()

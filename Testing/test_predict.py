@@ -1,0 +1,169 @@
+"""The Predictor against nnU-Net v2: export resampling, and whole predictions with the same weights."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from segbook.config import Arch, ModelConfig, Plan
+from segbook.errors import InputError
+from segbook.export import SlabExporter, resample_plane
+from segbook.inference import Predictor
+from segbook.zoo import create_model, save_model_folder
+
+sys.path.insert(0, str(Path(__file__).parent))
+nn_rs = pytest.importorskip("nnunetv2.preprocessing.resampling.default_resampling")
+
+DATA = Path(__file__).parent / "data"
+CLASSES = ["background", "liver", "spleen", "kidney_left", "aorta"]
+
+
+def tiny_config(patch=(32, 48, 48), classes=CLASSES, channels=1) -> ModelConfig:
+    return ModelConfig(name="tiny-predict", arch=Arch(channels, len(classes), [4, 8, 8, 16], [1, 1, 1, 1],
+                                                      [[2, 2, 2], [2, 2, 2], [1, 2, 2]]),
+                       plan=Plan(spacing=[1.5, 1.5, 1.5], patch_size=list(patch)), class_names=list(classes))
+
+
+def tiny_net(seed=0, **kw):
+    torch.manual_seed(seed)
+    net = create_model_from(tiny_config(**kw))
+    return net
+
+
+def create_model_from(config, deep_supervision=False):
+    from segbook.zoo import _network
+    net = _network(config, deep_supervision)
+    # Random init gives near-uniform logits; scale the head so that classes differ clearly (as trained nets).
+    with torch.no_grad():
+        net.seg_outputs[-1].weight.mul_(20)
+        net.seg_outputs[-1].bias.zero_()
+    net.config = config
+    return net
+
+
+def ct_crop():
+    img = sitk.ReadImage(str(DATA / "abdomen_ct_3mm_crop.nii.gz"))
+    return sitk.GetArrayFromImage(img).astype(np.float32)[None], img
+
+
+# ------------------------------------------------------------------ export
+@pytest.mark.parametrize("case", ["linear", "coarse_z", "coarse_x", "identity"])
+def test_slab_export_equals_nnunet_resampling_and_argmax(case):
+    rng = np.random.default_rng(1)
+    src, dst, cur, new = {
+        "linear": ((20, 18, 16), (10, 9, 8), (1.5, 1.5, 1.5), (3.0, 3.0, 3.0)),
+        "coarse_z": ((25, 14, 15), (9, 27, 29), (1.5, 1.5, 1.5), (4.2, 0.78, 0.78)),
+        "coarse_x": ((14, 15, 25), (27, 29, 9), (1.5, 1.5, 1.5), (0.78, 0.78, 4.2)),
+        "identity": ((12, 13, 14), (12, 13, 14), (1.5, 1.5, 1.5), (1.5, 1.5, 1.5)),
+    }[case]
+    logits = rng.normal(size=(6, *src)).astype(np.float16).astype(np.float32)
+    ref = nn_rs.resample_data_or_seg_to_shape(logits, dst, cur, new, is_seg=False, order=1, order_z=0,
+                                              force_separate_z=None)
+    ref_labels = torch.from_numpy(ref).argmax(0).numpy()
+    from segbook.preprocess import separate_axis
+    axis = separate_axis(cur, new)
+    out = np.zeros(dst, np.uint8)
+    exporter = SlabExporter(src, out, ["nearest" if a == axis else "linear" for a in range(3)],
+                            np.arange(6), chunk_voxels=6 * 40 * 30 * 2)
+    z, t = 0, torch.from_numpy(logits)
+    for n in [3, 1, 5, 2, 7, 100]:          # ragged slabs, as the sliding window delivers them
+        if z < src[0]:
+            exporter.feed(z, t[:, z:z + n])
+            z += min(n, src[0] - z)
+    assert exporter.complete
+    assert (out == ref_labels).mean() >= 0.999        # float32 vs nnU-Net's float64: rare near-ties
+    # the resampled values themselves
+    if case == "linear":
+        from segbook.export import resample_axis
+        ours = resample_plane(resample_axis(t, 1, dst[0], "linear"), dst[1:], ("linear", "linear"))
+        np.testing.assert_allclose(ours.numpy(), ref, atol=1e-5)
+
+
+# ------------------------------------------------------------------ whole prediction
+@pytest.mark.parametrize("spacing,tta", [((3.0, 3.0, 3.0), False), ((3.3, 1.0, 1.0), True)])
+def test_predict_array_equals_nnunet_predictor(spacing, tta):
+    from nnunet_reference import nnunet_predictor, nnunet_segment
+    net = tiny_net()
+    image, _ = ct_crop()
+    ref = nnunet_segment(nnunet_predictor(net, tta=tta), image, spacing)
+    labels = Predictor(net, device="cpu", tta=tta).predict_array(image, spacing)
+    assert labels.shape == image.shape[1:] and labels.dtype == np.uint8
+    assert len(np.unique(ref)) >= 2
+    agreement = (labels == ref).mean()
+    print(f"agreement {agreement:.6f}, classes {np.bincount(ref.ravel())}")
+    assert agreement >= 0.999, agreement
+
+
+def test_predict_array_crops_to_nonzero_and_pads_small_images():
+    net = tiny_net()
+    image, _ = ct_crop()
+    image = image[:, :12, :20, :16] + 1000         # smaller than a patch: padded
+    framed = np.pad(image, [(0, 0), (3, 2), (1, 4), (5, 0)])
+    p = Predictor(net, device="cpu")
+    inner = p.predict_array(image, (3.0, 3.0, 3.0))
+    labels = p.predict_array(framed, (3.0, 3.0, 3.0))
+    assert (labels[3:-2, 1:-4, 5:] == inner).all()   # the zero frame is cropped away, then put back
+    assert labels[:3].max() == 0 and labels[-2:].max() == 0
+
+
+def test_roi_and_classes():
+    net = tiny_net()
+    image, _ = ct_crop()
+    p = Predictor(net, device="cpu")
+    full = p.predict_array(image, (3.0, 3.0, 3.0))
+    roi = (5, 10, 12, 25, 40, 50)
+    part = p.predict_array(image, (3.0, 3.0, 3.0), roi=roi)
+    inside = (slice(5, 25), slice(10, 40), slice(12, 50))
+    outside = np.ones(full.shape, bool)
+    outside[inside] = False
+    assert part[outside].max() == 0
+    assert (part[inside] == full[inside]).mean() > 0.9     # less context than the whole image: near, not equal
+    kept = p.predict_array(image, (3.0, 3.0, 3.0), classes=["liver", "aorta"])
+    np.testing.assert_array_equal(kept, np.where(np.isin(full, [1, 4]), full, 0))
+    with pytest.raises(InputError, match="not an output"):
+        p.predict_array(image, (3.0, 3.0, 3.0), classes=["brain"])
+    with pytest.raises(InputError, match="outside"):
+        p.predict_array(image, (3.0, 3.0, 3.0), roi=(40, 0, 0, 50, 5, 5))
+
+
+def test_training_network_is_left_as_it_was():
+    torch.manual_seed(0)
+    net = create_model_from(tiny_config(), deep_supervision=True)
+    net.train()
+    image, _ = ct_crop()
+    labels = Predictor(net).predict_array(image[0], (3.0, 3.0, 3.0))
+    assert net.training and net.deep_supervision
+    net.deep_supervision = False
+    assert (Predictor(net).predict_array(image, (3.0, 3.0, 3.0)) == labels).all()
+
+
+def test_model_folder_and_bad_arrays(tmp_path):
+    net = tiny_net()
+    folder = save_model_folder(tmp_path / "m", net.config, net.state_dict())
+    p = Predictor(str(folder), device="cpu")
+    assert p.config.class_names == CLASSES
+    image, _ = ct_crop()
+    np.testing.assert_array_equal(p.predict_array(image, (3, 3, 3)), Predictor(net).predict_array(image, (3, 3, 3)))
+    with pytest.raises(InputError, match="constant"):
+        p.predict_array(np.full((20, 30, 30), 7.0), (1, 1, 1))
+    with pytest.raises(InputError, match="channel"):
+        p.predict_array(np.ones((2, 20, 30, 30)), (1, 1, 1))
+    with pytest.raises(InputError, match="spacing"):
+        p.predict_array(image, (0, 1, 1))
+
+
+def test_cancel_stops_prediction():
+    from segbook.errors import Cancelled
+    from segbook.events import Reporter
+
+    class CancelAfterFirstTile(Reporter):
+        def progress(self, stage, done, total, **extra):
+            if stage == "predict" and done == 1:
+                self.cancel()
+            super().progress(stage, done, total, **extra)
+
+    image, _ = ct_crop()
+    with pytest.raises(Cancelled):
+        Predictor(tiny_net(), reporter=CancelAfterFirstTile()).predict_array(image, (3, 3, 3))

@@ -1,0 +1,65 @@
+"""Tile placement, Gaussian weights, padding and mirror sets against nnU-Net v2's own functions."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from segbook.sliding_window import (compute_steps, gaussian_weights, mirror_axes_sets, padding_for_patch,
+                                    tile_starts)
+
+nn_sw = pytest.importorskip("nnunetv2.inference.sliding_window_prediction")
+
+
+@pytest.mark.parametrize("step", [0.5, 0.33, 0.75, 1.0])
+def test_steps_equal_nnunet(step):
+    patch = (128, 112, 96)
+    for size in itertools.product([128, 129, 160, 191, 224, 300], [112, 150, 259], [96, 97, 244]):
+        assert compute_steps(size, patch, step) == nn_sw.compute_steps_for_sliding_window(size, patch, step)
+
+
+def test_tile_order_and_count_as_nnunet():
+    # the abdomen case of the benchmark: 27 tiles in z-then-y-then-x order
+    starts = tile_starts((224, 202, 244), (128, 128, 128), 0.5)
+    assert len(starts) == 27
+    assert starts == sorted(starts)
+    assert starts[0] == (0, 0, 0) and starts[-1] == (96, 74, 116)
+
+
+def test_steps_reject_small_image_and_bad_step():
+    with pytest.raises(ValueError):
+        compute_steps((100, 128, 128), (128, 128, 128), 0.5)
+    with pytest.raises(ValueError):
+        compute_steps((128, 128, 128), (128, 128, 128), 0)
+
+
+@pytest.mark.parametrize("patch", [(128, 128, 128), (64, 80, 48), (7, 9, 11)])
+def test_gaussian_equals_nnunet_float16(patch):
+    ref = nn_sw.compute_gaussian(patch, sigma_scale=1 / 8, value_scaling_factor=10, dtype=torch.float16,
+                                 device=torch.device("cpu")).numpy()
+    ours = gaussian_weights(patch)
+    assert ours.dtype == np.float16
+    np.testing.assert_array_equal(ours, ref)
+    assert ours.min() > 0
+    assert ours.max() == np.float16(10)
+
+
+def test_gaussian_equals_nnunet_float32_unscaled():
+    patch = (96, 96, 96)
+    ref = nn_sw.compute_gaussian(patch, sigma_scale=1 / 8, value_scaling_factor=1, dtype=torch.float32,
+                                 device=torch.device("cpu")).numpy()
+    np.testing.assert_array_equal(gaussian_weights(patch, value_scaling_factor=1, dtype=np.float32), ref)
+
+
+def test_padding_centred_as_pad_nd_image():
+    from acvl_utils.cropping_and_padding.padding import pad_nd_image
+    shape, patch = (37, 128, 200), (128, 128, 128)
+    pads = padding_for_patch(shape, patch)
+    ref, slicer = pad_nd_image(torch.zeros((1, *shape)), patch, "constant", {"value": 0}, True, None)
+    assert [(s.start, ref.shape[i + 1] - s.stop) for i, s in enumerate(slicer[1:])] == pads
+
+
+def test_mirror_sets_are_all_eight_flips_in_nnunet_order():
+    sets = mirror_axes_sets([2, 3, 4])
+    assert len(sets) == 8 and sets[0] == ()
+    assert sets[1:] == [c for i in range(3) for c in itertools.combinations([2, 3, 4], i + 1)]

@@ -27,7 +27,7 @@ def make_tiny_model(folder, seed: int = 0, classes=TINY_CLASSES, name: str = "ti
     from segbook.network import STUNet
     from segbook.zoo import save_model_folder
     arch = Arch(1, len(classes), [4, 8, 8, 8], [1, 1, 1, 1], [[2, 2, 2]] * 3)
-    config = ModelConfig(name=name, arch=arch, plan=Plan(spacing=[1.0, 1.0, 1.0], patch_size=[16, 16, 16]),
+    config = ModelConfig(name=name, arch=arch, plan=Plan(spacing=[1.0, 1.0, 1.0], patch_size=[32, 32, 32]),
                          class_names=list(classes), description="random weights, for tests")
     torch.manual_seed(seed)
     net = STUNet(1, len(classes), arch.dims, arch.depth, arch.pool_op_kernel_sizes, deep_supervision=True)

@@ -235,7 +235,8 @@ def test_worker_error_is_one_line_and_changes_nothing(scene, logic, tiny_model):
 
 # -- Fine-tune export -----------------------------------------------------------------------------------
 def test_fine_tune_export_writes_the_label_mapping(scene, tmp_path):
-    from segbook.dataset import check_dataset, read_dataset
+    dataset_module = pytest.importorskip("segbook.dataset")
+    check_dataset, read_dataset = dataset_module.check_dataset, dataset_module.read_dataset
     ft = FineTuneLogic(tmp_path / "training", tmp_path / "models")
     v1 = load_volume(scene, IMAGE, "case one")
     s1 = load_label_segmentation(scene, LABEL, v1, {1: "anterior", 2: "posterior"})
@@ -308,3 +309,62 @@ def test_fine_tune_arguments_map_onto_the_cli(tmp_path):
                         ("--progress", "json")):
         assert args[args.index(flag) + 1] == value
     assert "--resume" in args
+
+
+# -- batch, chart, parameters ---------------------------------------------------------------------------
+def run_batch(*args, timeout=180):
+    import os
+    import subprocess
+    import sys
+    from slicer_fixtures import SLICER_MODULE
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(SLICER_MODULE / "SegBookBatch.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_batch_script_segments_a_file_into_a_slicer_segmentation(tmp_path, tiny_model):
+    out = tmp_path / "result.seg.nrrd"
+    proc = run_batch("--input", IMAGE, "--output", out, "--model", tiny_model, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(out))
+    assert storage.ReadData(node)
+    seg = node.GetSegmentation()
+    names = sorted(seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments()))
+    assert names == ["liver", "spleen"]
+    liver = seg.GetSegment(seg.GetSegmentIdBySegmentName("liver"))
+    assert "SCT^10200004^Liver" in NodeIO.segmentTerminology(liver), "terminology survives the file"
+
+
+def test_batch_script_fails_with_a_non_zero_status(tmp_path, tiny_model):
+    proc = run_batch("--input", IMAGE, "--output", tmp_path / "o", "--model", tmp_path / "no-such-model")
+    assert proc.returncode == 1 and "no-such-model" in proc.stderr
+    assert not any((tmp_path / "o").glob("*.seg.nrrd")) if (tmp_path / "o").exists() else True
+    proc = run_batch("--input", tmp_path / "missing.nii.gz", "--output", tmp_path / "o", "--model", tiny_model)
+    assert proc.returncode == 2 and "missing.nii.gz" in proc.stderr
+
+
+def test_training_chart_follows_metric_events(scene):
+    from SegBookLib.TrainingChart import TrainingChart
+    chart = TrainingChart(scene)
+    chart.add({"event": "metric", "epoch": 0, "train_loss": 1.2, "val_dice": 0.1})
+    chart.add({"event": "metric", "epoch": 1, "train_loss": 0.9, "val_dice": 0.3, "lr": 0.01})
+    table = chart.table.GetTable()
+    assert table.GetNumberOfRows() == 2
+    assert [table.GetColumn(i).GetName() for i in range(table.GetNumberOfColumns())] == \
+        ["epoch", "train_loss", "val_dice", "lr"]
+    assert chart.column("val_dice") == [0.1, 0.3]
+    assert chart.chart.GetNumberOfPlotSeriesNodes() == 3      # one series per metric, against the epoch
+
+
+def test_parameters_are_saved_with_the_scene(scene):
+    from SegBookLib.Parameters import loadFromNode, saveToNode
+    node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
+    saveToNode(SegmentParameters(model="x", device="cpu", tta=True, classes=["liver"]), node, "Segment")
+    back = loadFromNode(SegmentParameters, node, "Segment")
+    assert back == SegmentParameters(model="x", device="cpu", tta=True, classes=["liver"])
+    assert loadFromNode(FineTuneParameters, node, "FineTune") == FineTuneParameters()
+    with pytest.raises(ValueError):
+        SegmentParameters(device="tpu")

@@ -36,7 +36,7 @@ def predict(rid, output, model, **extra):
 def test_worker_keeps_the_model_loaded_and_tags_events(tiny_model, tmp_path):
     events, stdout, stderr, rc = run_worker([
         predict("a", tmp_path / "a.nrrd", tiny_model),
-        predict("b", tmp_path / "b.nrrd", tiny_model, tta=True),
+        predict("b", tmp_path / "b.nrrd", tiny_model, tta=True, roi_lps=[-12, -12, 5, -2, -2, 15]),
         {"command": "shutdown"}])
     assert rc == 0, stderr
     assert events[0]["event"] == "ready"
@@ -52,6 +52,7 @@ def test_worker_keeps_the_model_loaded_and_tags_events(tiny_model, tmp_path):
     sidecar = done["a"]["result"]
     assert [c["name"] for c in sidecar["labels"]] == ["liver", "spleen"]
     assert sidecar["settings"]["tta"] is False and done["b"]["result"]["settings"]["tta"] is True
+    assert done["b"]["result"]["settings"]["roi_lps"] == [-12, -12, 5, -2, -2, 15]
     image, labels = sitk.ReadImage(str(IMAGE)), sitk.ReadImage(str(tmp_path / "a.nrrd"))
     assert labels.GetSize() == image.GetSize()
     assert np.allclose(labels.GetOrigin(), image.GetOrigin()) and np.allclose(labels.GetDirection(),

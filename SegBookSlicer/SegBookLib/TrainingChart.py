@@ -1,0 +1,65 @@
+"""The live loss / validation Dice chart of a fine-tuning run, as MRML table and plot nodes.
+
+Each `metric` event of `segbook finetune` (`{"event": "metric", "epoch": 3, "train_loss": 0.4, ...}`) is a
+row; every numeric key becomes a column and a plot series against the epoch. The chart node is shown
+in the panel's plot widget, and the table can be saved with the scene.
+"""
+from __future__ import annotations
+
+import numbers
+
+X_KEYS = ("epoch", "iteration", "step")
+SKIP = {"event", "request"}
+
+
+class TrainingChart:
+    def __init__(self, scene, name: str = "SegBook fine-tuning"):
+        self.scene = scene
+        self.table = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name} metrics")
+        self.chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{name} chart")
+        self.chart.SetTitle("Fine-tuning")
+        self.chart.SetXAxisTitle("epoch")
+        self.rows: list = []
+        self.columns: list = []
+        self.series: dict = {}
+
+    def _xKey(self, event: dict) -> str:
+        return next((k for k in X_KEYS if k in event), "row")
+
+    def add(self, event: dict) -> None:
+        """Append one metric event and refresh the table and its series."""
+        values = {k: float(v) for k, v in event.items()
+                  if k not in SKIP and isinstance(v, numbers.Number) and not isinstance(v, bool)}
+        if not values:
+            return
+        xKey = self._xKey(event)
+        values.setdefault(xKey, float(len(self.rows)))
+        self.rows.append(values)
+        for key in values:
+            if key not in self.columns:
+                self.columns.append(key)
+        self._refresh(xKey)
+
+    def _refresh(self, xKey: str) -> None:
+        import vtk
+        table = vtk.vtkTable()
+        for key in self.columns:
+            column = vtk.vtkDoubleArray()
+            column.SetName(key)
+            for row in self.rows:
+                column.InsertNextValue(row.get(key, float("nan")))
+            table.AddColumn(column)
+        self.table.SetAndObserveTable(table)
+        for key in self.columns:
+            if key == xKey or key in self.series:
+                continue
+            series = self.scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", key)
+            series.SetAndObserveTableNodeID(self.table.GetID())
+            series.SetXColumnName(xKey)
+            series.SetYColumnName(key)
+            series.SetPlotType(series.PlotTypeScatter)
+            self.chart.AddAndObservePlotSeriesNodeID(series.GetID())
+            self.series[key] = series
+
+    def column(self, key: str) -> list:
+        return [row.get(key) for row in self.rows]

@@ -1,0 +1,364 @@
+"""The SegBook panel: Qt only. Every decision is made by the logic classes; this file wires widgets to them.
+
+Widgets come from Resources/UI/SegBook.ui (their names are checked by Testing/test_slicer_static.py). Long
+work runs in child processes; a QTimer drains their events into the progress bars and the chart.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import qt
+import slicer
+
+from .FineTuneLogic import FineTuneLogic
+from .InstallLogic import InstallLogic
+from .ModelCatalog import ModelCatalog
+from .Parameters import DEVICES, PRESETS, FineTuneParameters, SegmentParameters, loadFromNode, saveToNode
+from .ProcessRunner import ProcessRunner, coreEnvironment, pythonExecutable
+from .SegmentationLogic import SegmentationLogic
+from .TrainingChart import TrainingChart
+
+log = logging.getLogger(__name__)
+
+POLL_MS = 200
+
+
+class Widget(qt.QWidget):
+    def __init__(self, uiPath: str, parent=None, segmentationLogic=None, installLogic=None, catalog=None):
+        super().__init__(parent)
+        self.catalog = catalog or ModelCatalog()
+        self.segmentation = segmentationLogic or SegmentationLogic()
+        self.install = installLogic or InstallLogic()
+        self.fineTune = FineTuneLogic(self.catalog.trainingDirectory, self.catalog.modelsDirectory)
+        self.chart = None
+        self.download = None
+        self.entries = []
+
+        layout = qt.QVBoxLayout(self)
+        uiWidget = slicer.util.loadUI(uiPath)
+        layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.timer = qt.QTimer()
+        self.timer.setInterval(POLL_MS)
+        self.timer.timeout.connect(self.onTimer)
+
+        for combo in (self.ui.deviceComboBox, self.ui.fineTuneDeviceComboBox):
+            combo.clear()
+            for device in DEVICES:
+                combo.addItem(device)
+        self.ui.presetComboBox.clear()
+        for preset in PRESETS:
+            self.ui.presetComboBox.addItem(preset)
+
+        self.ui.installButton.clicked.connect(self.onInstall)
+        self.ui.modelComboBox.currentIndexChanged.connect(self.onModelChanged)
+        self.ui.downloadButton.clicked.connect(self.onDownload)
+        self.ui.addModelFolderButton.clicked.connect(self.onAddModelFolder)
+        self.ui.deviceComboBox.currentIndexChanged.connect(self.updateDeviceHint)
+        self.ui.segmentButton.clicked.connect(self.onSegmentOrCancel)
+        self.ui.show3DButton.clicked.connect(self.onShow3D)
+        self.ui.addCaseButton.clicked.connect(self.onAddCase)
+        self.ui.addFolderButton.clicked.connect(self.onAddFolder)
+        self.ui.removeCaseButton.clicked.connect(self.onRemoveCase)
+        self.ui.startButton.clicked.connect(lambda: self.onStartFineTune(resume=False))
+        self.ui.resumeButton.clicked.connect(lambda: self.onStartFineTune(resume=True))
+        self.ui.stopButton.clicked.connect(self.onStopFineTune)
+
+        self.refreshModels()
+        self.refreshCases()
+        self.refreshInstallStatus()
+        self.updateDeviceHint()
+        self.setSegmentRunning(False)
+        self.setFineTuneRunning(False)
+
+    # -- setup ------------------------------------------------------------------------------------
+    def refreshInstallStatus(self) -> None:
+        missing = self.install.missing()
+        self.ui.setupCollapsibleButton.collapsed = not missing
+        self.ui.installStatusLabel.text = ("Ready." if not missing else
+                                           f"Missing Python packages: {', '.join(missing)}.")
+        self.ui.installButton.enabled = bool(missing)
+
+    def ensureInstalled(self) -> bool:
+        if self.install.isReady():
+            return True
+        return self.onInstall()
+
+    def onInstall(self) -> bool:
+        def confirm(question):
+            return slicer.util.confirmYesNoDisplay(question, windowTitle="SegBook setup")
+        try:
+            with slicer.util.tryWithErrorDisplay("SegBook setup failed", waitCursor=True):
+                ok = self.install.install(confirm, progress=self.showStatus)
+                self.refreshInstallStatus()
+                return ok
+        except Exception:
+            return False
+
+    def showStatus(self, text: str) -> None:
+        self.ui.segmentStatusLabel.text = text
+        slicer.app.processEvents()
+
+    # -- models -----------------------------------------------------------------------------------
+    def refreshModels(self, select: str = None) -> None:
+        if not self.install.isReady():
+            return
+        self.entries = self.catalog.entries()
+        for combo in (self.ui.modelComboBox, self.ui.baseModelComboBox):
+            current = select or combo.currentData
+            combo.blockSignals(True)
+            combo.clear()
+            for entry in self.entries:
+                mark = "" if entry.downloaded else "  (download)"
+                combo.addItem(f"{entry.label} - {entry.sizeText}{mark}", entry.name)
+            index = combo.findData(current) if current else -1
+            combo.setCurrentIndex(max(index, 0))
+            combo.blockSignals(False)
+        self.onModelChanged()
+
+    def currentEntry(self, combo=None):
+        name = (combo or self.ui.modelComboBox).currentData
+        return next((e for e in self.entries if e.name == name), None)
+
+    def onModelChanged(self, *_) -> None:
+        entry = self.currentEntry()
+        if entry is None:
+            return
+        self.ui.modelInfoLabel.text = (f"{entry.description}\n{entry.sizeText}, {len(entry.classNames) - 1} "
+                                       f"structures, {'on this computer' if entry.downloaded else 'not downloaded'}")
+        self.ui.downloadButton.enabled = not entry.downloaded
+        self.ui.classesListWidget.clear()
+        for name in entry.classNames[1:]:
+            item = qt.QListWidgetItem(name)
+            item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+            item.setCheckState(qt.Qt.Unchecked)
+            self.ui.classesListWidget.addItem(item)
+
+    def onDownload(self) -> None:
+        """Download + convert in a child process (`segbook download`); the button becomes Cancel."""
+        if self.download is not None and self.download.isRunning():
+            self.download.kill()
+            self.download = None
+            self.ui.downloadButton.text = "Download"
+            self.ui.segmentProgressBar.setRange(0, 100)
+            return
+        entry = self.currentEntry()
+        if entry is None or not self.ensureInstalled():
+            return
+        self.download = ProcessRunner([pythonExecutable(), "-m", "segbook", "download", entry.name],
+                                      env=coreEnvironment())
+        self.download.start()
+        self.ui.downloadButton.text = "Cancel download"
+        self.ui.segmentProgressBar.setRange(0, 0)      # huggingface_hub reports no total we can read
+        self.showStatus(f"Downloading {entry.name}...")
+        self.timer.start()
+
+    def onAddModelFolder(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(self, "Model folder (weights.safetensors + model.json)")
+        if not folder:
+            return
+        with slicer.util.tryWithErrorDisplay("Not a SegBook model folder"):
+            self.catalog.addModelFolder(folder)
+            self.refreshModels(select=str(Path(folder).resolve()))
+
+    def updateDeviceHint(self, *_) -> None:
+        if not self.install.isReady():
+            return
+        import torch
+        hasGpu = torch.cuda.is_available()
+        self.ui.deviceHintLabel.text = ("" if hasGpu else
+                                        "No GPU found: the CPU is slower; use the S model and leave TTA off.")
+        if not hasGpu and self.ui.deviceComboBox.currentText == "cuda":
+            self.ui.deviceComboBox.setCurrentText("auto")
+
+    # -- segment ----------------------------------------------------------------------------------
+    def segmentParameters(self) -> SegmentParameters:
+        items = [self.ui.classesListWidget.item(i) for i in range(self.ui.classesListWidget.count)]
+        checked = [it.text() for it in items if it.checkState() == qt.Qt.Checked]
+        return SegmentParameters(model=self.ui.modelComboBox.currentData, device=self.ui.deviceComboBox.currentText,
+                                 tta=self.ui.ttaCheckBox.checked, classes=checked,
+                                 checkpoint=self.ui.checkpointPathLineEdit.currentPath or None)
+
+    def setSegmentRunning(self, running: bool) -> None:
+        self.ui.segmentButton.text = "Cancel" if running else "Segment"
+        for w in (self.ui.modelComboBox, self.ui.inputVolumeSelector, self.ui.outputSegmentationSelector,
+                  self.ui.roiSelector, self.ui.classesListWidget, self.ui.deviceComboBox, self.ui.ttaCheckBox):
+            w.enabled = not running
+        if not running:
+            self.ui.segmentProgressBar.setRange(0, 100)
+
+    def onSegmentOrCancel(self) -> None:
+        if self.segmentation.isBusy():
+            self.segmentation.cancel()
+            self.setSegmentRunning(False)
+            self.ui.segmentProgressBar.value = 0
+            self.showStatus("Cancelled; the scene is unchanged.")
+            return
+        if not self.ensureInstalled():
+            return
+        params = self.segmentParameters()
+        saveToNode(params, self.parameterNode(), "Segment")
+        with slicer.util.tryWithErrorDisplay("Cannot start the segmentation"):
+            self.segmentation.start(self.ui.inputVolumeSelector.currentNode(), params,
+                                    self.ui.roiSelector.currentNode())
+            self.setSegmentRunning(True)
+            self.showStatus("Starting...")
+            self.timer.start()
+
+    def onSegmentEvents(self, events: list) -> None:
+        for event in events:
+            if event.get("event") == "progress":
+                total = max(int(event.get("total", 1)), 1)
+                self.ui.segmentProgressBar.value = int(100 * event.get("done", 0) / total)
+                self.ui.segmentStatusLabel.text = f"{event.get('stage')}: {event.get('done')}/{event.get('total')}"
+            elif event.get("event") == "loaded":
+                self.ui.segmentStatusLabel.text = f"Model loaded on {event.get('device')}"
+        job = self.segmentation.job
+        if job is None or job["final"] is None:
+            return
+        self.setSegmentRunning(False)
+        volume = self.ui.inputVolumeSelector.currentNode()
+        with slicer.util.tryWithErrorDisplay("Segmentation failed"):
+            node = self.segmentation.applyResult(slicer.mrmlScene, volume,
+                                                 self.ui.outputSegmentationSelector.currentNode())
+            self.ui.outputSegmentationSelector.setCurrentNode(node)
+            elapsed = float(node.GetAttribute("SegBook.Elapsed") or 0)
+            self.ui.elapsedLabel.text = f"{elapsed:.1f} s"
+            self.ui.segmentProgressBar.value = 100
+            self.showStatus(f"Done: {node.GetSegmentation().GetNumberOfSegments()} structures found.")
+
+    def onShow3D(self) -> None:
+        node = self.ui.outputSegmentationSelector.currentNode()
+        if node is not None:
+            node.CreateClosedSurfaceRepresentation()
+
+    # -- fine-tune --------------------------------------------------------------------------------
+    def refreshCases(self) -> None:
+        self.ui.casesListWidget.clear()
+        for case in self.fineTune.cases():
+            note = " (missing classes = background)" if case.get("missing_as_background") else ""
+            self.ui.casesListWidget.addItem(f"{case['name']}: {', '.join(case['classes_present'])}{note}")
+        classes = self.fineTune.classNames()[1:]
+        self.ui.classesLabel.text = f"Classes: {', '.join(classes) if classes else '(from the first case)'}"
+        self.ui.trainingFolderLabel.text = str(self.fineTune.trainingDirectory)
+
+    def onAddCase(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Cannot add this case"):
+            if not self.fineTune.cases():
+                base = self.currentEntry(self.ui.baseModelComboBox)
+                if base is not None and self.ui.useBaseClassesCheckBox.checked:
+                    self.fineTune.setClasses(base.classNames[1:])
+            self.fineTune.addCase(self.ui.trainVolumeSelector.currentNode(),
+                                  self.ui.trainSegmentationSelector.currentNode(),
+                                  missingAsBackground=self.ui.missingAsBackgroundCheckBox.checked)
+            self.refreshCases()
+
+    def onAddFolder(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(self, "Dataset folder (nnU-Net / Decathlon layout)")
+        if folder:
+            with slicer.util.tryWithErrorDisplay("Cannot add this dataset folder", waitCursor=True):
+                self.fineTune.addDatasetFolder(folder, self.ui.missingAsBackgroundCheckBox.checked)
+                self.refreshCases()
+
+    def onRemoveCase(self) -> None:
+        item = self.ui.casesListWidget.currentItem()
+        if item is not None:
+            self.fineTune.removeCase(item.text().split(":")[0])
+            self.refreshCases()
+
+    def fineTuneParameters(self) -> FineTuneParameters:
+        return FineTuneParameters(base=self.ui.baseModelComboBox.currentData,
+                                  outputName=self.ui.outputModelNameLineEdit.text or "my-model",
+                                  preset=self.ui.presetComboBox.currentText,
+                                  device=self.ui.fineTuneDeviceComboBox.currentText,
+                                  epochs=self.ui.epochsSpinBox.value or None)
+
+    def setFineTuneRunning(self, running: bool) -> None:
+        self.ui.startButton.enabled = not running
+        self.ui.resumeButton.enabled = not running
+        self.ui.stopButton.enabled = running
+        self.ui.addCaseButton.enabled = not running
+
+    def onStartFineTune(self, resume: bool) -> None:
+        if not self.ensureInstalled():
+            return
+        params = self.fineTuneParameters()
+        saveToNode(params, self.parameterNode(), "FineTune")
+        with slicer.util.tryWithErrorDisplay("Cannot start fine-tuning"):
+            self.fineTune.start(params, resume=resume)
+            self.chart = TrainingChart(slicer.mrmlScene)
+            self.ui.plotWidget.setMRMLPlotChartNode(self.chart.chart)
+            self.setFineTuneRunning(True)
+            self.ui.fineTuneStatusLabel.text = "Starting..."
+            self.timer.start()
+
+    def onStopFineTune(self) -> None:
+        self.fineTune.stop()
+        self.setFineTuneRunning(False)
+        self.ui.fineTuneStatusLabel.text = "Stopped; Resume continues from the last checkpoint."
+
+    def onFineTuneEvents(self, events: list) -> None:
+        for event in events:
+            kind = event.get("event")
+            if kind == "progress":
+                total = max(int(event.get("total", 1)), 1)
+                self.ui.fineTuneProgressBar.value = int(100 * event.get("done", 0) / total)
+                self.ui.fineTuneStatusLabel.text = f"{event.get('stage')}: {event.get('done')}/{event.get('total')}"
+            elif kind == "metric" and self.chart is not None:
+                self.chart.add(event)
+        final = self.fineTune.final
+        if final is None or final.get("stopped"):
+            return
+        self.setFineTuneRunning(False)
+        if final["ok"]:
+            self.ui.fineTuneStatusLabel.text = f"Done: model saved in {final['model']}"
+            self.refreshModels(select=final["model"])
+        else:
+            self.ui.fineTuneStatusLabel.text = f"Failed: {final['message']}"
+
+    # -- timer / parameters / cleanup -------------------------------------------------------------
+    def onTimer(self) -> None:
+        busy = False
+        if self.segmentation.job is not None:
+            self.onSegmentEvents(self.segmentation.poll())
+            busy |= self.segmentation.isBusy()
+        if self.fineTune.runner is not None and (self.fineTune.final is None):
+            self.onFineTuneEvents(self.fineTune.poll())
+            busy |= self.fineTune.final is None
+        if self.download is not None:
+            if self.download.isRunning():
+                busy = True
+            else:
+                code = self.download.process.returncode
+                self.download = None
+                self.ui.downloadButton.text = "Download"
+                self.ui.segmentProgressBar.setRange(0, 100)
+                self.showStatus("Download finished." if code == 0 else "Download failed (see the Python console).")
+                self.refreshModels()
+        if not busy:
+            self.timer.stop()
+
+    def parameterNode(self):
+        node = slicer.mrmlScene.GetSingletonNode("SegBook", "vtkMRMLScriptedModuleNode")
+        if node is None:
+            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
+            node.SetSingletonTag("SegBook")
+            node.SetName("SegBook")
+        return node
+
+    def restoreParameters(self) -> None:
+        node = self.parameterNode()
+        params = loadFromNode(SegmentParameters, node, "Segment")
+        self.ui.deviceComboBox.setCurrentText(params.device)
+        self.ui.ttaCheckBox.checked = params.tta
+
+    def cleanup(self) -> None:
+        self.timer.stop()
+        self.segmentation.shutdown()
+        if self.fineTune.isRunning():
+            self.fineTune.stop()
+        if self.download is not None:
+            self.download.kill()

@@ -1,0 +1,324 @@
+"""Checks of what cannot run here (no Slicer application, no Qt): the extension's layout and the GUI code.
+
+- every `self.ui.<name>` the Python code uses is a widget of SegBook.ui, and the panel's constructor runs
+  against a stub of Qt whose UI object knows only the names in the .ui file;
+- the CMake lists every module file and every file of the `segbook` core (so a new core file that is not
+  shipped fails here), and nothing that does not exist;
+- the extension metadata, the catalog entry and the icon are what the Extensions Index expects;
+- first-run setup asks before installing and installs through PyTorchUtils and pip.
+"""
+from __future__ import annotations
+
+import json
+import re
+import struct
+import subprocess
+import sys
+import types
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+from slicer_fixtures import ROOT, SLICER_MODULE
+
+UI_FILE = SLICER_MODULE / "Resources" / "UI" / "SegBook.ui"
+MODULE_CMAKE = SLICER_MODULE / "CMakeLists.txt"
+CORE = ROOT / "SegBookCore"
+
+
+def ui_widgets() -> dict:
+    tree = ET.parse(UI_FILE)
+    return {w.get("name"): w.get("class") for w in tree.iter("widget")}
+
+
+def python_sources() -> list:
+    return sorted(SLICER_MODULE.glob("*.py")) + sorted((SLICER_MODULE / "SegBookLib").glob("*.py"))
+
+
+def cmake_list(text: str, variable: str) -> list:
+    match = re.search(rf"set\({variable}\s+(.*?)\)", text, re.S)
+    assert match, f"{variable} not set"
+    return [line.split("#")[0].strip() for line in match.group(1).splitlines() if line.split("#")[0].strip()]
+
+
+def cmake_value(text: str, variable: str) -> str:
+    match = re.search(rf'set\({variable}\s+"(.*?)"\)', text, re.S)
+    assert match, f"{variable} not set"
+    return match.group(1)
+
+
+def existing_files(folder: Path) -> set:
+    """Files of a folder that belong to the project: tracked by git when in a checkout, else on disk."""
+    try:
+        out = subprocess.run(["git", "ls-files", "--", str(folder)], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.splitlines()
+        files = {ROOT / p for p in out if (ROOT / p).is_file()}
+        if files:
+            return files
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return {p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+            and not p.name.endswith(".pyc")}
+
+
+# -- the .ui file and the code that uses it --------------------------------------------------------------
+def test_every_ui_name_used_in_code_exists_in_the_ui_file():
+    widgets = ui_widgets()
+    used = set()
+    for source in python_sources():
+        used |= set(re.findall(r"self\.ui\.(\w+)", source.read_text()))
+    assert used, "the widget code uses the .ui file"
+    missing = sorted(used - set(widgets))
+    assert not missing, f"used in code but not in SegBook.ui: {missing}"
+
+
+def test_ui_file_declares_its_custom_widgets_and_scene_connections():
+    tree = ET.parse(UI_FILE)
+    declared = {c.findtext("class") for c in tree.iter("customwidget")}
+    used = {w.get("class") for w in tree.iter("widget")}
+    custom = {c for c in used if not c.startswith("Q")}
+    assert custom <= declared, f"custom widget classes without a declaration: {custom - declared}"
+    receivers = {c.findtext("receiver") for c in tree.iter("connection")
+                 if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"}
+    mrml = {w.get("name") for w in tree.iter("widget") if w.get("class") in ("qMRMLNodeComboBox", "qMRMLPlotWidget")}
+    assert mrml <= receivers, f"MRML widgets that never get the scene: {mrml - receivers}"
+    names = [w.get("name") for w in tree.iter("widget")]
+    assert len(names) == len(set(names)), "widget names are unique"
+
+
+class _QWidget:
+    def __init__(self, parent=None):
+        self.parent = parent
+
+
+class _UiStub:
+    """What slicer.util.childWidgetVariables returns, restricted to the widgets of SegBook.ui."""
+
+    def __init__(self, names):
+        self._names = set(names)
+        self._widgets = {}
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name not in self._names:
+            raise AttributeError(f"SegBook.ui has no widget '{name}'")
+        if name not in self._widgets:
+            w = mock.MagicMock(name=name)
+            w.currentText = "auto" if "evice" in name else "quick"
+            w.currentData = None
+            w.checked = False
+            w.text = ""
+            w.value = 0
+            w.count = 0
+            w.currentPath = ""
+            self._widgets[name] = w
+        return self._widgets[name]
+
+
+@pytest.fixture
+def gui_stubs(monkeypatch, tmp_path):
+    """Qt, ctk and the Slicer application replaced by stubs; the real slicer-core `slicer` otherwise."""
+    import slicer
+    qt = types.ModuleType("qt")
+    qt.QWidget = _QWidget
+    for name in ("QVBoxLayout", "QTimer", "QListWidgetItem", "Qt", "QFileDialog", "QMessageBox"):
+        setattr(qt, name, mock.MagicMock(name=name))
+    monkeypatch.setitem(sys.modules, "qt", qt)
+    monkeypatch.setitem(sys.modules, "ctk", types.ModuleType("ctk"))
+
+    slm = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class ScriptedLoadableModule:
+        def __init__(self, parent):
+            self.parent = parent
+
+    class ScriptedLoadableModuleWidget:
+        def __init__(self, parent=None):
+            self.parent = parent
+            self.layout = mock.MagicMock()
+
+        def setup(self):
+            pass
+
+        def resourcePath(self, relative):
+            return str(SLICER_MODULE / "Resources" / relative)
+
+    class ScriptedLoadableModuleLogic:
+        def __init__(self):
+            pass
+
+    import unittest
+    slm.ScriptedLoadableModule = ScriptedLoadableModule
+    slm.ScriptedLoadableModuleWidget = ScriptedLoadableModuleWidget
+    slm.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic
+    slm.ScriptedLoadableModuleTest = unittest.TestCase
+    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", slm)
+    monkeypatch.setattr(slicer, "ScriptedLoadableModule", slm, raising=False)
+
+    scene = slicer.vtkMRMLScene()
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    monkeypatch.setattr(slicer, "app", mock.MagicMock(name="app"), raising=False)
+    loaded = {}
+
+    def loadUI(path):
+        assert Path(path) == UI_FILE, path
+        loaded["ui"] = _UiStub(ui_widgets())
+        return mock.MagicMock(name="uiWidget")
+
+    monkeypatch.setattr(slicer.util, "loadUI", loadUI)
+    monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda widget: loaded["ui"])
+    monkeypatch.setenv("SEGBOOK_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    for name in [m for m in sys.modules if m == "SegBook" or m.startswith("SegBookLib.Widget")]:
+        monkeypatch.delitem(sys.modules, name)
+    return loaded
+
+
+def test_module_imports_and_the_panel_builds_with_qt_stubbed(gui_stubs):
+    import SegBook
+    parent = types.SimpleNamespace()
+    SegBook.SegBook(parent)
+    assert parent.title == "SegBook" and parent.categories == ["Segmentation"]
+    widget = SegBook.SegBookWidget()
+    widget.setup()                      # builds the panel: every ui name it touches must exist
+    try:
+        ui = gui_stubs["ui"]
+        assert widget.widget.ui is ui
+        # the model selector was filled from the catalog (released models, sizes, download state)
+        labels = [c.args[0] for c in ui.modelComboBox.addItem.call_args_list]
+        assert any(label.startswith("stunet-b-totalseg") and "parameters" in label for label in labels)
+        devices = [c.args[0] for c in ui.deviceComboBox.addItem.call_args_list]
+        assert devices == ["auto", "cuda", "cpu"]
+        params = widget.widget.segmentParameters()
+        assert params.device == "auto" and params.classes == []
+        assert widget.widget.fineTuneParameters().preset == "quick"
+        ui.segmentButton.clicked.connect.assert_called_once()
+    finally:
+        widget.cleanup()
+
+
+def test_batch_script_and_self_test_are_importable(gui_stubs):
+    import SegBook
+    import SegBookBatch
+    assert issubclass(SegBook.SegBookTest, __import__("unittest").TestCase)
+    args = SegBookBatch.parseArguments(["--input", "a.nii.gz", "--output", "o", "--model", "m", "--tta"])
+    assert args.tta and args.device == "auto"
+
+
+# -- CMake, catalog, icon -------------------------------------------------------------------------------
+def test_module_cmake_lists_every_module_file():
+    text = MODULE_CMAKE.read_text()
+    listed = {s.replace("${MODULE_NAME}", "SegBook") for s in cmake_list(text, "MODULE_PYTHON_SCRIPTS")}
+    listed |= {s.replace("${MODULE_NAME}", "SegBook") for s in cmake_list(text, "MODULE_PYTHON_RESOURCES")}
+    on_disk = {str(p.relative_to(SLICER_MODULE)) for p in SLICER_MODULE.rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts and p.name != "CMakeLists.txt"}
+    assert sorted(on_disk - listed) == [], "module files missing from SegBookSlicer/CMakeLists.txt"
+    assert sorted(listed - on_disk) == [], "CMake lists module files that do not exist"
+    assert "slicerMacroBuildScriptedModule" in text
+    assert re.search(r"slicer_add_python_unittest\(SCRIPT \$\{MODULE_NAME\}\.py\)", text)
+    assert "SegBookTest" in (SLICER_MODULE / "SegBook.py").read_text()
+
+
+def test_module_cmake_ships_every_core_file():
+    text = MODULE_CMAKE.read_text()
+    listed = set(cmake_list(text, "SEGBOOK_CORE_PYTHON_SCRIPTS")) | set(cmake_list(text, "SEGBOOK_CORE_PYTHON_RESOURCES"))
+    package = CORE / "segbook"
+    files = {str(p.relative_to(CORE)) for p in existing_files(package)
+             if "__pycache__" not in p.parts and not p.name.endswith(".pyc")}
+    assert sorted(files - listed) == [], "core files not shipped by SegBookSlicer/CMakeLists.txt"
+    assert sorted(listed - files) == [], "CMake lists core files that do not exist"
+    assert all(s.endswith(".py") for s in cmake_list(text, "SEGBOOK_CORE_PYTHON_SCRIPTS"))
+    assert "worker.py" in " ".join(listed)
+
+
+def test_top_level_cmake_is_a_slicer_extension():
+    text = (ROOT / "CMakeLists.txt").read_text()
+    assert re.search(r"project\(SegBook\)", text)
+    assert cmake_value(text, "EXTENSION_CATEGORY") == "Segmentation"
+    assert "PyTorch" in cmake_value(text, "EXTENSION_DEPENDS").split()
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_DESCRIPTION", "EXTENSION_CONTRIBUTORS", "EXTENSION_ICONURL",
+                "EXTENSION_SCREENSHOTURLS"):
+        assert cmake_value(text, key).strip(), key
+    assert cmake_value(text, "EXTENSION_ICONURL").endswith("SegBookSlicer/Resources/Icons/SegBook.png")
+    assert "add_subdirectory(SegBookSlicer)" in text
+    assert "find_package(Slicer REQUIRED)" in text and "Slicer_EXTENSION_CPACK" in text
+
+
+def test_catalog_entry_follows_the_extensions_index_schema():
+    entry = json.loads((ROOT / "SegBook.json").read_text())
+    allowed = {"$schema", "build_dependencies", "build_subdirectory", "category", "scm_revision", "scm_type",
+               "scm_url", "tier", "enabled"}
+    assert set(entry) <= allowed, set(entry) - allowed
+    assert {"$schema", "category", "scm_url"} <= set(entry)
+    assert "slicer-extension-catalog-entry-schema" in entry["$schema"]
+    text = (ROOT / "CMakeLists.txt").read_text()
+    assert entry["category"] == cmake_value(text, "EXTENSION_CATEGORY")
+    assert entry["build_dependencies"] == cmake_value(text, "EXTENSION_DEPENDS").split()
+    assert entry["tier"] in (1, 3, 5)
+
+
+def test_icon_is_a_128px_png():
+    data = (SLICER_MODULE / "Resources" / "Icons" / "SegBook.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    assert (width, height) == (128, 128)
+
+
+# -- first-run setup ------------------------------------------------------------------------------------
+def installer(installed):
+    from SegBookLib.InstallLogic import InstallLogic
+    calls = []
+
+    def find(name):
+        return object() if name in installed else None
+
+    def pip(reqs):
+        calls.append(("pip", list(reqs)))
+        installed.update(r.split(">")[0].split("=")[0] for r in reqs)
+
+    def torch(req):
+        calls.append(("torch", req))
+        installed.add("torch")
+
+    return InstallLogic(findSpec=find, pipInstall=pip, installTorch=torch), calls
+
+
+def test_setup_asks_before_installing_and_installs_nothing_when_declined():
+    logic, calls = installer({"numpy", "SimpleITK"})
+    assert logic.missing() == ["torch", "huggingface_hub", "safetensors", "scipy"]
+    questions = []
+    assert logic.install(lambda q: questions.append(q) or False) is False
+    assert calls == []
+    assert "PyTorch" in questions[0] and "minutes" in questions[0]
+
+
+def test_setup_installs_torch_through_pytorchutils_then_pip():
+    logic, calls = installer({"numpy", "SimpleITK"})
+    assert logic.install(lambda q: True) is True
+    assert calls[0] == ("torch", "torch>=2.4")
+    assert calls[1][0] == "pip" and {r.split(">")[0] for r in calls[1][1]} == {"huggingface_hub", "safetensors", "scipy"}
+    assert logic.isReady()
+    # nothing to do, nothing asked
+    assert logic.install(lambda q: pytest.fail("asked although ready")) is True
+
+
+def test_setup_requirements_match_the_core_dependencies():
+    import tomllib
+    from SegBookLib.InstallLogic import PIP_REQUIREMENTS, SHIPPED_WITH_SLICER, TORCH_REQUIREMENT
+    deps = tomllib.loads((CORE / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[<>=!~ ]", d)[0].lower() for d in deps}
+    ours = {r.split(">")[0].lower() for r in PIP_REQUIREMENTS.values()} | {n.lower() for n in SHIPPED_WITH_SLICER}
+    ours.add(TORCH_REQUIREMENT.split(">")[0])
+    assert names == ours
+
+
+def test_nothing_is_installed_at_import():
+    code = ("import sys; sys.path.insert(0, %r); import unittest.mock as m; import slicer; "
+            "slicer.util.pip_install = m.Mock(side_effect=AssertionError('pip at import')); "
+            "import SegBookLib.InstallLogic, SegBookLib.SegmentationLogic, SegBookLib.FineTuneLogic, "
+            "SegBookLib.ModelCatalog, SegBookLib.NodeIO; print('ok')" % str(SLICER_MODULE))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -21,12 +21,14 @@ LABEL2 = DATA / "hippocampus_003_label.nii.gz"
 TINY_CLASSES = ["background", "liver", "spleen"]
 
 
-def make_tiny_model(folder, seed: int = 0, classes=TINY_CLASSES, name: str = "tiny-test") -> Path:
+def make_tiny_model(folder, seed: int = 0, classes=TINY_CLASSES, name: str = "tiny-test", stages: int = 4) -> Path:
+    """`stages` = 6 gives the released models' pooling ([2,2,2] x4, then [1,1,2]) at a tiny width."""
     import torch
     from segbook.config import Arch, ModelConfig, Plan
     from segbook.network import STUNet
     from segbook.zoo import save_model_folder
-    arch = Arch(1, len(classes), [4, 8, 8, 8], [1, 1, 1, 1], [[2, 2, 2]] * 3)
+    pools = [[2, 2, 2]] * 3 if stages == 4 else [[2, 2, 2]] * 4 + [[1, 1, 2]]
+    arch = Arch(1, len(classes), [4] + [8] * (stages - 1), [1] * stages, pools)
     config = ModelConfig(name=name, arch=arch, plan=Plan(spacing=[1.0, 1.0, 1.0], patch_size=[32, 32, 32]),
                          class_names=list(classes), description="random weights, for tests")
     torch.manual_seed(seed)

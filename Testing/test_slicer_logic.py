@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -368,3 +369,46 @@ def test_parameters_are_saved_with_the_scene(scene):
     assert loadFromNode(FineTuneParameters, node, "FineTune") == FineTuneParameters()
     with pytest.raises(ValueError):
         SegmentParameters(device="tpu")
+
+
+# -- Fine-tune run --------------------------------------------------------------------------------------
+FAST = ["--patch-size", "32", "32", "32", "--batch-size", "1", "--num-workers", "0", "--threads", "1",
+        "--val-every", "1"]
+
+
+def test_fine_tune_runs_in_a_worker_and_the_model_reaches_the_selector(scene, tmp_path):
+    pytest.importorskip("segbook.training.trainer")
+    catalog = ModelCatalog(tmp_path / "home")
+    base = make_tiny_model(tmp_path / "base", classes=["background", "anterior", "posterior"], name="base",
+                           stages=6)
+    ft = FineTuneLogic(catalog.trainingDirectory, catalog.modelsDirectory)
+    for image, label, name in ((IMAGE, LABEL, "one"), (IMAGE2, LABEL2, "two")):
+        volume = load_volume(scene, image, name)
+        ft.addCase(volume, load_label_segmentation(scene, label, volume, {1: "anterior", 2: "posterior"}))
+
+    # a run stopped after its first epoch saves a checkpoint; Resume finishes it
+    params = FineTuneParameters(base=str(base), outputName="my hippocampus", preset="quick", device="cpu",
+                                epochs=3, iterationsPerEpoch=2, extraArguments=FAST)
+    ft.start(params)
+    ft.waitFor(lambda e: e.get("event") == "metric", timeout=240)
+    ft.stop(wait=120)
+    assert ft.final["stopped"] and not ft.isRunning()
+    first = list(ft.history)
+    assert first and first[0]["epoch"] == 1
+
+    events = []
+    ft.start(params, resume=True)
+    final = ft.wait(timeout=300, onEvent=events.append)
+    assert final["ok"], final
+    stages = {e.get("stage") for e in events if e.get("event") == "progress"}
+    assert "train" in stages
+    epochs = [m["epoch"] for m in ft.history]
+    assert epochs[-1] == 3 and 1 not in epochs, "resume continues after the saved epoch"
+    assert all("train_loss" in m for m in ft.history)
+
+    folder = Path(final["model"])
+    assert folder == catalog.modelsDirectory / "my_hippocampus"
+    config = json.loads((folder / "model.json").read_text())
+    assert config["class_names"] == ["background", "anterior", "posterior"]
+    mine = [e for e in catalog.entries() if e.fineTuned]
+    assert [e.name for e in mine] == [str(folder)]

@@ -51,6 +51,7 @@ class FineTuneLogic:
         self.lastProgress: Optional[dict] = None
         self.final: Optional[dict] = None   # {"ok": bool, "message": str, "model": path}
         self.outputDirectory: Optional[Path] = None
+        self._stopping = False
 
     # -- the training set -------------------------------------------------------------------------
     @property
@@ -190,7 +191,7 @@ class FineTuneLogic:
             raise TrainingSetError("add at least two cases before fine-tuning")
         self.outputDirectory = self.modelsDirectory / _safeName(params.outputName)
         args = params.arguments(self.datasetPath, self.outputDirectory, resume=resume)
-        self.history, self.lastProgress, self.final = [], None, None
+        self.history, self.lastProgress, self.final, self._stopping = [], None, None, False
         self.runner = self._runnerFactory(args)
         self.runner.start()
         self.runner.closeInput()
@@ -207,7 +208,10 @@ class FineTuneLogic:
         elif kind == EXIT_EVENT and self.final is None:     # an error event already said what went wrong
             code = event.get("returncode")
             folder = self.outputDirectory
-            if code == 0 and folder is not None and (folder / "model.json").is_file():
+            if self._stopping:
+                self.final = {"ok": False, "stopped": True,
+                              "message": "stopped; Resume continues from the last saved checkpoint"}
+            elif code == 0 and folder is not None and (folder / "model.json").is_file():
                 self.final = {"ok": True, "message": "done", "model": str(folder)}
             else:
                 tail = (event.get("stderr") or "").strip().splitlines()
@@ -219,6 +223,10 @@ class FineTuneLogic:
             self._accept(event)
         return events
 
+    def waitFor(self, predicate, timeout: Optional[float] = None) -> dict:
+        """Block until an event satisfies `predicate` (e.g. the first metric); events are recorded on the way."""
+        return self.runner.waitFor(predicate, timeout=timeout, onEvent=self._accept)
+
     def wait(self, timeout: Optional[float] = None, onEvent=None) -> dict:
         """Block until the run ends; returns the final {"ok", "message", "model"}."""
         def seen(event):
@@ -228,9 +236,19 @@ class FineTuneLogic:
         self.runner.waitFor(lambda e: e.get("event") == EXIT_EVENT, timeout=timeout, onEvent=seen)
         return self.final
 
-    def stop(self) -> None:
-        """Stop training now; a later start(resume=True) continues from the last saved checkpoint."""
-        if self.runner is not None:
-            self.runner.kill()
-            self.poll()
-        self.final = {"ok": False, "message": "stopped", "stopped": True}
+    def stop(self, wait: Optional[float] = None) -> None:
+        """Ask training to stop; it saves a checkpoint and exits, and start(resume=True) continues from it.
+
+        Returns at once (the exit arrives through poll()); with `wait`, blocks up to that many seconds and
+        then kills the process if it is still running.
+        """
+        if self.runner is None or not self.runner.isRunning():
+            return
+        self._stopping = True
+        self.runner.terminate()
+        if wait is not None:
+            try:
+                self.wait(timeout=wait)
+            except TimeoutError:
+                self.runner.kill()
+                self.poll()

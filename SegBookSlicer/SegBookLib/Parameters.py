@@ -42,6 +42,7 @@ class FineTuneParameters:
     epochs: Optional[int] = None
     iterationsPerEpoch: Optional[int] = None
     valFraction: float = 0.2
+    extraArguments: list = field(default_factory=list)  # further `segbook finetune` flags, passed as given
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -59,7 +60,7 @@ class FineTuneParameters:
             args += ["--iterations-per-epoch", str(int(self.iterationsPerEpoch))]
         if resume:
             args.append("--resume")
-        return args
+        return args + [str(a) for a in self.extraArguments]
 
 
 def saveToNode(params, node, prefix: str) -> None:

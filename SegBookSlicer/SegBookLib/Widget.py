@@ -297,8 +297,8 @@ class Widget(qt.QWidget):
 
     def onStopFineTune(self) -> None:
         self.fineTune.stop()
-        self.setFineTuneRunning(False)
-        self.ui.fineTuneStatusLabel.text = "Stopped; Resume continues from the last checkpoint."
+        self.ui.stopButton.enabled = False
+        self.ui.fineTuneStatusLabel.text = "Stopping: saving a checkpoint..."
 
     def onFineTuneEvents(self, events: list) -> None:
         for event in events:
@@ -310,10 +310,12 @@ class Widget(qt.QWidget):
             elif kind == "metric" and self.chart is not None:
                 self.chart.add(event)
         final = self.fineTune.final
-        if final is None or final.get("stopped"):
+        if final is None:
             return
         self.setFineTuneRunning(False)
-        if final["ok"]:
+        if final.get("stopped"):
+            self.ui.fineTuneStatusLabel.text = "Stopped; Resume continues from the last checkpoint."
+        elif final["ok"]:
             self.ui.fineTuneStatusLabel.text = f"Done: model saved in {final['model']}"
             self.refreshModels(select=final["model"])
         else:
@@ -359,6 +361,6 @@ class Widget(qt.QWidget):
         self.timer.stop()
         self.segmentation.shutdown()
         if self.fineTune.isRunning():
-            self.fineTune.stop()
+            self.fineTune.stop(wait=30)
         if self.download is not None:
             self.download.kill()

@@ -160,8 +160,13 @@ def gui_stubs(monkeypatch, tmp_path):
 
     scene = slicer.vtkMRMLScene()
     monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
-    monkeypatch.setattr(slicer, "app", mock.MagicMock(name="app"), raising=False)
-    loaded = {}
+    app = mock.MagicMock(name="app")
+    app.testingEnabled.return_value = False
+    monkeypatch.setattr(slicer, "app", app, raising=False)
+    loaded = {"errors": []}
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: loaded["errors"].append(text))
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **kw: True)
+    monkeypatch.setattr(slicer.util, "confirmYesNoDisplay", lambda *a, **kw: True)
 
     def loadUI(path):
         assert Path(path) == UI_FILE, path
@@ -322,3 +327,47 @@ def test_nothing_is_installed_at_import():
             "SegBookLib.ModelCatalog, SegBookLib.NodeIO; print('ok')" % str(SLICER_MODULE))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_panel_segment_and_add_case_clicks_drive_the_real_logic(gui_stubs, tmp_path):
+    """The Segment button through the timer to a segmentation node, and "Add this case", with Qt stubbed."""
+    import time
+
+    import slicer
+    from slicer_fixtures import IMAGE, LABEL, load_label_segmentation, load_volume, make_tiny_model
+    from SegBookLib.Widget import Widget
+
+    model = make_tiny_model(tmp_path / "tiny")
+    panel = Widget(str(UI_FILE))
+    ui = gui_stubs["ui"]
+    try:
+        scene = slicer.mrmlScene
+        volume = load_volume(scene, IMAGE, "MRI")
+        ui.inputVolumeSelector.currentNode.return_value = volume
+        ui.outputSegmentationSelector.currentNode.return_value = None
+        ui.roiSelector.currentNode.return_value = None
+        ui.modelComboBox.currentData = str(model)
+        ui.deviceComboBox.currentText = "cpu"
+        panel.onSegmentOrCancel()
+        assert ui.segmentButton.text == "Cancel" and panel.timer.start.called
+        deadline = time.monotonic() + 120
+        while panel.segmentation.isBusy() or panel.segmentation.job is not None:
+            assert time.monotonic() < deadline, "segmentation did not finish"
+            time.sleep(0.2)
+            panel.onTimer()
+        assert gui_stubs["errors"] == []
+        assert ui.segmentButton.text == "Segment" and ui.segmentProgressBar.value == 100
+        node = ui.outputSegmentationSelector.setCurrentNode.call_args.args[0]
+        assert node.GetSegmentation().GetNumberOfSegments() == 2
+        assert ui.elapsedLabel.text.endswith(" s")
+
+        ui.trainVolumeSelector.currentNode.return_value = volume
+        ui.trainSegmentationSelector.currentNode.return_value = load_label_segmentation(
+            scene, LABEL, volume, {1: "anterior", 2: "posterior"})
+        ui.baseModelComboBox.currentData = None
+        panel.onAddCase()
+        assert gui_stubs["errors"] == []
+        assert [c["name"] for c in panel.fineTune.cases()] == ["MRI"]
+        assert "anterior" in ui.classesLabel.text
+    finally:
+        panel.cleanup()

@@ -57,6 +57,8 @@ class SegmentationLogic:
             raise SegmentationError("a segmentation is already running")
         if volumeNode is None:
             raise SegmentationError("select an input volume")
+        if not params.model:
+            raise SegmentationError("select a model")
         roi = NodeIO.roiToLpsBox(roiNode, volumeNode) if roiNode is not None else None
         tmp = Path(tempfile.mkdtemp(prefix="segbook-"))
         try:

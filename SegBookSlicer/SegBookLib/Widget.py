@@ -73,6 +73,8 @@ class Widget(qt.QWidget):
         self.updateDeviceHint()
         self.setSegmentRunning(False)
         self.setFineTuneRunning(False)
+        self.segmentAfterDownload = False
+        self.restoreParameters()
 
     # -- setup ------------------------------------------------------------------------------------
     def refreshInstallStatus(self) -> None:
@@ -94,6 +96,9 @@ class Widget(qt.QWidget):
             with slicer.util.tryWithErrorDisplay("SegBook setup failed", waitCursor=True):
                 ok = self.install.install(confirm, progress=self.showStatus)
                 self.refreshInstallStatus()
+                if ok:
+                    self.refreshModels()
+                    self.updateDeviceHint()
                 return ok
         except Exception:
             return False
@@ -142,6 +147,7 @@ class Widget(qt.QWidget):
         if self.download is not None and self.download.isRunning():
             self.download.kill()
             self.download = None
+            self.segmentAfterDownload = False
             self.ui.downloadButton.text = "Download"
             self.ui.segmentProgressBar.setRange(0, 100)
             return
@@ -200,6 +206,15 @@ class Widget(qt.QWidget):
         if not self.ensureInstalled():
             return
         params = self.segmentParameters()
+        entry = self.currentEntry()
+        if entry is not None and not entry.downloaded and not params.checkpoint:
+            # download first, with its own progress and Cancel, then segment
+            if slicer.util.confirmOkCancelDisplay(
+                    f"{entry.name} ({entry.sizeText}) is not on this computer yet. Download it now?",
+                    windowTitle="SegBook"):
+                self.segmentAfterDownload = True
+                self.onDownload()
+            return
         saveToNode(params, self.parameterNode(), "Segment")
         with slicer.util.tryWithErrorDisplay("Cannot start the segmentation"):
             self.segmentation.start(self.ui.inputVolumeSelector.currentNode(), params,
@@ -340,6 +355,11 @@ class Widget(qt.QWidget):
                 self.ui.segmentProgressBar.setRange(0, 100)
                 self.showStatus("Download finished." if code == 0 else "Download failed (see the Python console).")
                 self.refreshModels()
+                if code == 0 and self.segmentAfterDownload:
+                    self.segmentAfterDownload = False
+                    self.onSegmentOrCancel()
+                    busy = True
+                self.segmentAfterDownload = False
         if not busy:
             self.timer.stop()
 

@@ -339,10 +339,16 @@ def test_batch_script_segments_a_file_into_a_slicer_segmentation(tmp_path, tiny_
     assert "SCT^10200004^Liver" in NodeIO.segmentTerminology(liver), "terminology survives the file"
 
 
-def test_batch_script_fails_with_a_non_zero_status(tmp_path, tiny_model):
-    proc = run_batch("--input", IMAGE, "--output", tmp_path / "o", "--model", tmp_path / "no-such-model")
-    assert proc.returncode == 1 and "no-such-model" in proc.stderr
-    assert not any((tmp_path / "o").glob("*.seg.nrrd")) if (tmp_path / "o").exists() else True
+def test_batch_script_does_a_folder_and_fails_with_a_non_zero_status(tmp_path, tiny_model):
+    import shutil
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(IMAGE, inputs / "good.nii.gz")
+    (inputs / "broken.nii.gz").write_bytes(b"not an image")
+    proc = run_batch("--input", inputs, "--output", tmp_path / "out", "--model", tiny_model, "--device", "cpu")
+    assert proc.returncode == 1, proc.stderr
+    assert "broken.nii.gz" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.seg.nrrd"]
     proc = run_batch("--input", tmp_path / "missing.nii.gz", "--output", tmp_path / "o", "--model", tiny_model)
     assert proc.returncode == 2 and "missing.nii.gz" in proc.stderr
 

@@ -311,7 +311,7 @@ def test_setup_installs_torch_through_pytorchutils_then_pip():
 
 
 def test_setup_requirements_match_the_core_dependencies():
-    import tomllib
+    tomllib = pytest.importorskip("tomllib")
     from SegBookLib.InstallLogic import PIP_REQUIREMENTS, SHIPPED_WITH_SLICER, TORCH_REQUIREMENT
     deps = tomllib.loads((CORE / "pyproject.toml").read_text())["project"]["dependencies"]
     names = {re.split(r"[<>=!~ ]", d)[0].lower() for d in deps}

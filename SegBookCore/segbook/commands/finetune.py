@@ -1,0 +1,66 @@
+"""`segbook finetune DATASET -o MODEL_DIR --base NAME|MODEL_DIR`: the SegBook fine-tuning recipe.
+
+Each flag is one field of segbook.training.config.FinetuneConfig (saved as MODEL_DIR/training/config.json).
+Under `torchrun --nproc_per_node N -m segbook finetune ...` it runs DistributedDataParallel.
+"""
+from __future__ import annotations
+
+import sys
+
+HELP = "fine-tune STU-Net on annotated cases (nnU-Net raw folder or JSON case list) into a model folder"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("dataset", help="nnU-Net/Decathlon raw folder (imagesTr, labelsTr, dataset.json) or JSON case list")
+    p.add_argument("-o", "--output", required=True, help="model folder to write (MODEL_DIR)")
+    p.add_argument("--base", default="stunet-s-totalseg", help="registry name or model folder to start from")
+    p.add_argument("--preset", default="standard", choices=["quick", "standard", "segbook"],
+                   help="epochs x iterations: quick 20x250, standard 150x250, segbook 1000x250 (the paper)")
+    p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
+    p.add_argument("--iterations-per-epoch", type=int, default=None, help="override the preset's 250")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction for validation")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--resume", action="store_true", help="continue the run in MODEL_DIR exactly where it stopped")
+    p.add_argument("--progress", default="bar", choices=["bar", "json", "none"])
+    p.add_argument("--batch-size", type=int, default=2, help="patches per step (per rank under torchrun)")
+    p.add_argument("--num-workers", type=int, default=None, help="data-loading processes (default: cores-1, max 4)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per training process (1 keeps a shared machine responsive)")
+    p.add_argument("--lr", type=float, default=None, help="initial learning rate (default 1e-3, 1e-2 with --scratch)")
+    p.add_argument("--scratch", action="store_true", help="random initialisation instead of the base's weights")
+    p.add_argument("--width", type=float, default=1.0, help="channel multiplier of the base's widths (with --scratch)")
+    p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                   help="patch size (default: planned from the data)")
+    p.add_argument("--max-patch-voxels", type=int, default=128 ** 3, help="memory budget of a patch for planning")
+    p.add_argument("--val-every", type=int, default=5, help="validate every N epochs (and after the last)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default=None, help="model name in model.json (default: the output folder's name)")
+
+
+def run(args) -> int:
+    from ..errors import InputError
+    from ..events import make_reporter
+    from ..training.config import FinetuneConfig
+    from ..training.trainer import finetune
+
+    fields = {k: getattr(args, k) for k in FinetuneConfig.__dataclass_fields__}
+    try:
+        cfg = FinetuneConfig(**fields)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    reporter = make_reporter(args.progress)
+    result = finetune(cfg, reporter)
+    if result["stopped"]:
+        print(f"segbook finetune: stopped at epoch {result['epoch']} iteration {result['iteration']}; "
+              f"checkpoint saved; continue with --resume", file=sys.stderr)
+        return 128 + int(result["signal"])
+    val = result.get("validation")
+    summary = {"model_dir": result["model_dir"], "epochs": result["epochs_done"]}
+    if val:
+        summary.update(mean_dice=val["mean_dice"], dice=val["dice"], nsd=val["nsd"])
+    reporter.done(**summary)
+    if args.progress != "json":
+        print(f"model written to {result['model_dir']}" +
+              (f"; validation Dice {', '.join(f'{k} {v:.4f}' for k, v in val['dice'].items())} "
+               f"(mean {val['mean_dice']:.4f})" if val else ""))
+    return 0

@@ -1,0 +1,126 @@
+"""Preprocess each training case once and keep it on disk, memory-mapped by the loaders.
+
+A cached case is `NAME_image.npy` (C, z, y, x) float32 and `NAME_seg.npy` (1, z, y, x) int16 at the plan
+spacing (cropped to non-zero, normalised, resampled with `segbook.preprocess`, the same code the
+predictor runs), plus `NAME_loc.npz`: up to 10,000 voxel coordinates (n, 3) zyx per foreground class, so
+that foreground oversampling never scans a volume. A key file holds the source files' sizes and mtimes
+and the plan; a changed case is preprocessed again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from ..config import Plan
+from ..dataset import Case, Dataset, check_label_values, read_case_arrays
+from ..errors import InputError
+from ..preprocess import compute_new_shape, nearest_indices, preprocess, separate_axis
+
+__all__ = ["CachedCase", "cache_dataset", "resample_seg", "class_locations"]
+
+log = logging.getLogger(__name__)
+
+MAX_LOCATIONS = 10_000
+
+
+@dataclass
+class CachedCase:
+    name: str
+    image_path: Path
+    seg_path: Path
+    locations: dict[int, np.ndarray]      # class value -> (n, 3) zyx voxel coordinates
+
+    def load(self, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        mode = "r" if mmap else None
+        return np.load(self.image_path, mmap_mode=mode), np.load(self.seg_path, mmap_mode=mode)
+
+
+def resample_seg(seg: np.ndarray, new_shape, axis: int | None) -> np.ndarray:
+    """(z, y, x) label map -> new_shape, nnU-Net style: each label's mask resampled linearly and
+    thresholded at 0.5, later labels overwriting earlier ones; nearest along a separate (coarse) axis."""
+    new_shape = tuple(int(s) for s in new_shape)
+    if seg.shape == new_shape:
+        return seg
+    out = np.zeros(new_shape, dtype=seg.dtype)
+    if axis is not None:
+        # nearest along the coarse axis first, then linear per label in-plane
+        index = nearest_indices(seg.shape[axis], new_shape[axis])
+        seg = np.take(seg, index, axis=axis)
+    factors = [n / s for n, s in zip(new_shape, seg.shape)]
+    for value in np.unique(seg):
+        if value == 0:
+            continue
+        mask = ndimage.zoom((seg == value).astype(np.float32), factors, order=1, mode="nearest", grid_mode=True)
+        out[mask >= 0.5] = value
+    return out
+
+
+def class_locations(seg: np.ndarray, values, rng: np.random.Generator) -> dict[int, np.ndarray]:
+    """Up to MAX_LOCATIONS random (n, 3) zyx coordinates of each class value in a (z, y, x) map."""
+    out = {}
+    for v in values:
+        coords = np.argwhere(seg == v)
+        if len(coords) > MAX_LOCATIONS:
+            coords = coords[rng.choice(len(coords), MAX_LOCATIONS, replace=False)]
+        out[int(v)] = coords.astype(np.int32)
+    return out
+
+
+def _key(case: Case, plan: Plan) -> str:
+    parts = [json.dumps({"spacing": plan.spacing, "norm": plan.normalization, "ct": plan.ct_intensities,
+                         "crop": plan.crop_to_nonzero, "v": 1}, sort_keys=True)]
+    for p in [*case.images, case.label]:
+        st = os.stat(p)
+        parts.append(f"{Path(p).resolve()}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def _preprocess_case(case: Case, ds: Dataset, plan: Plan, folder: Path) -> CachedCase:
+    image, seg, spacing = read_case_arrays(case)
+    check_label_values(seg, ds, case.name)
+    if not np.isfinite(image).all():
+        raise InputError(f"case {case.name}: image holds NaN or infinite values")
+    pre = preprocess(image, spacing, plan)
+    seg = seg[tuple(slice(lo, hi) for lo, hi in pre.bbox)]
+    new_shape = compute_new_shape(seg.shape, spacing, plan.spacing)
+    seg = resample_seg(seg, new_shape, separate_axis(spacing, plan.spacing))
+    rng = np.random.default_rng(int(hashlib.sha1(case.name.encode()).hexdigest()[:8], 16))
+    locations = class_locations(seg, range(1, ds.num_classes), rng)
+    cached = CachedCase(case.name, folder / f"{case.name}_image.npy", folder / f"{case.name}_seg.npy", locations)
+    _atomic_save(cached.image_path, pre.data.astype(np.float32))
+    _atomic_save(cached.seg_path, seg[None])
+    np.savez(folder / f"{case.name}_loc.npz", **{str(k): v for k, v in locations.items()})
+    return cached
+
+
+def cache_dataset(ds: Dataset, cases: list[Case], plan: Plan, folder, reporter=None) -> list[CachedCase]:
+    """Preprocess `cases` of `ds` into `folder` (skipping those cached with the same key)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, case in enumerate(cases):
+        key_file = folder / f"{case.name}.key"
+        key = _key(case, plan)
+        if key_file.is_file() and key_file.read_text() == key:
+            loc = np.load(folder / f"{case.name}_loc.npz")
+            out.append(CachedCase(case.name, folder / f"{case.name}_image.npy", folder / f"{case.name}_seg.npy",
+                                  {int(k): loc[k] for k in loc.files}))
+        else:
+            out.append(_preprocess_case(case, ds, plan, folder))
+            key_file.write_text(key)
+        if reporter is not None:
+            reporter.progress("preprocess", i + 1, len(cases))
+    return out

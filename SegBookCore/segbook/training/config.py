@@ -1,0 +1,83 @@
+"""The fine-tune configuration: one dataclass, saved as JSON beside every checkpoint.
+
+Every field is one `segbook finetune` flag (`iterations_per_epoch` <-> `--iterations-per-epoch`).
+`None` means "from the preset" (epochs, iterations) or "from the recipe" (lr: 1e-3 fine-tune, 1e-2
+from scratch).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["FinetuneConfig", "PRESETS"]
+
+# epochs x iterations: `segbook` is the released recipe (1000 x 250); the others fit a workstation session.
+PRESETS = {
+    "quick": {"epochs": 20, "iterations_per_epoch": 250},
+    "standard": {"epochs": 150, "iterations_per_epoch": 250},
+    "segbook": {"epochs": 1000, "iterations_per_epoch": 250},
+}
+
+
+@dataclass
+class FinetuneConfig:
+    dataset: str
+    output: str
+    base: str = "stunet-s-totalseg"
+    preset: str = "standard"
+    epochs: int | None = None
+    iterations_per_epoch: int | None = None
+    val_fraction: float = 0.2
+    device: str = "auto"
+    resume: bool = False
+    progress: str = "bar"
+    batch_size: int = 2
+    num_workers: int | None = None        # data-loading processes; None: cores - 1, at most 4
+    threads: int | None = None            # torch CPU threads of each training process; None: torch's default
+    lr: float | None = None
+    scratch: bool = False                 # random initialisation instead of the base's weights
+    width: float = 1.0                    # channel multiplier on the base's dims (only with --scratch)
+    patch_size: list[int] | None = None   # zyx; None: planned from the data
+    max_patch_voxels: int = 128 ** 3
+    val_every: int = 5                    # epochs between validations (and always after the last)
+    seed: int = 0
+    name: str | None = None               # model name in model.json; default: the output folder's name
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset '{self.preset}' ({', '.join(PRESETS)})")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError("--val-fraction must be in [0, 1)")
+        if self.width != 1.0 and not self.scratch:
+            raise ValueError("--width changes the network's shape: it needs --scratch")
+
+    @property
+    def total_epochs(self) -> int:
+        return self.epochs if self.epochs is not None else PRESETS[self.preset]["epochs"]
+
+    @property
+    def iterations(self) -> int:
+        its = self.iterations_per_epoch
+        return its if its is not None else PRESETS[self.preset]["iterations_per_epoch"]
+
+    @property
+    def initial_lr(self) -> float:
+        return self.lr if self.lr is not None else (1e-2 if self.scratch else 1e-3)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path) -> "FinetuneConfig":
+        d = json.loads(Path(path).read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

@@ -1,0 +1,69 @@
+"""Dice + cross-entropy with deep supervision, as nnU-Net v2 trains (and STU-Net's fine-tune recipe).
+
+For logits x (B, K, z, y, x) and a target map t (B, 1, z, y, x) of values 0..K-1:
+
+    CE   = mean over voxels of -log softmax(x)[t]
+    Dice = -mean over foreground classes k of (2 * sum(p_k * g_k) + s) / max(sum(p_k) + sum(g_k) + s, 1e-8)
+
+with p = softmax(x), g = one-hot(t), s = 1e-5, sums over the batch and all voxels ("batch Dice", nnU-Net's
+3d_fullres default), background excluded. Loss = CE + Dice per output. Deep-supervision output i (full
+resolution first) weighs 1/2^i, the lowest-resolution output 0, weights normalised to sum 1.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["soft_dice_loss", "DiceCELoss", "deep_supervision_weights", "DeepSupervisionLoss"]
+
+SMOOTH = 1e-5
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool = True) -> torch.Tensor:
+    """logits (B, K, *spatial), target (B, 1, *spatial) int64 -> scalar: minus the mean foreground soft Dice."""
+    probs = torch.softmax(logits.float(), dim=1)
+    onehot = torch.zeros_like(probs).scatter_(1, target.long(), 1.0)
+    axes = [0, *range(2, logits.ndim)] if batch_dice else list(range(2, logits.ndim))
+    # background (channel 0) does not enter the Dice: it would dominate and say nothing about the structures
+    probs, onehot = probs[:, 1:], onehot[:, 1:]
+    intersect = (probs * onehot).sum(axes)
+    denominator = probs.sum(axes) + onehot.sum(axes)
+    dice = (2 * intersect + SMOOTH) / torch.clamp(denominator + SMOOTH, min=1e-8)
+    return -dice.mean()
+
+
+class DiceCELoss(nn.Module):
+    def __init__(self, weight_ce: float = 1.0, weight_dice: float = 1.0, batch_dice: bool = True):
+        super().__init__()
+        self.weight_ce, self.weight_dice, self.batch_dice = weight_ce, weight_dice, batch_dice
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ce = nn.functional.cross_entropy(logits.float(), target[:, 0].long())
+        return self.weight_ce * ce + self.weight_dice * soft_dice_loss(logits, target, self.batch_dice)
+
+
+def deep_supervision_weights(n: int) -> list[float]:
+    """1/2^i for output i, the last (coarsest) 0, normalised: n=5 -> [8/15, 4/15, 2/15, 1/15, 0]."""
+    w = [1 / 2 ** i for i in range(n)]
+    if n > 1:
+        w[-1] = 0.0
+    total = sum(w)
+    return [x / total for x in w]
+
+
+class DeepSupervisionLoss(nn.Module):
+    """Weighted sum of DiceCELoss over (outputs, targets), full resolution first.
+
+    The zero-weighted output still enters the graph (times 0) so that DistributedDataParallel sees a
+    gradient for every parameter and needs no unused-parameter search.
+    """
+
+    def __init__(self, n_outputs: int, batch_dice: bool = True):
+        super().__init__()
+        self.weights = deep_supervision_weights(n_outputs)
+        self.loss = DiceCELoss(batch_dice=batch_dice)
+
+    def forward(self, outputs, targets) -> torch.Tensor:
+        if isinstance(outputs, torch.Tensor):  # deep supervision off: the full-resolution output alone
+            return self.loss(outputs, targets[0] if isinstance(targets, (list, tuple)) else targets)
+        return sum(w * self.loss(o, t) for w, o, t in zip(self.weights, outputs, targets))

@@ -1,0 +1,77 @@
+"""Training state on disk: everything `--resume` needs to continue exactly where a run stopped.
+
+`MODEL_DIR/training/checkpoint.pt` holds the network weights, optimiser, LR scheduler, AMP scaler, the
+RNG states (Python, numpy, torch CPU and CUDA), the epoch and iteration reached and the metric history.
+It is written to a temporary name and renamed, so a crash or a second Ctrl-C never leaves a broken
+checkpoint: the previous one stays until the new one is complete. The file is our own and is read with
+`weights_only=True` (no code can run from it).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["save_training_state", "load_training_state", "rng_states", "set_rng_states"]
+
+log = logging.getLogger(__name__)
+
+
+def rng_states() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "python": repr(random.getstate()),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_states(states: dict) -> None:
+    import ast
+    py = ast.literal_eval(states["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = states["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_training_state(path, *, network: torch.nn.Module, optimizer, scheduler, scaler, epoch: int,
+                        iteration: int, history: list, extra: dict | None = None) -> Path:
+    """Atomically write the state reached after `iteration` iterations of `epoch` (0-based)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "network": {k: v.detach().cpu() for k, v in network.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "rng": rng_states(),
+        "epoch": int(epoch),
+        "iteration": int(iteration),
+        "history": history,
+        "extra": extra or {},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_training_state(path, *, network, optimizer, scheduler, scaler, map_location="cpu") -> dict:
+    """Restore everything saved by save_training_state; returns the dict (epoch, iteration, history)."""
+    state = torch.load(Path(path), map_location=map_location, weights_only=True)
+    network.load_state_dict(state["network"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    set_rng_states(state["rng"])
+    return state

@@ -1,0 +1,322 @@
+"""The fine-tune loop: a short sequence of steps over small objects (data, loss, optimiser, checkpoint IO).
+
+    finetune(config) -> result dict
+      1. read and check the dataset; split off validation cases (kept out of training)
+      2. plan (spacing, patch, pools) from the data; preprocess and cache every training case
+      3. build the network from the base (heads re-initialised, channels adapted), optimiser, schedule
+      4. resume from MODEL_DIR/training/checkpoint.pt if asked
+      5. per iteration: a batch from the loader, forward, Dice+CE over the deep-supervision outputs,
+         backward, clip, step; per epoch: LR step, checkpoint, curves, model folder, validation
+
+Output: MODEL_DIR/weights.safetensors + model.json (a model folder `segbook predict` uses) and
+MODEL_DIR/training/ (checkpoint.pt, config.json, split.json, log.jsonl, curves.png, cache/).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig, Plan
+from ..dataset import check_dataset, read_dataset
+from ..errors import InputError, SegBookError
+from ..events import Reporter
+from ..labels import default_color
+from ..planning import deep_supervision_scales, plan_from_data, pools_for_patch
+from ..zoo import get_config
+from ..checkpoint import save_weights
+from .cache import cache_dataset
+from .config import FinetuneConfig
+from .curves import append_jsonl, plot_curves
+from .distributed import setup, teardown
+from .loss import DeepSupervisionLoss
+from .model_init import build_network
+from .sampling import BatchDataset, make_loader
+from .state import load_training_state, save_training_state
+
+__all__ = ["finetune", "TrainingError", "train_step", "make_optimizer", "split_cases"]
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(SegBookError):
+    """Training cannot go on (NaN loss, a run already in the output folder...); one-line message."""
+
+
+def split_cases(names: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(train, validation) names: a seeded shuffle; at least one case each side when fraction > 0."""
+    order = sorted(names)
+    np.random.default_rng(seed).shuffle(order)
+    n_val = 0 if fraction <= 0 else min(max(1, int(round(fraction * len(order)))), len(order) - 1)
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def make_optimizer(net, lr: float, epochs: int):
+    """SGD (Nesterov, momentum 0.99, weight decay 3e-5) and poly decay lr * (1 - epoch/epochs)^0.9."""
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.99, nesterov=True, weight_decay=3e-5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: max(1 - e / epochs, 0.0) ** 0.9)
+    return opt, sched
+
+
+def train_step(net, batch, loss_fn, opt, scaler, device) -> float:
+    """One optimisation step on a batch from BatchDataset; returns the loss (may be NaN: caller decides)."""
+    image = batch["image"].to(device, non_blocking=True)
+    targets = [t.to(device, non_blocking=True) for t in batch["target"]]
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, enabled=device.type == "cuda"):
+        outputs = net(image)
+    loss = loss_fn(outputs, targets)
+    if not torch.isfinite(loss):
+        return float(loss.item())
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
+        opt.step()
+    return float(loss.detach().item())
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next iteration and returns."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread (e.g. a Slicer worker thread): no handlers
+                pass
+        return self
+
+    def _handle(self, signum, _frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _prepare_config(cfg: FinetuneConfig, train_dir: Path) -> FinetuneConfig:
+    saved = train_dir / "config.json"
+    if cfg.resume:
+        if not (train_dir / "checkpoint.pt").is_file():
+            raise TrainingError(f"{train_dir}: no checkpoint.pt to resume from")
+        old = FinetuneConfig.load(saved)
+        # what may change between runs: where it runs, how it reports, and a longer schedule
+        for k in ("device", "num_workers", "threads", "progress", "val_every"):
+            setattr(old, k, getattr(cfg, k))
+        if cfg.epochs is not None:
+            old.epochs = cfg.epochs
+        old.resume = True
+        return old
+    if (train_dir / "checkpoint.pt").is_file():
+        raise TrainingError(f"{cfg.output} already holds a training run; continue it with --resume "
+                            f"or choose another output folder")
+    return cfg
+
+
+def _plan(cfg, ds, train_cases, base_config, cache_dir, reporter, is_main, barrier):
+    """Plan spacing from the headers, cache the training cases, then fit patch and pools to their shapes."""
+    import SimpleITK as sitk
+    spacings = []
+    for c in train_cases:
+        r = sitk.ImageFileReader()
+        r.SetFileName(str(c.label))
+        r.ReadImageInformation()
+        spacings.append(r.GetSpacing()[::-1])
+    from ..planning import target_spacing
+    spacing = target_spacing(np.array(spacings))
+    plan = Plan(spacing=spacing, patch_size=[0, 0, 0], normalization="zscore", mirror_axes=[0, 1, 2])
+    if is_main:
+        cached = cache_dataset(ds, train_cases, plan, cache_dir, reporter)
+    barrier()
+    if not is_main:
+        cached = cache_dataset(ds, train_cases, plan, cache_dir)
+    shapes = [np.load(c.image_path, mmap_mode="r").shape[1:] for c in cached]
+    data_plan = plan_from_data([spacing] * len(shapes), shapes, cfg.max_patch_voxels)
+    plan.patch_size = data_plan.patch_size
+    pools = data_plan.pool_op_kernel_sizes
+    if cfg.patch_size:
+        pools = pools_for_patch(cfg.patch_size, spacing)
+        div = np.prod(np.array(pools), axis=0)
+        if any(p % d for p, d in zip(cfg.patch_size, div)):
+            raise InputError(f"--patch-size {cfg.patch_size} must be divisible by the pooling {list(div)}")
+        plan.patch_size = list(cfg.patch_size)
+    return plan, pools, cached
+
+
+def finetune(cfg: FinetuneConfig, reporter: Reporter | None = None) -> dict:
+    """Run (or resume) a fine-tune; returns {"model_dir", "epochs_done", "stopped", "validation"}."""
+    reporter = reporter or Reporter()
+    out = Path(cfg.output)
+    train_dir = out / "training"
+    cfg = _prepare_config(cfg, train_dir)
+    d, device = setup(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    elif d.enabled and device.type == "cpu":
+        # ranks share the cores: oversubscribed OpenMP threads spin against each other (10x slower, measured)
+        import os
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.world_size))
+    try:
+        return _run(cfg, d, device, out, train_dir, reporter)
+    finally:
+        teardown(d)
+
+
+def _run(cfg, d, device, out, train_dir, reporter) -> dict:
+    ds = read_dataset(cfg.dataset)
+    base_config = get_config(cfg.base)
+    base_channels = base_config.arch.input_channels
+    n_channels = len(ds.cases[0].images) if ds.cases else 1
+    # a one-channel base adapts to any channel count (first layer repeated); a multi-channel base must match
+    check_dataset(ds, expected_channels=None if (base_channels == 1 or cfg.scratch) else base_channels)
+    if any(len(c.images) != n_channels for c in ds.cases):
+        bad = next(c for c in ds.cases if len(c.images) != n_channels)
+        raise InputError(f"case {bad.name}: {len(bad.images)} channels, the first case has {n_channels}")
+    if d.is_main:
+        train_dir.mkdir(parents=True, exist_ok=True)
+    d.barrier()
+    split_file = train_dir / "split.json"
+    if cfg.resume and split_file.is_file():
+        split = json.loads(split_file.read_text())
+    else:
+        tr, va = split_cases([c.name for c in ds.cases], cfg.val_fraction, cfg.seed)
+        split = {"train": tr, "validation": va}
+    by_name = {c.name: c for c in ds.cases}
+    train_cases = [by_name[n] for n in split["train"]]
+    val_cases = [by_name[n] for n in split["validation"]]
+
+    plan, pools, cached = _plan(cfg, ds, train_cases, base_config, train_dir / "cache", reporter, d.is_main, d.barrier)
+    torch.manual_seed(cfg.seed)  # the fresh heads (or the whole network from scratch) start reproducibly
+    net, base_config, init_info = build_network(cfg.base, ds.class_names, n_channels, pools,
+                                                scratch=cfg.scratch, width=cfg.width)
+    name = cfg.name or out.name
+    model_config = ModelConfig(
+        name=name, arch=net.arch, plan=plan, class_names=list(ds.class_names),
+        colors=[default_color(n, i) for i, n in enumerate(ds.class_names)],
+        description=f"STU-Net {'-'.join(map(str, net.arch.dims))} fine-tuned on {ds.name} "
+                    f"({', '.join(ds.class_names[1:])})",
+        license="same terms as the training data and the base model",
+        size=base_config.size if cfg.width == 1.0 else None,
+        provenance={**init_info, "data": {"source": ds.source, "name": ds.name, "train_cases": len(train_cases),
+                                          "validation_cases": split["validation"]},
+                    "recipe": cfg.to_dict()})
+    net.to(device)
+    epochs, its = cfg.total_epochs, cfg.iterations
+    opt, sched = make_optimizer(net, cfg.initial_lr, epochs)
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+    model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
+        if d.enabled else net
+    loss_fn = DeepSupervisionLoss(len(pools))
+    validator = _load_validator() if d.is_main and val_cases else None
+
+    start_epoch, start_it, history = 0, 0, []
+    ckpt = train_dir / "checkpoint.pt"
+    if cfg.resume:
+        st = load_training_state(ckpt, network=net, optimizer=opt, scheduler=sched, scaler=scaler)
+        start_epoch, start_it, history = st["epoch"], st["iteration"], st["history"]
+        if st["iteration"] >= its:  # saved at the end of an epoch
+            start_epoch, start_it = start_epoch + 1, 0
+        # the schedule's formula is not part of its state: with a longer --epochs the LR follows the new one
+        for group, base_lr in zip(opt.param_groups, sched.base_lrs):
+            group["lr"] = base_lr * sched.lr_lambdas[0](sched.last_epoch)
+        log.info("resuming at epoch %d iteration %d", start_epoch + 1, start_it)
+    elif d.is_main:
+        cfg.save(train_dir / "config.json")
+        split_file.write_text(json.dumps(split, indent=1))
+
+    dataset = BatchDataset(cached, plan.patch_size, deep_supervision_scales(pools), cfg.batch_size,
+                           seed=cfg.seed, rank=d.rank, mirror_axes=plan.mirror_axes)
+    total = epochs * its
+    loader = iter(make_loader(dataset, start_epoch * its + start_it, total, cfg.num_workers))
+    last_val = next((h["validation"] for h in reversed(history) if h.get("validation")), None)
+
+    def save_model():
+        if last_val is not None:
+            model_config.provenance["validation"] = {k: v for k, v in last_val.items() if k != "cases"}
+        model_config.provenance["epochs_done"] = len(history)
+        out.mkdir(parents=True, exist_ok=True)
+        save_weights(net.state_dict(), out / "weights.safetensors")
+        model_config.save(out / "model.json")
+
+    result = {"model_dir": str(out), "stopped": False}
+    with _StopRequest() as stop:
+        for epoch in range(start_epoch, epochs):
+            net.train()
+            t0, losses = time.monotonic(), []
+            if epoch == start_epoch and start_it and history and history[-1].get("partial"):
+                losses = list(history.pop()["losses"])
+            for it in range(start_it if epoch == start_epoch else 0, its):
+                batch = next(loader)
+                loss = train_step(model, batch, loss_fn, opt, scaler, device)
+                bad = d.broadcast_flag(not math.isfinite(loss))
+                if bad:
+                    good = f"{ckpt} (after epoch {len(history)})" if ckpt.is_file() else "none yet"
+                    raise TrainingError(f"loss became {loss} at epoch {epoch + 1} iteration {it + 1}; training "
+                                        f"stopped; last good checkpoint kept: {good}. Lower --lr or check "
+                                        f"the data")
+                losses.append(loss)
+                reporter.progress("train", epoch * its + it + 1, total, epoch=epoch + 1)
+                if d.broadcast_flag(stop.signum != 0):
+                    if d.is_main:
+                        history.append({"epoch": epoch + 1, "partial": True, "losses": losses})
+                        save_training_state(ckpt, network=net, optimizer=opt, scheduler=sched, scaler=scaler,
+                                            epoch=epoch, iteration=it + 1, history=history)
+                        history.pop()
+                    d.barrier()
+                    log.warning("stopped by signal %d at epoch %d iteration %d; checkpoint saved",
+                                stop.signum, epoch + 1, it + 1)
+                    result.update(stopped=True, signal=stop.signum or signal.SIGTERM, epoch=epoch + 1,
+                                  iteration=it + 1, epochs_done=len(history))
+                    return result
+            record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": opt.param_groups[0]["lr"],
+                      "seconds": round(time.monotonic() - t0, 2)}
+            sched.step()
+            if d.is_main and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == epochs) and val_cases:
+                last_val = _validate(validator, net, model_config, val_cases, device, reporter)
+                record["val_dice"] = last_val["dice"] if last_val else None
+                record["validation"] = last_val
+            history.append(record)
+            if d.is_main:
+                save_training_state(ckpt, network=net, optimizer=opt, scheduler=sched, scaler=scaler,
+                                    epoch=epoch, iteration=its, history=history)
+                append_jsonl(train_dir / "log.jsonl", {k: v for k, v in record.items() if k != "validation"})
+                plot_curves(history, train_dir / "curves.png")
+                save_model()
+            reporter.metric(**{k: v for k, v in record.items() if k not in ("validation", "val_dice")},
+                            **({"val_mean_dice": last_val["mean_dice"]} if record.get("val_dice") else {}))
+            d.barrier()
+    result.update(epochs_done=len(history), validation=last_val)
+    return result
+
+
+def _load_validator():
+    """The validation function, imported once at the start so a long run uses the code it started with."""
+    try:
+        from .validate import validate
+        return validate
+    except ImportError as e:  # the predictor module is missing from this installation
+        log.warning("no validation: %s", e)
+        return None
+
+
+def _validate(validator, net, model_config, val_cases, device, reporter):
+    if validator is None:
+        return None
+    state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+    return validator(state, model_config, val_cases, device=device, reporter=reporter)

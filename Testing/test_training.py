@@ -1,0 +1,191 @@
+"""Fine-tuning: loss against reference formulas and nnU-Net, weight transfer, a real short fine-tune,
+exact resume (end of epoch and after SIGTERM mid-epoch, with a different worker count), NaN handling."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from segbook.checkpoint import load_checkpoint
+from segbook.cli import main
+from segbook.config import Arch, ModelConfig, Plan
+from segbook.network import STUNet
+from segbook.training.loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
+from segbook.training.model_init import FIRST_LAYER_KEYS, build_network
+from segbook.zoo import create_model, save_model_folder
+
+MINI = Path(__file__).parent / "data" / "hippocampus_mini"
+TINY = ["--scratch", "--width", "0.25", "--patch-size", "16", "24", "16", "--batch-size", "2",
+        "--val-fraction", "0.25", "--progress", "none", "--threads", "1"]
+
+
+def _ref_dice_ce(logits: np.ndarray, target: np.ndarray) -> float:
+    """Plain-numpy reference: mean CE + (-mean over foreground classes of the batch soft Dice)."""
+    z = logits - logits.max(1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    k = logits.shape[1]
+    g = np.stack([(target[:, 0] == c) for c in range(k)], 1).astype(np.float64)
+    ce = -np.mean(np.log(np.take_along_axis(p, target.astype(np.int64), 1)))
+    dices = [(2 * (p[:, c] * g[:, c]).sum() + 1e-5) / max(p[:, c].sum() + g[:, c].sum() + 1e-5, 1e-8)
+             for c in range(1, k)]
+    return ce - np.mean(dices)
+
+
+def test_loss_matches_formula_and_nnunet():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 8, 10, 6, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 3, (2, 1, 8, 10, 6), generator=g)
+    ours = DiceCELoss()(logits, target).item()
+    assert ours == pytest.approx(_ref_dice_ce(logits.numpy(), target.numpy()), rel=1e-5)
+    nnunet_loss = pytest.importorskip("nnunetv2.training.loss.compound_losses")
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+    ref = nnunet_loss.DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
+                                     weight_ce=1, weight_dice=1, dice_class=MemoryEfficientSoftDiceLoss)
+    assert ours == pytest.approx(ref(logits.float(), target.float()).item(), rel=1e-4)
+
+
+def test_deep_supervision_weights_and_sum():
+    assert deep_supervision_weights(5) == pytest.approx([8 / 15, 4 / 15, 2 / 15, 1 / 15, 0])
+    g = torch.Generator().manual_seed(1)
+    outs = [torch.randn(1, 3, 8 // s, 8 // s, 8 // s, generator=g) for s in (1, 2, 4)]
+    tgts = [torch.randint(0, 3, (1, 1, 8 // s, 8 // s, 8 // s), generator=g) for s in (1, 2, 4)]
+    single = DiceCELoss()
+    expected = 2 / 3 * single(outs[0], tgts[0]) + 1 / 3 * single(outs[1], tgts[1])
+    assert DeepSupervisionLoss(3)(outs, tgts).item() == pytest.approx(expected.item(), rel=1e-6)
+    nn_ds = pytest.importorskip("nnunetv2.training.loss.deep_supervision")
+    ref = nn_ds.DeepSupervisionWrapper(single, [2 / 3, 1 / 3, 0.0])
+    assert DeepSupervisionLoss(3)(outs, tgts).item() == pytest.approx(ref(outs, tgts).item(), rel=1e-6)
+
+
+def _base_folder(tmp_path, classes, channels=1) -> Path:
+    dims = [4, 8, 16, 32, 64, 64]
+    cfg = ModelConfig(name="tiny-base", arch=Arch(channels, len(classes), dims, [1] * 6, [[2, 2, 2]] * 5),
+                      plan=Plan([1.5] * 3, [32, 32, 32]), class_names=classes)
+    torch.manual_seed(3)
+    net = STUNet(channels, len(classes), dims, [1] * 6, [[2, 2, 2]] * 5)
+    return save_model_folder(tmp_path / "base", cfg, net.state_dict())
+
+
+def test_heads_reinitialised_rest_transferred_and_channels_repeated(tmp_path):
+    base = _base_folder(tmp_path, ["background", "liver", "spleen", "kidney", "lung"])
+    state = load_checkpoint(base / "weights.safetensors")
+    pools = [[2, 2, 2]] * 3 + [[1, 1, 1]] * 2
+    torch.manual_seed(0)
+    net, _, info = build_network(str(base), ["background", "a", "b"], 2, pools)
+    assert info["heads"] == "re-initialised"
+    own = net.state_dict()
+    for k, v in own.items():
+        if k.startswith("seg_outputs."):
+            assert v.shape[0] == 3 and v.shape != state[k].shape
+        elif k in FIRST_LAYER_KEYS:
+            assert v.shape[1] == 2
+            assert torch.equal(v[:, 0:1], state[k]) and torch.equal(v[:, 1:2], state[k])
+        else:
+            assert torch.equal(v, state[k]), k
+    assert all(torch.count_nonzero(own[k]) == 0 for k in own if k.startswith("seg_outputs.") and k.endswith("bias"))
+
+
+def test_same_classes_keep_heads(tmp_path):
+    classes = ["background", "anterior", "posterior"]
+    base = _base_folder(tmp_path, classes)
+    state = load_checkpoint(base / "weights.safetensors")
+    net, _, info = build_network(str(base), classes, 1, [[2, 2, 2]] * 5)
+    assert info["heads"].startswith("kept")
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+
+
+def _weights(folder: Path) -> dict:
+    return load_checkpoint(Path(folder) / "weights.safetensors")
+
+
+def _ft(out, *extra) -> int:
+    return main(["finetune", str(MINI), "-o", str(out), *TINY, *extra])
+
+
+def test_short_finetune_writes_a_usable_model_folder(tmp_path):
+    out = tmp_path / "hippo"
+    assert _ft(out, "--epochs", "2", "--iterations-per-epoch", "4", "--val-every", "1", "--num-workers", "1") == 0
+    cfg = json.loads((out / "model.json").read_text())
+    assert cfg["class_names"] == ["background", "anterior", "posterior"]
+    assert cfg["plan"]["patch_size"] == [16, 24, 16] and cfg["arch"]["dims"] == [4, 8, 16, 32, 64, 64]
+    prov = cfg["provenance"]
+    assert prov["recipe"]["lr"] is None and prov["initialisation"] == "scratch (He)"
+    assert prov["data"]["validation_cases"] == json.loads((out / "training" / "split.json").read_text())["validation"]
+    assert set(prov["validation"]["dice"]) == {"anterior", "posterior"}
+    lines = [json.loads(x) for x in (out / "training" / "log.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2] and lines[0]["lr"] == 1e-2
+    assert lines[1]["lr"] == pytest.approx(1e-2 * 0.5 ** 0.9)
+    assert (out / "training" / "curves.png").stat().st_size > 1000
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "training", "weights.safetensors"]
+    # the folder is a model: segbook predict can use it directly
+    from segbook.inference import Predictor
+    net = create_model(out)
+    image = np.random.default_rng(0).normal(size=(1, 20, 30, 20)).astype(np.float32)
+    assert Predictor(out, device="cpu").predict_array(image, (1.0, 1.0, 1.0)).shape == (20, 30, 20)
+    assert net.config.name == "hippo"
+    # an existing run is not overwritten by accident
+    assert _ft(out, "--epochs", "1", "--iterations-per-epoch", "1") == 2
+
+
+def test_resume_at_epoch_end_is_exact(tmp_path):
+    args = ["--iterations-per-epoch", "3", "--val-every", "100"]
+    assert _ft(tmp_path / "straight", "--epochs", "2", *args, "--num-workers", "0") == 0
+    assert _ft(tmp_path / "split", "--epochs", "1", *args, "--num-workers", "0") == 0
+    # a longer schedule on resume: the second epoch runs as in the 2-epoch run; another worker count
+    assert _ft(tmp_path / "split", "--epochs", "2", *args, "--num-workers", "1", "--resume") == 0
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    la = (tmp_path / "straight" / "training" / "log.jsonl").read_text().splitlines()
+    lb = (tmp_path / "split" / "training" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["train_loss"] for x in la] == [json.loads(x)["train_loss"] for x in lb]
+
+
+def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path):
+    args = ["--epochs", "2", "--iterations-per-epoch", "30", "--val-every", "100", "--num-workers", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "segbook", "finetune", str(MINI), "-o", str(tmp_path / "stopped"), *TINY, *args]
+    cmd[cmd.index("none")] = "json"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:
+        event = json.loads(line)
+        if event.get("stage") == "train" and event["done"] >= 35:   # in the second epoch
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "checkpoint saved; continue with --resume" in err and "Traceback" not in err
+    state = torch.load(tmp_path / "stopped" / "training" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1 and 5 <= state["iteration"] < 30
+    assert not list((tmp_path / "stopped" / "training").glob("*.tmp"))
+    assert _ft(tmp_path / "stopped", *args, "--resume") == 0
+    assert _ft(tmp_path / "straight", *args) == 0
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "stopped")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path, capsys):
+    out = tmp_path / "nan"
+    args = ["--iterations-per-epoch", "2", "--val-every", "100", "--num-workers", "0"]
+    assert _ft(out, "--epochs", "1", *args) == 0
+    ckpt = out / "training" / "checkpoint.pt"
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    for f in (out / "training" / "cache").glob("*_image.npy"):   # corrupt every preprocessed case
+        a = np.load(f)
+        a[:] = np.nan
+        np.save(f, a)
+    capsys.readouterr()
+    assert _ft(out, "--epochs", "3", *args, "--resume") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "loss became nan at epoch 2 iteration 1" in err[0]
+    assert f"last good checkpoint kept: {ckpt} (after epoch 1)" in err[0]
+    assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 0

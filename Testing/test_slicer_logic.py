@@ -418,3 +418,46 @@ def test_fine_tune_runs_in_a_worker_and_the_model_reaches_the_selector(scene, tm
     assert config["class_names"] == ["background", "anterior", "posterior"]
     mine = [e for e in catalog.entries() if e.fineTuned]
     assert [e.name for e in mine] == [str(folder)]
+
+
+# -- process runner -------------------------------------------------------------------------------------
+def test_process_runner_reads_events_progress_bars_and_exit(tmp_path):
+    import sys
+    from SegBookLib.ProcessRunner import ProcessRunner
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import sys, json, time\n"
+        "print('library chatter')\n"
+        "print(json.dumps({'event': 'progress', 'stage': 'x', 'done': 1, 'total': 2}), flush=True)\n"
+        "for p in (10, 55):\n"
+        "    sys.stderr.write(f'\\rmodel.bin: {p:3d}%|####      | 5/10'); sys.stderr.flush()\n"
+        "sys.stderr.write('\\nboom: the last words\\n')\n"
+        "line = sys.stdin.readline()\n"
+        "print(json.dumps({'event': 'done', 'echo': json.loads(line)}), flush=True)\n"
+        "sys.exit(3)\n")
+    runner = ProcessRunner([sys.executable, str(script)])
+    runner.start()
+    first = runner.waitFor(lambda e: e["event"] == "progress", timeout=30)
+    assert first == {"event": "progress", "stage": "x", "done": 1, "total": 2}
+    runner.send({"hello": 1})
+    done = runner.waitFor(lambda e: e["event"] == "done", timeout=30)
+    assert done["echo"] == {"hello": 1}
+    end = runner.waitFor(lambda e: False, timeout=30)
+    assert end["event"] == "exit" and end["returncode"] == 3 and "boom: the last words" in end["stderr"]
+    assert runner.stderrPercent() == 55
+
+
+def test_process_runner_kill_and_terminate(tmp_path):
+    import sys
+    from SegBookLib.ProcessRunner import ProcessRunner
+    runner = ProcessRunner([sys.executable, "-c", "import time; time.sleep(60)"])
+    runner.start()
+    assert runner.isRunning()
+    runner.terminate()
+    end = runner.waitFor(lambda e: False, timeout=30)
+    assert end["event"] == "exit" and end["returncode"] != 0 and not runner.isRunning()
+    runner.start()
+    runner.kill()
+    assert not runner.isRunning()
+    with pytest.raises(RuntimeError):
+        runner.send({"x": 1})

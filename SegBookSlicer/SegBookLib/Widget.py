@@ -158,7 +158,7 @@ class Widget(qt.QWidget):
                                       env=coreEnvironment())
         self.download.start()
         self.ui.downloadButton.text = "Cancel download"
-        self.ui.segmentProgressBar.setRange(0, 0)      # huggingface_hub reports no total we can read
+        self.ui.segmentProgressBar.setRange(0, 0)      # busy until huggingface_hub draws its bar
         self.showStatus(f"Downloading {entry.name}...")
         self.timer.start()
 
@@ -348,6 +348,10 @@ class Widget(qt.QWidget):
         if self.download is not None:
             if self.download.isRunning():
                 busy = True
+                percent = self.download.stderrPercent()
+                if percent is not None:
+                    self.ui.segmentProgressBar.setRange(0, 100)
+                    self.ui.segmentProgressBar.value = percent
             else:
                 code = self.download.process.returncode
                 self.download = None

@@ -233,8 +233,9 @@ def test_module_cmake_ships_every_core_file():
     package = CORE / "segbook"
     files = {str(p.relative_to(CORE)) for p in existing_files(package)
              if "__pycache__" not in p.parts and not p.name.endswith(".pyc")}
-    assert sorted(files - listed) == [], "core files not shipped by SegBookSlicer/CMakeLists.txt"
-    assert sorted(listed - files) == [], "CMake lists core files that do not exist"
+    missing, stale = sorted(files - listed), sorted(listed - files)
+    assert not missing, f"add to SegBookSlicer/CMakeLists.txt (SEGBOOK_CORE_*): {missing}"
+    assert not stale, f"SegBookSlicer/CMakeLists.txt lists core files that do not exist: {stale}"
     assert all(s.endswith(".py") for s in cmake_list(text, "SEGBOOK_CORE_PYTHON_SCRIPTS"))
     assert "worker.py" in " ".join(listed)
 

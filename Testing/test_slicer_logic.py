@@ -236,8 +236,7 @@ def test_worker_error_is_one_line_and_changes_nothing(scene, logic, tiny_model):
 
 # -- Fine-tune export -----------------------------------------------------------------------------------
 def test_fine_tune_export_writes_the_label_mapping(scene, tmp_path):
-    dataset_module = pytest.importorskip("segbook.dataset")
-    check_dataset, read_dataset = dataset_module.check_dataset, dataset_module.read_dataset
+    from segbook.dataset import check_dataset, read_dataset
     ft = FineTuneLogic(tmp_path / "training", tmp_path / "models")
     v1 = load_volume(scene, IMAGE, "case one")
     s1 = load_label_segmentation(scene, LABEL, v1, {1: "anterior", 2: "posterior"})
@@ -289,6 +288,20 @@ def test_fine_tune_refuses_inconsistent_cases(scene, tmp_path):
     renamed = load_label_segmentation(scene, LABEL2, v2, {1: "front", 2: "posterior"})
     with pytest.raises(TrainingSetError, match="front"):
         ft.addCase(v2, renamed, allowNewClasses=False)
+
+
+def test_fine_tune_takes_a_dataset_folder_in_its_own_class_order(tmp_path):
+    from slicer_fixtures import ROOT
+    folder = ROOT / "Testing" / "data" / "hippocampus_mini"     # an nnU-Net raw folder
+    ft = FineTuneLogic(tmp_path / "training", tmp_path / "models")
+    ft.setClasses(["posterior", "anterior"])
+    added = ft.addDatasetFolder(folder)
+    assert len(added) == len(list((folder / "labelsTr").glob("*.nii.gz")))
+    for case in added:
+        original = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / f"{case['name']}.nii.gz")))
+        written = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "training" / case["label"])))
+        assert np.array_equal(written == 1, original == 2) and np.array_equal(written == 2, original == 1)
+    assert ft.classNames() == ["background", "posterior", "anterior"]
 
 
 def test_catalog_lists_fine_tuned_models(tmp_path, tiny_model):
@@ -383,7 +396,6 @@ FAST = ["--patch-size", "32", "32", "32", "--batch-size", "1", "--num-workers", 
 
 
 def test_fine_tune_runs_in_a_worker_and_the_model_reaches_the_selector(scene, tmp_path):
-    pytest.importorskip("segbook.training.trainer")
     catalog = ModelCatalog(tmp_path / "home")
     base = make_tiny_model(tmp_path / "base", classes=["background", "anterior", "posterior"], name="base",
                            stages=6)

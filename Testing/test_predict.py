@@ -145,7 +145,8 @@ def test_model_folder_and_bad_arrays(tmp_path):
     p = Predictor(str(folder), device="cpu")
     assert p.config.class_names == CLASSES
     image, _ = ct_crop()
-    np.testing.assert_array_equal(p.predict_array(image, (3, 3, 3)), Predictor(net).predict_array(image, (3, 3, 3)))
+    # the folder's network runs with the channels-last CPU layers, the module handed in as it is
+    assert (p.predict_array(image, (3, 3, 3)) == Predictor(net).predict_array(image, (3, 3, 3))).mean() > 0.999
     with pytest.raises(InputError, match="constant"):
         p.predict_array(np.full((20, 30, 30), 7.0), (1, 1, 1))
     with pytest.raises(InputError, match="channel"):
@@ -167,3 +168,18 @@ def test_cancel_stops_prediction():
     image, _ = ct_crop()
     with pytest.raises(Cancelled):
         Predictor(tiny_net(), reporter=CancelAfterFirstTile()).predict_array(image, (3, 3, 3))
+
+
+def test_cpu_fast_layers_give_the_same_logits():
+    from segbook.cpu_fast import ChannelsLastInstanceNorm3d, PointwiseConv3d, optimize_for_cpu
+    net = tiny_net()
+    fast = optimize_for_cpu(net)
+    assert any(isinstance(m, ChannelsLastInstanceNorm3d) for m in fast.modules())
+    assert any(isinstance(m, PointwiseConv3d) and m.stride != (1, 1, 1) for m in fast.modules())
+    x = torch.randn(1, 1, 32, 48, 48)
+    with torch.inference_mode():
+        ref, out = net(x), fast(x.contiguous(memory_format=torch.channels_last_3d))
+        also = fast(x)            # a contiguous input falls back to the original layers
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(also, ref, rtol=1e-4, atol=1e-4)
+    assert isinstance(net.conv_blocks_context[0][0].norm1, torch.nn.InstanceNorm3d)   # original untouched

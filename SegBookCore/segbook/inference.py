@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
+from .cpu_fast import optimize_for_cpu
 from .events import Reporter
 from .export import SlabExporter
 from .io import atomic_path, output_format, read_image, sidecar_path, write_labels
@@ -105,9 +106,11 @@ class Predictor:
         self.network, self.config = net, net.config
         self.device = resolve_device(device)
         self.network.to(self.device)
-        if self.owns_network and self.device.type == "cpu":
-            # oneDNN's 3D convolutions run ~1.4x faster in channels-last layout on the CPU (same results).
-            self.network.to(memory_format=torch.channels_last_3d)
+        # On the CPU, a network we own runs channels-last with layers that keep that layout (cpu_fast): ~1.7x
+        # faster per tile, same logits up to float rounding. A network handed in (training) is left alone.
+        self.channels_last = self.owns_network and self.device.type == "cpu"
+        if self.channels_last:
+            self.network = optimize_for_cpu(self.network, inplace=True)
         self.tta, self.step = bool(tta), float(step)
         self.reporter = reporter or Reporter()
         self.checkpoint = str(checkpoint) if checkpoint else None
@@ -226,7 +229,7 @@ class Predictor:
                     tile = source[:, z:z + patch[0], y:y + patch[1], x:x + patch[2]]
                     pred = self._predict_tile(tile).to(results_device)
                     pred *= gauss
-                    acc[:, :, y:y + patch[1], x:x + patch[2]] += pred
+                    _accumulate(acc[:, :, y:y + patch[1], x:x + patch[2]], pred)
                     weight[:, y:y + patch[1], x:x + patch[2]] += gauss
                     del pred
                     done += 1
@@ -254,7 +257,7 @@ class Predictor:
     def _predict_tile(self, tile: torch.Tensor) -> torch.Tensor:
         """(C, pz, py, px) -> (K, pz, py, px) float32 logits, averaged over the mirror flips when TTA is on."""
         x = tile[None].to(self.device, non_blocking=True)
-        if self.device.type == "cpu":
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         flips = mirror_axes_sets([a + 2 for a in self.config.plan.mirror_axes]) if self.tta else [()]
         amp = torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else contextlib.nullcontext()
@@ -312,6 +315,15 @@ class Predictor:
         self.reporter.progress("write", 1, 1)
         log.info("%s -> %s in %.1f s", input_path, output_path, time.perf_counter() - t0)
         return sidecar
+
+
+def _accumulate(acc: torch.Tensor, pred: torch.Tensor, chunk: int = 16) -> None:
+    """acc (float16) += pred (float32), rounding once per element as `acc += pred` does, but some 8x faster
+    on the CPU, where PyTorch's mixed-dtype in-place add is not vectorised (nnU-Net loses ~6 s per 128^3
+    tile with 105 classes there). Chunks of classes bound the float32 temporary."""
+    for c in range(0, acc.shape[0], chunk):
+        part = acc[c:c + chunk]
+        part.copy_(part.float().add_(pred[c:c + chunk]))
 
 
 def _shift_left(t: torch.Tensor, n: int) -> None:

@@ -119,7 +119,8 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
         array = np.moveaxis(array, -1, 0)       # (z, y, x, c) -> (c, z, y, x)
     elif dim == 3:
         array = array[None]
-    array = np.ascontiguousarray(array, dtype=np.float32)
+    # Always copy: the view's memory belongs to `image`, which is freed when this function returns.
+    array = np.array(array, dtype=np.float32, copy=True, order="C")
     if not np.isfinite(array).all():
         raise InputError(f"{path}: image holds NaN or infinite values")
     return array, geometry

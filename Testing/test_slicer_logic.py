@@ -234,6 +234,19 @@ def test_worker_error_is_one_line_and_changes_nothing(scene, logic, tiny_model):
     assert [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())] == ["spleen"]
 
 
+def test_a_worker_that_dies_reports_its_last_words(scene, tmp_path):
+    import sys
+    from SegBookLib.ProcessRunner import ProcessRunner
+    volume = load_volume(scene, IMAGE)
+    before = scene_snapshot(scene)
+    dying = SegmentationLogic(workerFactory=lambda: ProcessRunner(
+        [sys.executable, "-c", "import sys; sys.stderr.write('ModuleNotFoundError: No module named torch\\n'); "
+                               "sys.exit(1)"]))
+    with pytest.raises(SegmentationError, match="No module named torch"):
+        dying.segment(scene, volume, SegmentParameters(model="stunet-s-totalseg"), timeout=60)
+    assert scene_snapshot(scene) == before and not dying.isBusy()
+
+
 # -- Fine-tune export -----------------------------------------------------------------------------------
 def test_fine_tune_export_writes_the_label_mapping(scene, tmp_path):
     from segbook.dataset import check_dataset, read_dataset

@@ -81,13 +81,16 @@ def volumeToImage(volumeNode):
     return image
 
 
-def writeVolume(volumeNode, path) -> Path:
-    """Write the node to a file the core reads (NRRD or NIfTI by extension), no resampling. Atomic."""
+def writeVolume(volumeNode, path, compress: bool = True) -> Path:
+    """Write the node to a file the core reads (NRRD or NIfTI by extension), no resampling. Atomic.
+
+    Temporary hand-over files are written uncompressed (`compress=False`): gzip would cost seconds on a CT.
+    """
     import SimpleITK as sitk
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(".tmp-" + path.name)
-    sitk.WriteImage(volumeToImage(volumeNode), str(tmp), useCompression=True)
+    sitk.WriteImage(volumeToImage(volumeNode), str(tmp), useCompression=compress)
     os.replace(tmp, path)
     return path
 

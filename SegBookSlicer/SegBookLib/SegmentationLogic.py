@@ -62,7 +62,7 @@ class SegmentationLogic:
         roi = NodeIO.roiToLpsBox(roiNode, volumeNode) if roiNode is not None else None
         tmp = Path(tempfile.mkdtemp(prefix="segbook-"))
         try:
-            inputPath = NodeIO.writeVolume(volumeNode, tmp / "input.nrrd")
+            inputPath = NodeIO.writeVolume(volumeNode, tmp / "input.nrrd", compress=False)
         except Exception:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -73,7 +73,11 @@ class SegmentationLogic:
         self.job = {"id": requestId, "tmp": tmp, "output": tmp / "labels.nrrd", "t0": time.monotonic(),
                     "volumeID": volumeNode.GetID(), "final": None}
         self.lastEvent = None
-        self.worker.send(params.request(requestId, inputPath, self.job["output"], roi))
+        try:
+            self.worker.send(params.request(requestId, inputPath, self.job["output"], roi))
+        except (RuntimeError, OSError) as e:
+            # the worker died on start-up; its exit event (with its last words) ends the job
+            log.warning("could not send request %s: %s", requestId, e)
         log.info("request %s sent (%s, roi %s)", requestId, params.model, roi)
         return requestId
 

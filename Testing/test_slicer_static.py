@@ -234,7 +234,8 @@ def test_module_cmake_ships_every_core_file():
     files = {str(p.relative_to(CORE)) for p in existing_files(package)
              if "__pycache__" not in p.parts and not p.name.endswith(".pyc")}
     missing, stale = sorted(files - listed), sorted(listed - files)
-    assert not missing, f"add to SegBookSlicer/CMakeLists.txt (SEGBOOK_CORE_*): {missing}"
+    assert not missing, (f"add to SegBookSlicer/CMakeLists.txt (SEGBOOK_CORE_*): {missing}; "
+                         f"`python Testing/test_slicer_static.py --update-cmake` rewrites both lists")
     assert not stale, f"SegBookSlicer/CMakeLists.txt lists core files that do not exist: {stale}"
     assert all(s.endswith(".py") for s in cmake_list(text, "SEGBOOK_CORE_PYTHON_SCRIPTS"))
     assert "worker.py" in " ".join(listed)
@@ -372,3 +373,20 @@ def test_panel_segment_and_add_case_clicks_drive_the_real_logic(gui_stubs, tmp_p
         assert "anterior" in ui.classesLabel.text
     finally:
         panel.cleanup()
+
+
+def update_core_lists() -> None:
+    """Rewrite the SEGBOOK_CORE_* lists of SegBookSlicer/CMakeLists.txt from the core's files."""
+    package = CORE / "segbook"
+    files = sorted(str(p.relative_to(CORE)) for p in existing_files(package)
+                   if "__pycache__" not in p.parts and not p.name.endswith(".pyc"))
+    text = MODULE_CMAKE.read_text()
+    for variable, items in (("SEGBOOK_CORE_PYTHON_SCRIPTS", [f for f in files if f.endswith(".py")]),
+                            ("SEGBOOK_CORE_PYTHON_RESOURCES", [f for f in files if not f.endswith(".py")])):
+        body = "".join(f"  {item}\n" for item in items)
+        text = re.sub(rf"set\({variable}\n.*?\n  \)", lambda m: f"set({variable}\n{body}  )", text, flags=re.S)
+    MODULE_CMAKE.write_text(text)
+
+
+if __name__ == "__main__" and "--update-cmake" in sys.argv:
+    update_core_lists()

@@ -32,6 +32,19 @@ def userDirectory() -> Path:
     return Path.home() / ".segbook"
 
 
+_PARAMETERS: dict = {}
+
+
+def _parameters(config) -> int:
+    """Parameter count, computed once per architecture (building the H model's graph takes a moment)."""
+    a = config.arch
+    key = (a.input_channels, a.num_classes, tuple(a.dims), tuple(a.depth), str(a.pool_op_kernel_sizes))
+    if key not in _PARAMETERS:
+        from segbook.zoo import num_parameters
+        _PARAMETERS[key] = num_parameters(config)
+    return _PARAMETERS[key]
+
+
 @dataclass
 class ModelEntry:
     name: str               # what the worker is given: a registered name or a folder path
@@ -41,6 +54,7 @@ class ModelEntry:
     downloaded: bool
     fineTuned: bool
     classNames: list
+    channels: int = 1
 
     @property
     def sizeText(self) -> str:
@@ -85,13 +99,17 @@ class ModelCatalog:
         return sorted(p for p in self.modelsDirectory.iterdir() if (p / "model.json").is_file())
 
     def entries(self) -> list:
-        """Every model the selector offers, released first, then the user's."""
-        from segbook.zoo import get_config, is_cached, list_models, num_parameters
-        out = []
+        """Every model the selector offers: the TotalSegmentator STU-Nets S, B, L, H first, the other released
+        and bundled ones, then the user's."""
+        from segbook.zoo import get_config, is_cached, list_models
+        released = []
         for name in list_models():
             config = get_config(name)
-            out.append(ModelEntry(name, name, config.description, num_parameters(config), is_cached(name),
-                                  False, list(config.class_names)))
+            released.append(ModelEntry(name, name, config.description, _parameters(config), is_cached(name),
+                                       False, list(config.class_names), config.arch.input_channels))
+        order = {"S": 0, "B": 1, "L": 2, "H": 3}
+        released.sort(key=lambda e: ("totalseg" not in e.name, order.get(get_config(e.name).size, 9), e.name))
+        out = released
         for folder in self.fineTunedFolders() + [Path(p) for p in self._extraFolders()]:
             try:
                 config = get_config(folder)
@@ -99,5 +117,6 @@ class ModelCatalog:
                 log.warning("skipping model folder %s: %s", folder, e)
                 continue
             out.append(ModelEntry(str(folder), f"{config.name} (yours)", config.description,
-                                  num_parameters(config), True, True, list(config.class_names)))
+                                  _parameters(config), True, True, list(config.class_names),
+                                  config.arch.input_channels))
         return out

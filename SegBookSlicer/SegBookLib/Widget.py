@@ -34,6 +34,7 @@ class Widget(qt.QWidget):
         self.chart = None
         self.download = None
         self.entries = []
+        self.segmentAfterDownload = False
 
         layout = qt.QVBoxLayout(self)
         uiWidget = slicer.util.loadUI(uiPath)
@@ -73,7 +74,6 @@ class Widget(qt.QWidget):
         self.updateDeviceHint()
         self.setSegmentRunning(False)
         self.setFineTuneRunning(False)
-        self.segmentAfterDownload = False
         self.restoreParameters()
 
     # -- setup ------------------------------------------------------------------------------------
@@ -132,8 +132,11 @@ class Widget(qt.QWidget):
         entry = self.currentEntry()
         if entry is None:
             return
+        channels = ("" if entry.channels == 1 else
+                    f"\nTakes {entry.channels} co-registered input volumes: use `segbook predict` for it.")
         self.ui.modelInfoLabel.text = (f"{entry.description}\n{entry.sizeText}, {len(entry.classNames) - 1} "
-                                       f"structures, {'on this computer' if entry.downloaded else 'not downloaded'}")
+                                       f"structures, {'on this computer' if entry.downloaded else 'not downloaded'}"
+                                       + channels)
         self.ui.downloadButton.enabled = not entry.downloaded
         self.ui.classesListWidget.clear()
         for name in entry.classNames[1:]:

@@ -314,12 +314,24 @@ def test_setup_installs_torch_through_pytorchutils_then_pip():
 
 def test_setup_requirements_match_the_core_dependencies():
     tomllib = pytest.importorskip("tomllib")
-    from SegBookLib.InstallLogic import PIP_REQUIREMENTS, SHIPPED_WITH_SLICER, TORCH_REQUIREMENT
-    deps = tomllib.loads((CORE / "pyproject.toml").read_text())["project"]["dependencies"]
-    names = {re.split(r"[<>=!~ ]", d)[0].lower() for d in deps}
-    ours = {r.split(">")[0].lower() for r in PIP_REQUIREMENTS.values()} | {n.lower() for n in SHIPPED_WITH_SLICER}
-    ours.add(TORCH_REQUIREMENT.split(">")[0])
-    assert names == ours
+    from SegBookLib.InstallLogic import PIP_REQUIREMENTS, SHIPPED_WITH_SLICER, TORCH_REQUIREMENT, TRAIN_REQUIREMENTS
+    project = tomllib.loads((CORE / "pyproject.toml").read_text())["project"]
+
+    def names(reqs):
+        return {re.split(r"[<>=!~ \[]", r)[0].lower() for r in reqs}
+
+    ours = names(PIP_REQUIREMENTS.values()) | {n.lower() for n in SHIPPED_WITH_SLICER} | names([TORCH_REQUIREMENT])
+    assert names(project["dependencies"]) == ours
+    assert names(project["optional-dependencies"]["train"]) == names(TRAIN_REQUIREMENTS.values())
+
+
+def test_training_packages_are_asked_for_only_when_fine_tuning():
+    logic, calls = installer({"numpy", "SimpleITK", "torch", "huggingface_hub", "safetensors", "scipy"})
+    assert logic.isReady() and not logic.isReady(training=True)
+    questions = []
+    assert logic.install(lambda q: questions.append(q) or True, training=True)
+    assert "batchgeneratorsv2" in questions[0] and "PyTorch" not in questions[0]
+    assert calls == [("pip", ["batchgeneratorsv2>=0.2", "matplotlib>=3.5"])]
 
 
 def test_nothing_is_installed_at_import():

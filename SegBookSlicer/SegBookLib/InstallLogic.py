@@ -20,6 +20,11 @@ PIP_REQUIREMENTS = {
     "safetensors": "safetensors>=0.4",
     "scipy": "scipy>=1.9",
 }
+# the core's `train` extra: only needed (and only asked for) when the user first fine-tunes
+TRAIN_REQUIREMENTS = {
+    "batchgeneratorsv2": "batchgeneratorsv2>=0.2",
+    "matplotlib": "matplotlib>=3.5",
+}
 SHIPPED_WITH_SLICER = ("numpy", "SimpleITK")
 
 
@@ -58,14 +63,20 @@ class InstallLogic:
         except (ImportError, ValueError):
             return False
 
-    def missing(self) -> list:
+    def missing(self, training: bool = False) -> list:
         """Import names of the core's dependencies that are not installed, torch first."""
         importlib.invalidate_caches()   # packages installed since the last look
         names = ["torch"] + list(PIP_REQUIREMENTS) + list(SHIPPED_WITH_SLICER)
+        if training:
+            names += list(TRAIN_REQUIREMENTS)
         return [n for n in names if not self._has(n)]
 
-    def isReady(self) -> bool:
-        return not self.missing()
+    def isReady(self, training: bool = False) -> bool:
+        return not self.missing(training)
+
+    @staticmethod
+    def _requirement(name: str) -> str:
+        return PIP_REQUIREMENTS.get(name) or TRAIN_REQUIREMENTS[name]
 
     def question(self, missing: list) -> str:
         """What the confirmation dialog says: what will be installed and how long it may take."""
@@ -73,15 +84,19 @@ class InstallLogic:
         if "torch" in missing:
             parts.append("PyTorch (through the PyTorch extension, which picks the GPU build for this "
                          "computer: a download of up to 2-3 GB, typically 5-15 minutes)")
-        pip = [PIP_REQUIREMENTS[n] for n in missing if n in PIP_REQUIREMENTS]
+        pip = [self._requirement(n) for n in missing if n in PIP_REQUIREMENTS or n in TRAIN_REQUIREMENTS]
         if pip:
-            parts.append(f"{', '.join(pip)} (small, under a minute)")
+            parts.append(f"{', '.join(pip)} (a few minutes at most)")
         return ("SegBook needs these Python packages in Slicer:\n- " + "\n- ".join(parts) +
                 "\n\nInstall them now?")
 
-    def install(self, confirm: Callable[[str], bool], progress: Optional[Callable[[str], None]] = None) -> bool:
-        """Install what is missing after `confirm(question)` says yes; False if the user declined."""
-        missing = self.missing()
+    def install(self, confirm: Callable[[str], bool], progress: Optional[Callable[[str], None]] = None,
+                training: bool = False) -> bool:
+        """Install what is missing after `confirm(question)` says yes; False if the user declined.
+
+        `training` adds the fine-tuning packages. torch goes first so that pip never picks a torch itself.
+        """
+        missing = self.missing(training)
         if not missing:
             return True
         unshipped = [n for n in missing if n in SHIPPED_WITH_SLICER]
@@ -94,11 +109,11 @@ class InstallLogic:
         if "torch" in missing:
             say("Installing PyTorch (this may take several minutes)...")
             self._installTorch(TORCH_REQUIREMENT)
-        pip = [PIP_REQUIREMENTS[n] for n in missing if n in PIP_REQUIREMENTS]
+        pip = [self._requirement(n) for n in missing if n in PIP_REQUIREMENTS or n in TRAIN_REQUIREMENTS]
         if pip:
             say(f"Installing {', '.join(pip)}...")
             self._pipInstall(pip)
-        still = self.missing()
+        still = self.missing(training)
         if still:
             raise InstallError(f"still missing after install: {', '.join(still)}; restart Slicer and retry")
         say("SegBook is ready.")

@@ -84,17 +84,17 @@ class Widget(qt.QWidget):
                                            f"Missing Python packages: {', '.join(missing)}.")
         self.ui.installButton.enabled = bool(missing)
 
-    def ensureInstalled(self) -> bool:
-        if self.install.isReady():
+    def ensureInstalled(self, training: bool = False) -> bool:
+        if self.install.isReady(training):
             return True
-        return self.onInstall()
+        return self.onInstall(training=training)
 
-    def onInstall(self) -> bool:
+    def onInstall(self, *_, training: bool = False) -> bool:
         def confirm(question):
             return slicer.util.confirmYesNoDisplay(question, windowTitle="SegBook setup")
         try:
             with slicer.util.tryWithErrorDisplay("SegBook setup failed", waitCursor=True):
-                ok = self.install.install(confirm, progress=self.showStatus)
+                ok = self.install.install(confirm, progress=self.showStatus, training=training)
                 self.refreshInstallStatus()
                 if ok:
                     self.refreshModels()
@@ -301,7 +301,7 @@ class Widget(qt.QWidget):
         self.ui.addCaseButton.enabled = not running
 
     def onStartFineTune(self, resume: bool) -> None:
-        if not self.ensureInstalled():
+        if not self.ensureInstalled(training=True):
             return
         params = self.fineTuneParameters()
         saveToNode(params, self.parameterNode(), "FineTune")

@@ -61,8 +61,9 @@ class Geometry:
         corners = np.array([ref.TransformPhysicalPointToContinuousIndex(
             (float(x), float(y), float(z))) for x in (lo[0], hi[0]) for y in (lo[1], hi[1])
             for z in (lo[2], hi[2])])
-        start = np.maximum(np.ceil(corners.min(0) - 1e-6), 0).astype(int)
-        stop = np.minimum(np.floor(corners.max(0) + 1e-6) + 1, self.size).astype(int)
+        # A tolerance of 1/100 voxel: a corner typed in mm with a few decimals still holds its voxel centre.
+        start = np.maximum(np.ceil(corners.min(0) - 1e-2), 0).astype(int)
+        stop = np.minimum(np.floor(corners.max(0) + 1e-2) + 1, self.size).astype(int)
         if np.any(stop <= start):
             raise InputError(f"ROI {list(map(float, box_lps))} (LPS mm) lies outside the image")
         (x0, y0, z0), (x1, y1, z1) = start, stop

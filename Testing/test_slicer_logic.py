@@ -285,6 +285,17 @@ def test_fine_tune_export_writes_the_label_mapping(scene, tmp_path):
         ["case_one", "case_two"]
 
 
+def test_fine_tune_keeps_the_base_class_order_only_for_the_same_classes(scene, tmp_path):
+    volume = load_volume(scene, IMAGE, "one")
+    segmentation = load_label_segmentation(scene, LABEL, volume, {1: "anterior", 2: "posterior"})
+    same = FineTuneLogic(tmp_path / "a", tmp_path / "models")
+    same.addCase(volume, segmentation, baseClasses=["background", "posterior", "anterior"])
+    assert same.classNames() == ["background", "posterior", "anterior"]
+    other = FineTuneLogic(tmp_path / "b", tmp_path / "models")
+    other.addCase(volume, segmentation, baseClasses=["background", "liver", "spleen", "anterior"])
+    assert other.classNames() == ["background", "anterior", "posterior"]     # the case's own order
+
+
 def test_fine_tune_refuses_inconsistent_cases(scene, tmp_path):
     ft = FineTuneLogic(tmp_path / "training", tmp_path / "models")
     v1 = load_volume(scene, IMAGE, "one")

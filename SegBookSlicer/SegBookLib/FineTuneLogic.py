@@ -96,11 +96,14 @@ class FineTuneLogic:
         self._save(dataset)
 
     def addCase(self, volumeNode, segmentationNode, name: Optional[str] = None,
-                missingAsBackground: bool = False, allowNewClasses: bool = True) -> dict:
+                missingAsBackground: bool = False, allowNewClasses: bool = True,
+                baseClasses: Optional[list] = None) -> dict:
         """Export a volume + segmentation pair into the training folder; returns the case entry.
 
         Label values follow the training set's class list (new segment names are appended when
         `allowNewClasses`). Adding a case under an existing name replaces it (a corrected case).
+        `baseClasses` (the base model's foreground classes) orders the first case's classes when they are
+        the same set, so that fine-tuning one's own model again keeps its output heads.
         """
         if volumeNode is None or segmentationNode is None:
             raise TrainingSetError("select both a volume and its segmentation")
@@ -113,6 +116,8 @@ class FineTuneLogic:
             raise TrainingSetError(f"two segments are named '{duplicate}'; segment names define the classes")
         dataset = self.dataset()
         classes = list(dataset["class_names"])
+        if len(classes) == 1 and baseClasses and set(baseClasses) - {"background"} == set(names):
+            classes += [c for c in baseClasses if c != "background"]
         new = [n for n in names if n not in classes]
         if new and len(classes) > 1 and not allowNewClasses:
             raise TrainingSetError(f"segment(s) {', '.join(new)} are not classes of this training set "

@@ -265,13 +265,11 @@ class Widget(qt.QWidget):
 
     def onAddCase(self) -> None:
         with slicer.util.tryWithErrorDisplay("Cannot add this case"):
-            if not self.fineTune.cases():
-                base = self.currentEntry(self.ui.baseModelComboBox)
-                if base is not None and self.ui.useBaseClassesCheckBox.checked:
-                    self.fineTune.setClasses(base.classNames[1:])
+            base = self.currentEntry(self.ui.baseModelComboBox)
             self.fineTune.addCase(self.ui.trainVolumeSelector.currentNode(),
                                   self.ui.trainSegmentationSelector.currentNode(),
-                                  missingAsBackground=self.ui.missingAsBackgroundCheckBox.checked)
+                                  missingAsBackground=self.ui.missingAsBackgroundCheckBox.checked,
+                                  baseClasses=base.classNames if base is not None else None)
             self.refreshCases()
 
     def onAddFolder(self) -> None:

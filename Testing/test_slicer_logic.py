@@ -401,6 +401,7 @@ def test_training_chart_follows_metric_events(scene):
         ["epoch", "train_loss", "val_dice", "lr"]
     assert chart.column("val_dice") == [0.1, 0.3]
     assert chart.chart.GetNumberOfPlotSeriesNodes() == 3      # one series per metric, against the epoch
+    assert chart.view.GetPlotChartNodeID() == chart.chart.GetID()
 
 
 def test_parameters_are_saved_with_the_scene(scene):

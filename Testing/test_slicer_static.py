@@ -88,6 +88,39 @@ def test_ui_file_declares_its_custom_widgets_and_scene_connections():
     assert len(names) == len(set(names)), "widget names are unique"
 
 
+# The PythonQt members of each widget class that the panel may use (properties and slots of the real
+# classes: Qt 5, CTK, Slicer's qMRML widgets). A member outside this table is either a typo or a new use
+# that must be checked against the class's documentation and added here.
+_WIDGET = {"enabled", "visible", "toolTip", "setEnabled", "setVisible"}
+QT_MEMBERS = {
+    "QComboBox": _WIDGET | {"clear", "addItem", "currentData", "currentText", "setCurrentText", "currentIndex",
+                            "setCurrentIndex", "findData", "findText", "blockSignals", "currentIndexChanged",
+                            "count"},
+    "QPushButton": _WIDGET | {"clicked", "text", "setText"},
+    "QLabel": _WIDGET | {"text", "setText"},
+    "QCheckBox": _WIDGET | {"checked", "setChecked", "toggled", "text"},
+    "QListWidget": _WIDGET | {"clear", "addItem", "count", "item", "currentItem", "currentRow"},
+    "QProgressBar": _WIDGET | {"setRange", "value", "setValue", "minimum", "maximum"},
+    "QSpinBox": _WIDGET | {"value", "setValue", "valueChanged"},
+    "QLineEdit": _WIDGET | {"text", "setText", "textChanged"},
+    "ctkPathLineEdit": _WIDGET | {"currentPath", "setCurrentPath", "currentPathChanged"},
+    "ctkCollapsibleButton": _WIDGET | {"collapsed", "text"},
+    "qMRMLNodeComboBox": _WIDGET | {"currentNode", "setCurrentNode", "currentNodeChanged", "setMRMLScene"},
+    "qMRMLPlotWidget": _WIDGET | {"setMRMLPlotViewNode", "mrmlPlotViewNode", "plotView", "setMRMLScene"},
+}
+
+
+def test_every_widget_member_used_exists_on_its_class():
+    widgets = ui_widgets()
+    unknown = []
+    for source in python_sources():
+        for name, member in re.findall(r"self\.ui\.(\w+)\.(\w+)", source.read_text()):
+            cls = widgets.get(name)
+            if member not in QT_MEMBERS.get(cls, set()):
+                unknown.append(f"{source.name}: {name}.{member} ({cls})")
+    assert not unknown, unknown
+
+
 class _QWidget:
     def __init__(self, parent=None):
         self.parent = parent
@@ -96,8 +129,9 @@ class _QWidget:
 class _UiStub:
     """What slicer.util.childWidgetVariables returns, restricted to the widgets of SegBook.ui."""
 
-    def __init__(self, names):
-        self._names = set(names)
+    def __init__(self, classes: dict):
+        self._classes = classes
+        self._names = set(classes)
         self._widgets = {}
 
     def __getattr__(self, name):
@@ -106,14 +140,13 @@ class _UiStub:
         if name not in self._names:
             raise AttributeError(f"SegBook.ui has no widget '{name}'")
         if name not in self._widgets:
-            w = mock.MagicMock(name=name)
-            w.currentText = "auto" if "evice" in name else "quick"
-            w.currentData = None
-            w.checked = False
-            w.text = ""
-            w.value = 0
-            w.count = 0
-            w.currentPath = ""
+            # only the members of the widget's real class (QT_MEMBERS) exist on the stub
+            w = mock.MagicMock(name=name, spec=sorted(QT_MEMBERS[self._classes[name]]))
+            defaults = {"currentText": "auto" if "evice" in name else "quick", "currentData": None,
+                        "checked": False, "text": "", "value": 0, "count": 0, "currentPath": ""}
+            for member, value in defaults.items():
+                if member in QT_MEMBERS[self._classes[name]]:
+                    setattr(w, member, value)
             self._widgets[name] = w
         return self._widgets[name]
 

@@ -2,7 +2,7 @@
 
 Each `metric` event of `segbook finetune` (`{"event": "metric", "epoch": 3, "train_loss": 0.4, ...}`) is a
 row; every numeric key becomes a column and a plot series against the epoch. The chart node is shown
-in the panel's plot widget, and the table can be saved with the scene.
+in the panel's plot widget (through `view`), and the table can be saved with the scene.
 """
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ class TrainingChart:
         self.chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{name} chart")
         self.chart.SetTitle("Fine-tuning")
         self.chart.SetXAxisTitle("epoch")
+        # the panel's qMRMLPlotWidget shows a plot view node, which shows the chart
+        self.view = scene.AddNewNodeByClass("vtkMRMLPlotViewNode", f"{name} view")
+        self.view.SetPlotChartNodeID(self.chart.GetID())
         self.rows: list = []
         self.columns: list = []
         self.series: dict = {}

@@ -306,7 +306,7 @@ class Widget(qt.QWidget):
         with slicer.util.tryWithErrorDisplay("Cannot start fine-tuning"):
             self.fineTune.start(params, resume=resume)
             self.chart = TrainingChart(slicer.mrmlScene)
-            self.ui.plotWidget.setMRMLPlotChartNode(self.chart.chart)
+            self.ui.plotWidget.setMRMLPlotViewNode(self.chart.view)
             self.setFineTuneRunning(True)
             self.ui.fineTuneStatusLabel.text = "Starting..."
             self.timer.start()

@@ -435,3 +435,21 @@ def update_core_lists() -> None:
 
 if __name__ == "__main__" and "--update-cmake" in sys.argv:
     update_core_lists()
+
+
+def test_slicer_api_names_used_exist_in_slicer():
+    """slicer.util functions and MRML/VTK classes the module calls exist in the real `slicer` package."""
+    import slicer
+    missing = []
+    for source in python_sources():
+        text = source.read_text()
+        for name in set(re.findall(r"slicer\.util\.(\w+)", text)):
+            if not hasattr(slicer.util, name):
+                missing.append(f"{source.name}: slicer.util.{name}")
+        for name in set(re.findall(r"\bslicer\.(vtk\w+)", text)):
+            if not hasattr(slicer, name):
+                missing.append(f"{source.name}: slicer.{name}")
+        for name in set(re.findall(r"AddNewNodeByClass\(\s*\"(\w+)\"", text)):
+            if not hasattr(slicer, name):
+                missing.append(f"{source.name}: node class {name}")
+    assert not missing, missing

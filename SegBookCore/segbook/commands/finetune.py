@@ -43,6 +43,10 @@ def run(args) -> int:
     from ..training.config import FinetuneConfig
     from ..training.trainer import finetune
 
+    try:
+        import batchgeneratorsv2  # noqa: F401  (the augmentation library, in the `train` extra)
+    except ImportError:
+        raise InputError("fine-tuning needs the training extras: pip install 'segbook[train]'") from None
     fields = {k: getattr(args, k) for k in FinetuneConfig.__dataclass_fields__}
     try:
         cfg = FinetuneConfig(**fields)

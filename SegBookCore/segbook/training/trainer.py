@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shlex
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -159,6 +161,14 @@ def _plan(cfg, ds, train_cases, base_config, cache_dir, reporter, is_main, barri
     return plan, pools, cached
 
 
+def _describe(base_config, cfg, dims, ds) -> str:
+    shape = f"STU-Net-{base_config.size}" if base_config.size else f"the {base_config.name} network"
+    if cfg.width != 1.0:
+        shape = f"{shape} shape at {cfg.width:g}x width (dims {'-'.join(map(str, dims))})"
+    how = "trained from scratch" if cfg.scratch else f"fine-tuned from {base_config.name}"
+    return f"{shape}, {how} on {ds.name} ({', '.join(ds.class_names[1:])})"
+
+
 def finetune(cfg: FinetuneConfig, reporter: Reporter | None = None) -> dict:
     """Run (or resume) a fine-tune; returns {"model_dir", "epochs_done", "stopped", "validation"}."""
     reporter = reporter or Reporter()
@@ -209,13 +219,12 @@ def _run(cfg, d, device, out, train_dir, reporter) -> dict:
     model_config = ModelConfig(
         name=name, arch=net.arch, plan=plan, class_names=list(ds.class_names),
         colors=[default_color(n, i) for i, n in enumerate(ds.class_names)],
-        description=f"STU-Net {'-'.join(map(str, net.arch.dims))} fine-tuned on {ds.name} "
-                    f"({', '.join(ds.class_names[1:])})",
+        description=_describe(base_config, cfg, net.arch.dims, ds),
         license="same terms as the training data and the base model",
         size=base_config.size if cfg.width == 1.0 else None,
         provenance={**init_info, "data": {"source": ds.source, "name": ds.name, "train_cases": len(train_cases),
                                           "validation_cases": split["validation"]},
-                    "recipe": cfg.to_dict()})
+                    "recipe": cfg.to_dict(), "command": shlex.join(sys.argv)})
     net.to(device)
     epochs, its = cfg.total_epochs, cfg.iterations
     opt, sched = make_optimizer(net, cfg.initial_lr, epochs)

@@ -49,6 +49,13 @@ def stemOf(path: Path) -> str:
     return path.stem
 
 
+def outputFor(source: Path, target: Path, path: Path) -> Path:
+    """Where the segmentation of `path` goes: OUT itself for one file and a `.seg.nrrd` OUT, else OUT/<name>.seg.nrrd."""
+    if source.is_file() and target.name.endswith(".seg.nrrd"):
+        return target
+    return target / f"{stemOf(path)}.seg.nrrd"
+
+
 def readVolume(scene, path: Path):
     import slicer
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", stemOf(path))
@@ -82,7 +89,6 @@ def run(argv) -> int:
     if not inputs:
         log.error("%s: no image files", source)
         return 2
-    single = source.is_file() and target.name.endswith(".seg.nrrd")
     params = SegmentParameters(model=args.model, checkpoint=args.checkpoint, device=args.device, tta=args.tta,
                                classes=[c.strip() for c in (args.classes or "").split(",") if c.strip()])
     scene = getattr(slicer, "mrmlScene", None) or slicer.vtkMRMLScene()
@@ -90,7 +96,7 @@ def run(argv) -> int:
     failures = 0
     try:
         for path in inputs:
-            output = target if single else target / f"{stemOf(path)}.seg.nrrd"
+            output = outputFor(source, target, path)
             try:
                 volume = readVolume(scene, path)
                 node = logic.segment(scene, volume, params, timeout=args.timeout)

@@ -244,6 +244,11 @@ def test_batch_script_and_self_test_are_importable(gui_stubs):
     assert issubclass(SegBook.SegBookTest, __import__("unittest").TestCase)
     args = SegBookBatch.parseArguments(["--input", "a.nii.gz", "--output", "o", "--model", "m", "--tta"])
     assert args.tta and args.device == "auto"
+    image = Path(__file__).parent / "data" / "slicer" / "hippocampus_001_image.nii.gz"
+    assert SegBookBatch.outputFor(image, Path("out.seg.nrrd"), image) == Path("out.seg.nrrd")
+    assert SegBookBatch.outputFor(image, Path("out"), image) == Path("out/hippocampus_001_image.seg.nrrd")
+    assert SegBookBatch.outputFor(image.parent, Path("o.seg.nrrd"), image) == \
+        Path("o.seg.nrrd/hippocampus_001_image.seg.nrrd")
 
 
 # -- CMake, catalog, icon -------------------------------------------------------------------------------

@@ -238,7 +238,7 @@ class Widget(qt.QWidget):
         if job is None or job["final"] is None:
             return
         self.setSegmentRunning(False)
-        volume = self.ui.inputVolumeSelector.currentNode()
+        volume = slicer.mrmlScene.GetNodeByID(job["volumeID"])     # the volume the job was started on
         with slicer.util.tryWithErrorDisplay("Segmentation failed"):
             node = self.segmentation.applyResult(slicer.mrmlScene, volume,
                                                  self.ui.outputSegmentationSelector.currentNode())

@@ -458,3 +458,47 @@ def test_slicer_api_names_used_exist_in_slicer():
             if not hasattr(slicer, name):
                 missing.append(f"{source.name}: node class {name}")
     assert not missing, missing
+
+
+def test_panel_fine_tune_start_chart_and_stop(gui_stubs, tmp_path, monkeypatch):
+    """Start -> progress and the live chart from metric events -> Stop, through the panel with Qt stubbed."""
+    import time
+
+    import slicer
+    from slicer_fixtures import IMAGE, IMAGE2, LABEL, LABEL2, load_label_segmentation, load_volume, make_tiny_model
+    from SegBookLib.Parameters import FineTuneParameters
+    from SegBookLib.Widget import Widget
+
+    base = make_tiny_model(tmp_path / "base", classes=["background", "anterior", "posterior"], stages=6)
+    panel = Widget(str(UI_FILE))
+    ui = gui_stubs["ui"]
+    try:
+        scene = slicer.mrmlScene
+        for image, label, name in ((IMAGE, LABEL, "one"), (IMAGE2, LABEL2, "two")):
+            volume = load_volume(scene, image, name)
+            ui.trainVolumeSelector.currentNode.return_value = volume
+            ui.trainSegmentationSelector.currentNode.return_value = load_label_segmentation(
+                scene, label, volume, {1: "anterior", 2: "posterior"})
+            panel.onAddCase()
+        fast = FineTuneParameters(base=str(base), outputName="mine", device="cpu", epochs=50, iterationsPerEpoch=2,
+                                  extraArguments=["--patch-size", "32", "32", "32", "--batch-size", "1",
+                                                  "--num-workers", "0", "--threads", "1", "--val-every", "1"])
+        monkeypatch.setattr(panel, "fineTuneParameters", lambda: fast)
+        panel.onStartFineTune(resume=False)
+        assert gui_stubs["errors"] == [] and ui.stopButton.enabled and not ui.startButton.enabled
+        deadline = time.monotonic() + 180
+        while not panel.chart.rows:
+            assert time.monotonic() < deadline and panel.fineTune.final is None, panel.fineTune.final
+            time.sleep(0.2)
+            panel.onTimer()
+        ui.plotWidget.setMRMLPlotViewNode.assert_called_once_with(panel.chart.view)
+        assert panel.chart.column("train_loss")[0] > 0
+        panel.onStopFineTune()
+        while panel.fineTune.final is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+            panel.onTimer()
+        assert panel.fineTune.final.get("stopped") and ui.fineTuneStatusLabel.text.startswith("Stopped")
+        assert ui.startButton.enabled and ui.resumeButton.enabled
+    finally:
+        panel.cleanup()

@@ -398,7 +398,9 @@ def test_training_chart_follows_metric_events(scene):
     assert [table.GetColumn(i).GetName() for i in range(table.GetNumberOfColumns())] == \
         ["epoch", "train_loss", "val_dice", "lr"]
     assert chart.column("val_dice") == [0.1, 0.3]
-    assert chart.chart.GetNumberOfPlotSeriesNodes() == 3      # one series per metric, against the epoch
+    series = [chart.chart.GetNthPlotSeriesNode(i) for i in range(chart.chart.GetNumberOfPlotSeriesNodes())]
+    assert sorted(s.GetYColumnName() for s in series) == ["train_loss", "val_dice"]   # not lr
+    assert all(s.GetXColumnName() == "epoch" for s in series)
     assert chart.view.GetPlotChartNodeID() == chart.chart.GetID()
 
 

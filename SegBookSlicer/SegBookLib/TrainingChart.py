@@ -1,7 +1,7 @@
 """The live loss / validation Dice chart of a fine-tuning run, as MRML table and plot nodes.
 
 Each `metric` event of `segbook finetune` (`{"event": "metric", "epoch": 3, "train_loss": 0.4, ...}`) is a
-row; every numeric key becomes a column and a plot series against the epoch. The chart node is shown
+row; every numeric key becomes a column, and the loss and Dice columns become plot series against the epoch. The chart node is shown
 in the panel's plot widget (through `view`), and the table can be saved with the scene.
 """
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import numbers
 
 X_KEYS = ("epoch", "iteration", "step")
+PLOTTED = ("loss", "dice")          # series drawn; other numbers (lr, seconds) stay in the table
 SKIP = {"event", "request"}
 
 
@@ -54,7 +55,7 @@ class TrainingChart:
             table.AddColumn(column)
         self.table.SetAndObserveTable(table)
         for key in self.columns:
-            if key == xKey or key in self.series:
+            if key == xKey or key in self.series or not any(word in key for word in PLOTTED):
                 continue
             series = self.scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", key)
             series.SetAndObserveTableNodeID(self.table.GetID())

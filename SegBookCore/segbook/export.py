@@ -72,11 +72,12 @@ class SlabExporter:
     src_shape: (z, y, x) of the logits; out: a (z, y, x) integer array to fill (the destination grid, e.g. a
     view of the un-cropped label map); modes: "linear"/"nearest" per axis; label_of_channel: the label value
     written for each class channel (0 to drop a class). Each output z-slice is emitted once all source slices
-    it interpolates are fed, in chunks of at most `chunk_voxels` K*z*y*x values.
+    it interpolates are fed, in chunks of at most `chunk_voxels` K*z*y*x values. With `float16_ties` the
+    interpolated logits are rounded to float16 before the argmax, as nnU-Net v2 does.
     """
 
     def __init__(self, src_shape, out: np.ndarray, modes, label_of_channel: np.ndarray,
-                 chunk_voxels: int = 2 ** 27):
+                 chunk_voxels: int = 2 ** 26, float16_ties: bool = True):
         self.src_shape, self.out, self.modes = tuple(src_shape), out, tuple(modes)
         dst_z = out.shape[0]
         if self.modes[0] == "nearest":
@@ -86,6 +87,7 @@ class SlabExporter:
             self.i0, self.i1, self.w = linear_weights(self.src_shape[0], dst_z)
         self.label_of_channel = torch.as_tensor(label_of_channel)
         self.chunk_voxels = chunk_voxels
+        self.float16_ties = float16_ties
         self.next_out = 0            # first output slice not yet written
         self.buffer = None           # source slices still needed: (K, n, y, x), starting at buffer_z0
         self.buffer_z0 = 0
@@ -123,6 +125,10 @@ class SlabExporter:
                 w = torch.from_numpy(self.w[a:b]).to(lo.device, lo.dtype).view(1, -1, 1, 1)
                 lo = torch.lerp(lo, self.buffer.index_select(1, i1), w)
             logits = resample_plane(lo, self.out.shape[1:], self.modes[1:])
+            if self.float16_ties:
+                # nnU-Net v2 stores the resampled logits in their float16 input dtype before the argmax, so
+                # near-equal classes tie and the first wins; rounding the same way gives the same labels.
+                logits = logits.half()
             labels = self.label_of_channel.to(logits.device)[logits.argmax(0)]
             self.out[a:b] = labels.cpu().numpy()
 

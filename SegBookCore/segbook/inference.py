@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 # An ROI is grown by this fraction of the patch (in mm, at the plan spacing) on each side, clipped to the
 # image, so that the network sees context around the box; labels are kept inside the box only.
 ROI_CONTEXT = 0.25
+# Logits values (classes x voxels) divided and handed to the exporter at once: 32 M floats = 128 MB.
+_FINALIZE_VALUES = 2 ** 25
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -248,11 +250,14 @@ class Predictor:
         a, b = max(z, inner[0].start), min(z + n, inner[0].stop)
         if a >= b:
             return
-        region = (slice(a - z, b - z), inner[1], inner[2])
-        logits = torch.div(acc[(slice(None), *region)], weight[region])   # float16, as nnU-Net
-        if torch.isinf(logits).any():
-            raise RuntimeError("float16 overflow in the accumulated logits")
-        exporter.feed(a - inner[0].start, logits.float())
+        k, plane = acc.shape[0], acc.shape[-2] * acc.shape[-1]
+        step = max(1, _FINALIZE_VALUES // (k * plane))     # a few slices at a time bounds the float copies
+        for c in range(a, b, step):
+            region = (slice(c - z, min(c + step, b) - z), inner[1], inner[2])
+            logits = torch.div(acc[(slice(None), *region)], weight[region])   # float16, as nnU-Net
+            if torch.isinf(logits).any():
+                raise RuntimeError("float16 overflow in the accumulated logits")
+            exporter.feed(c - inner[0].start, logits.float())
 
     def _predict_tile(self, tile: torch.Tensor) -> torch.Tensor:
         """(C, pz, py, px) -> (K, pz, py, px) float32 logits, averaged over the mirror flips when TTA is on."""

@@ -312,6 +312,9 @@ def test_fine_tune_refuses_inconsistent_cases(scene, tmp_path):
     renamed = load_label_segmentation(scene, LABEL2, v2, {1: "front", 2: "posterior"})
     with pytest.raises(TrainingSetError, match="front"):
         ft.addCase(v2, renamed, allowNewClasses=False)
+    ft.removeCase("two")
+    assert [c["name"] for c in ft.cases()] == ["one"]
+    assert not (tmp_path / "training" / entry["label"]).exists()
 
 
 def test_fine_tune_takes_a_dataset_folder_in_its_own_class_order(tmp_path):
@@ -337,6 +340,8 @@ def test_catalog_lists_fine_tuned_models(tmp_path, tiny_model):
     assert [e.label for e in mine] == ["my-liver (yours)"] and mine[0].downloaded
     catalog.addModelFolder(tiny_model)
     assert str(tiny_model.resolve()) in {e.name for e in ModelCatalog(tmp_path / "home").entries()}
+    with pytest.raises(ValueError, match="not-a-model"):
+        catalog.addModelFolder(tmp_path / "not-a-model")
 
 
 def test_fine_tune_arguments_map_onto_the_cli(tmp_path):

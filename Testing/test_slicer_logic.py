@@ -121,6 +121,23 @@ def test_roi_box_is_lps_in_the_volume_frame(scene):
     assert NodeIO.roiToLpsBox(roi, node) == pytest.approx([7.0, -5.0, -1.0, 11.0, 1.0, 7.0])
 
 
+def test_label_values_become_segments_replacing_what_was_there(scene):
+    volume = load_volume(scene, IMAGE)
+    target = load_label_segmentation(scene, LABEL, volume, {1: "old a", 2: "old b"})
+    labels = np.zeros(slicer.util.arrayFromVolume(volume).shape, np.uint8)
+    labels[5:9, 10:20, 10:15] = 3
+    labels[20:22, 30:33, 20:25] = 7                       # a value the class table does not name
+    table = [{"value": 3, "name": "spleen", "color": [10, 20, 30], "terminology": None}]
+    ids = NodeIO.labelsToSegmentation(scene, labels, ijk_to_ras(volume), table, target, volume)
+    seg = target.GetSegmentation()
+    assert [seg.GetSegment(i).GetName() for i in ids] == ["spleen", "label_7"]
+    assert np.allclose(seg.GetSegment(ids[0]).GetColor(), [10 / 255, 20 / 255, 30 / 255])
+    assert np.array_equal(NodeIO.segmentMask(target, ids[0], volume), (labels == 3).astype(np.uint8))
+    # nothing found: the node is emptied, not left with stale segments
+    NodeIO.labelsToSegmentation(scene, np.zeros_like(labels), ijk_to_ras(volume), table, target, volume)
+    assert seg.GetNumberOfSegments() == 0
+
+
 # -- Segment ------------------------------------------------------------------------------------------
 def test_segment_builds_named_coded_segments_on_the_input_grid(scene, logic, tiny_model):
     volume = load_volume(scene, IMAGE, "MRI")

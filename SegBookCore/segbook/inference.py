@@ -99,8 +99,8 @@ class Predictor:
                 raise ValueError("a network handed to Predictor needs its ModelConfig attached as `.config`")
             net, self.owns_network = model, False
             params = next(model.parameters(), None)
-            if str(device) == "auto" and params is not None and params.device.type == "cuda":
-                device = params.device
+            if str(device) == "auto" and params is not None:
+                device = params.device      # never move a caller's (training) network behind its back
         else:
             from .zoo import create_model
             net = create_model(model, pretrained=checkpoint is None, checkpoint=checkpoint)
@@ -193,7 +193,9 @@ class Predictor:
         threads = _cpu_count() if self.device.type == "cpu" else None
         self.reporter.progress("preprocess", 0, 1)
         with _inference_state(self.network, threads):
+            t0 = time.perf_counter()
             pre = preprocess(image, spacing, plan)
+            log.info("preprocess %.1f s", time.perf_counter() - t0)
             self.reporter.progress("preprocess", 1, 1)
             axis = separate_axis(plan.spacing, spacing)   # export: nnU-Net checks the plan spacing first
             modes = ["nearest" if a == axis else "linear" for a in range(3)]
@@ -223,26 +225,33 @@ class Predictor:
         acc = torch.zeros((k, patch[0], *padded[1:]), dtype=torch.float16, device=results_device)
         weight = torch.zeros((patch[0], *padded[1:]), dtype=torch.float16, device=results_device)
         source = torch.from_numpy(data)
-        done = 0
+        done, clock = 0, {"network": 0.0, "accumulate": 0.0, "export": 0.0}
         self.reporter.progress("predict", 0, total)
         for zi, z in enumerate(steps[0]):
             for y in steps[1]:
                 for x in steps[2]:
+                    t0 = time.perf_counter()
                     tile = source[:, z:z + patch[0], y:y + patch[1], x:x + patch[2]]
                     pred = self._predict_tile(tile).to(results_device)
+                    t1 = time.perf_counter()
                     pred *= gauss
                     _accumulate(acc[:, :, y:y + patch[1], x:x + patch[2]], pred)
                     weight[:, y:y + patch[1], x:x + patch[2]] += gauss
                     del pred
+                    clock["network"] += t1 - t0
+                    clock["accumulate"] += time.perf_counter() - t1
                     done += 1
                     self.reporter.progress("predict", done, total)
+            t0 = time.perf_counter()
             final = steps[0][zi + 1] - z if zi + 1 < len(steps[0]) else patch[0]
             self._finalize(acc, weight, z, final, inner, exporter)
             if final < patch[0]:
                 _shift_left(acc, final)
                 _shift_left(weight, final)
+            clock["export"] += time.perf_counter() - t0
         if not exporter.complete:
             raise RuntimeError("export did not cover the whole output (internal error)")
+        log.info("%d tiles of %s: %s", total, patch, ", ".join(f"{k} {v:.1f} s" for k, v in clock.items()))
 
     @staticmethod
     def _finalize(acc, weight, z, n, inner, exporter) -> None:

@@ -75,6 +75,10 @@ def _parse_roi(text: str | None):
 
 
 def run(args) -> int:
+    import os
+    # Transparent huge pages for PyTorch's large CPU buffers (read at the first large allocation): each
+    # 128^3 tile allocates ~10 GB of short-lived activations, and 4 KB pages make that ~1M page faults.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     from ..inference import Predictor
 
     images, many = _expand(args.inputs)

@@ -296,7 +296,7 @@ class Predictor:
         """Segment an image file or DICOM folder into `output_path` (label map with the input's geometry)
         plus a sidecar JSON (classes, colours, terminology, settings) beside it; returns the sidecar dict.
 
-        roi_lps: physical box (x0, y0, z0, x1, y1, x1) in LPS mm, as ITK. Both files appear only complete.
+        roi_lps: physical box (x0, y0, z0, x1, y1, z1) in LPS mm, as ITK. Both files appear only complete.
         """
         t0 = time.perf_counter()
         output_format(output_path)          # an unknown output suffix fails before any work

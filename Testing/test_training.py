@@ -68,7 +68,7 @@ def test_deep_supervision_weights_and_sum():
 def _base_folder(tmp_path, classes, channels=1) -> Path:
     dims = [4, 8, 16, 32, 64, 64]
     cfg = ModelConfig(name="tiny-base", arch=Arch(channels, len(classes), dims, [1] * 6, [[2, 2, 2]] * 5),
-                      plan=Plan([1.5] * 3, [32, 32, 32]), class_names=classes)
+                      plan=Plan([1.5] * 3, [64, 64, 64]), class_names=classes)
     torch.manual_seed(3)
     net = STUNet(channels, len(classes), dims, [1] * 6, [[2, 2, 2]] * 5)
     return save_model_folder(tmp_path / "base", cfg, net.state_dict())
@@ -133,6 +133,22 @@ def test_short_finetune_writes_a_usable_model_folder(tmp_path):
     assert net.config.name == "hippo"
     # an existing run is not overwritten by accident
     assert _ft(out, "--epochs", "1", "--iterations-per-epoch", "1") == 2
+
+
+def test_finetune_from_a_base_folder_keeps_its_plan_and_weights(tmp_path):
+    base = _base_folder(tmp_path, ["background", "liver", "spleen", "kidney", "lung"])
+    out = tmp_path / "ft"
+    assert main(["finetune", str(MINI), "-o", str(out), "--base", str(base), "--plan", "base", "--epochs", "1",
+                 "--iterations-per-epoch", "1", "--lr", "1e-12", "--val-fraction", "0.25", "--progress", "none",
+                 "--threads", "1", "--num-workers", "0"]) == 0
+    cfg = json.loads((out / "model.json").read_text())
+    assert cfg["plan"]["spacing"] == [1.5, 1.5, 1.5] and cfg["plan"]["patch_size"] == [64, 64, 64]
+    assert cfg["arch"]["pool_op_kernel_sizes"] == [[2, 2, 2]] * 5 and cfg["provenance"]["heads"] == "re-initialised"
+    assert "fine-tuned from tiny-base" in cfg["description"]
+    # one step at a negligible learning rate: every non-head weight is still the base's
+    a, b = _weights(base), _weights(out)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a if not k.startswith("seg_outputs."))
+    assert b["seg_outputs.0.weight"].shape[0] == 3
 
 
 def test_resume_at_epoch_end_is_exact(tmp_path):

@@ -29,6 +29,9 @@ def add_arguments(p) -> None:
     p.add_argument("--lr", type=float, default=None, help="initial learning rate (default 1e-3, 1e-2 with --scratch)")
     p.add_argument("--scratch", action="store_true", help="random initialisation instead of the base's weights")
     p.add_argument("--width", type=float, default=1.0, help="channel multiplier of the base's widths (with --scratch)")
+    p.add_argument("--plan", default="data", choices=["data", "base"],
+                   help="data: spacing, patch and pools planned from the data; base: keep the base model's "
+                        "(e.g. the 1.5 mm CT plan for CT data)")
     p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
                    help="patch size (default: planned from the data)")
     p.add_argument("--max-patch-voxels", type=int, default=128 ** 3, help="memory budget of a patch for planning")

@@ -40,6 +40,7 @@ class FinetuneConfig:
     lr: float | None = None
     scratch: bool = False                 # random initialisation instead of the base's weights
     width: float = 1.0                    # channel multiplier on the base's dims (only with --scratch)
+    plan: str = "data"                    # "data": spacing/patch/pools from the data; "base": the base's plan
     patch_size: list[int] | None = None   # zyx; None: planned from the data
     max_patch_voxels: int = 128 ** 3
     val_every: int = 5                    # epochs between validations (and always after the last)
@@ -51,6 +52,8 @@ class FinetuneConfig:
             raise ValueError(f"unknown preset '{self.preset}' ({', '.join(PRESETS)})")
         if not 0 <= self.val_fraction < 1:
             raise ValueError("--val-fraction must be in [0, 1)")
+        if self.plan not in ("data", "base"):
+            raise ValueError(f"unknown plan '{self.plan}' (data or base)")
         if self.width != 1.0 and not self.scratch:
             raise ValueError("--width changes the network's shape: it needs --scratch")
 

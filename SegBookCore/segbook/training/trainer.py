@@ -30,7 +30,7 @@ from ..dataset import check_dataset, read_dataset
 from ..errors import InputError, SegBookError
 from ..events import Reporter
 from ..labels import default_color
-from ..planning import deep_supervision_scales, plan_from_data, pools_for_patch
+from ..planning import deep_supervision_scales, plan_from_data, pools_for_patch, target_spacing
 from ..zoo import get_config
 from ..checkpoint import save_weights
 from .cache import cache_dataset
@@ -132,28 +132,38 @@ def _prepare_config(cfg: FinetuneConfig, train_dir: Path) -> FinetuneConfig:
 
 
 def _plan(cfg, ds, train_cases, base_config, cache_dir, reporter, is_main, barrier):
-    """Plan spacing from the headers, cache the training cases, then fit patch and pools to their shapes."""
+    """Plan spacing from the headers, cache the training cases, then fit patch and pools to their shapes
+    (or, with `--plan base`, keep the base model's spacing, patch, normalisation and pools).
+
+    Returns (Plan, pools, cached cases). Rank 0 preprocesses; the other ranks then find the cache ready.
+    """
     import SimpleITK as sitk
-    spacings = []
-    for c in train_cases:
-        r = sitk.ImageFileReader()
-        r.SetFileName(str(c.label))
-        r.ReadImageInformation()
-        spacings.append(r.GetSpacing()[::-1])
-    from ..planning import target_spacing
-    spacing = target_spacing(np.array(spacings))
-    plan = Plan(spacing=spacing, patch_size=[0, 0, 0], normalization="zscore", mirror_axes=[0, 1, 2])
+    if cfg.plan == "base":
+        bp = base_config.plan
+        plan = Plan(spacing=list(bp.spacing), patch_size=list(bp.patch_size), normalization=bp.normalization,
+                    ct_intensities=bp.ct_intensities, mirror_axes=list(bp.mirror_axes),
+                    crop_to_nonzero=bp.crop_to_nonzero)
+        pools = [list(p) for p in base_config.arch.pool_op_kernel_sizes]
+    else:
+        spacings = []
+        for c in train_cases:
+            r = sitk.ImageFileReader()
+            r.SetFileName(str(c.label))
+            r.ReadImageInformation()
+            spacings.append(r.GetSpacing()[::-1])
+        plan = Plan(spacing=target_spacing(np.array(spacings)), patch_size=[0, 0, 0], normalization="zscore",
+                    mirror_axes=[0, 1, 2])
     if is_main:
         cached = cache_dataset(ds, train_cases, plan, cache_dir, reporter)
     barrier()
     if not is_main:
         cached = cache_dataset(ds, train_cases, plan, cache_dir)
-    shapes = [np.load(c.image_path, mmap_mode="r").shape[1:] for c in cached]
-    data_plan = plan_from_data([spacing] * len(shapes), shapes, cfg.max_patch_voxels)
-    plan.patch_size = data_plan.patch_size
-    pools = data_plan.pool_op_kernel_sizes
+    if cfg.plan == "data":
+        shapes = [np.load(c.image_path, mmap_mode="r").shape[1:] for c in cached]
+        data_plan = plan_from_data([plan.spacing] * len(shapes), shapes, cfg.max_patch_voxels)
+        plan.patch_size, pools = data_plan.patch_size, data_plan.pool_op_kernel_sizes
     if cfg.patch_size:
-        pools = pools_for_patch(cfg.patch_size, spacing)
+        pools = pools_for_patch(cfg.patch_size, plan.spacing) if cfg.plan == "data" else pools
         div = np.prod(np.array(pools), axis=0)
         if any(p % d for p, d in zip(cfg.patch_size, div)):
             raise InputError(f"--patch-size {cfg.patch_size} must be divisible by the pooling {list(div)}")
@@ -188,72 +198,90 @@ def finetune(cfg: FinetuneConfig, reporter: Reporter | None = None) -> dict:
         teardown(d)
 
 
-def _run(cfg, d, device, out, train_dir, reporter) -> dict:
-    ds = read_dataset(cfg.dataset)
-    base_config = get_config(cfg.base)
+def _check_and_split(cfg, ds, base_config, train_dir: Path) -> dict:
+    """Bad input fails here, before any training; returns {"train": names, "validation": names}."""
     base_channels = base_config.arch.input_channels
     n_channels = len(ds.cases[0].images) if ds.cases else 1
     # a one-channel base adapts to any channel count (first layer repeated); a multi-channel base must match
     check_dataset(ds, expected_channels=None if (base_channels == 1 or cfg.scratch) else base_channels)
-    if any(len(c.images) != n_channels for c in ds.cases):
-        bad = next(c for c in ds.cases if len(c.images) != n_channels)
+    bad = next((c for c in ds.cases if len(c.images) != n_channels), None)
+    if bad is not None:
         raise InputError(f"case {bad.name}: {len(bad.images)} channels, the first case has {n_channels}")
-    if d.is_main:
-        train_dir.mkdir(parents=True, exist_ok=True)
-    d.barrier()
     split_file = train_dir / "split.json"
     if cfg.resume and split_file.is_file():
-        split = json.loads(split_file.read_text())
-    else:
-        tr, va = split_cases([c.name for c in ds.cases], cfg.val_fraction, cfg.seed)
-        split = {"train": tr, "validation": va}
-    by_name = {c.name: c for c in ds.cases}
-    train_cases = [by_name[n] for n in split["train"]]
-    val_cases = [by_name[n] for n in split["validation"]]
+        return json.loads(split_file.read_text())
+    tr, va = split_cases([c.name for c in ds.cases], cfg.val_fraction, cfg.seed)
+    return {"train": tr, "validation": va}
 
-    plan, pools, cached = _plan(cfg, ds, train_cases, base_config, train_dir / "cache", reporter, d.is_main, d.barrier)
-    torch.manual_seed(cfg.seed)  # the fresh heads (or the whole network from scratch) start reproducibly
-    net, base_config, init_info = build_network(cfg.base, ds.class_names, n_channels, pools,
-                                                scratch=cfg.scratch, width=cfg.width)
-    name = cfg.name or out.name
-    model_config = ModelConfig(
-        name=name, arch=net.arch, plan=plan, class_names=list(ds.class_names),
+
+def _model_config(cfg, out: Path, net, plan, base_config, init_info, ds, split) -> ModelConfig:
+    return ModelConfig(
+        name=cfg.name or out.name, arch=net.arch, plan=plan, class_names=list(ds.class_names),
         colors=[default_color(n, i) for i, n in enumerate(ds.class_names)],
         description=_describe(base_config, cfg, net.arch.dims, ds),
         license="same terms as the training data and the base model",
         size=base_config.size if cfg.width == 1.0 else None,
-        provenance={**init_info, "data": {"source": ds.source, "name": ds.name, "train_cases": len(train_cases),
+        provenance={**init_info, "data": {"source": ds.source, "name": ds.name, "train_cases": len(split["train"]),
                                           "validation_cases": split["validation"]},
                     "recipe": cfg.to_dict(), "command": shlex.join(sys.argv)})
+
+
+def _resume(ckpt: Path, net, opt, sched, scaler, its: int) -> tuple[int, int, list]:
+    """(epoch, iteration within it, history) to continue from."""
+    st = load_training_state(ckpt, network=net, optimizer=opt, scheduler=sched, scaler=scaler)
+    epoch, it = st["epoch"], st["iteration"]
+    if it >= its:  # saved at the end of an epoch
+        epoch, it = epoch + 1, 0
+    # the schedule's formula is not part of its state: with a longer --epochs the LR follows the new one
+    for group, base_lr in zip(opt.param_groups, sched.base_lrs):
+        group["lr"] = base_lr * sched.lr_lambdas[0](sched.last_epoch)
+    log.info("resuming at epoch %d iteration %d", epoch + 1, it)
+    return epoch, it, st["history"]
+
+
+def _run(cfg, d, device, out, train_dir, reporter) -> dict:
+    # 1. data: read, check, split
+    ds = read_dataset(cfg.dataset)
+    base_config = get_config(cfg.base)
+    split = _check_and_split(cfg, ds, base_config, train_dir)
+    if d.is_main:
+        train_dir.mkdir(parents=True, exist_ok=True)
+    d.barrier()
+    by_name = {c.name: c for c in ds.cases}
+    train_cases, val_cases = [by_name[n] for n in split["train"]], [by_name[n] for n in split["validation"]]
+    # 2. plan and cache
+    plan, pools, cached = _plan(cfg, ds, train_cases, base_config, train_dir / "cache", reporter, d.is_main,
+                                 d.barrier)
+    # 3. network, optimiser, loss
+    torch.manual_seed(cfg.seed)  # the fresh heads (or the whole network from scratch) start reproducibly
+    net, base_config, init_info = build_network(cfg.base, ds.class_names, len(ds.cases[0].images), pools,
+                                                scratch=cfg.scratch, width=cfg.width)
+    model_config = _model_config(cfg, out, net, plan, base_config, init_info, ds, split)
     net.to(device)
     epochs, its = cfg.total_epochs, cfg.iterations
     opt, sched = make_optimizer(net, cfg.initial_lr, epochs)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
-    model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
-        if d.enabled else net
+    model = torch.nn.parallel.DistributedDataParallel(
+        net, device_ids=[device.index] if device.type == "cuda" else None) if d.enabled else net
     loss_fn = DeepSupervisionLoss(len(pools))
     validator = _load_validator() if d.is_main and val_cases else None
-
-    start_epoch, start_it, history = 0, 0, []
+    # 4. resume
     ckpt = train_dir / "checkpoint.pt"
+    start_epoch, start_it, history = 0, 0, []
     if cfg.resume:
-        st = load_training_state(ckpt, network=net, optimizer=opt, scheduler=sched, scaler=scaler)
-        start_epoch, start_it, history = st["epoch"], st["iteration"], st["history"]
-        if st["iteration"] >= its:  # saved at the end of an epoch
-            start_epoch, start_it = start_epoch + 1, 0
-        # the schedule's formula is not part of its state: with a longer --epochs the LR follows the new one
-        for group, base_lr in zip(opt.param_groups, sched.base_lrs):
-            group["lr"] = base_lr * sched.lr_lambdas[0](sched.last_epoch)
-        log.info("resuming at epoch %d iteration %d", start_epoch + 1, start_it)
+        start_epoch, start_it, history = _resume(ckpt, net, opt, sched, scaler, its)
     elif d.is_main:
         cfg.save(train_dir / "config.json")
-        split_file.write_text(json.dumps(split, indent=1))
-
+        (train_dir / "split.json").write_text(json.dumps(split, indent=1))
     dataset = BatchDataset(cached, plan.patch_size, deep_supervision_scales(pools), cfg.batch_size,
                            seed=cfg.seed, rank=d.rank, mirror_axes=plan.mirror_axes)
     total = epochs * its
     loader = iter(make_loader(dataset, start_epoch * its + start_it, total, cfg.num_workers))
     last_val = next((h["validation"] for h in reversed(history) if h.get("validation")), None)
+
+    def save_state(epoch, iteration):
+        save_training_state(ckpt, network=net, optimizer=opt, scheduler=sched, scaler=scaler,
+                            epoch=epoch, iteration=iteration, history=history)
 
     def save_model():
         if last_val is not None:
@@ -263,6 +291,7 @@ def _run(cfg, d, device, out, train_dir, reporter) -> dict:
         save_weights(net.state_dict(), out / "weights.safetensors")
         model_config.save(out / "model.json")
 
+    # 5. the loop
     result = {"model_dir": str(out), "stopped": False}
     with _StopRequest() as stop:
         for epoch in range(start_epoch, epochs):
@@ -271,10 +300,8 @@ def _run(cfg, d, device, out, train_dir, reporter) -> dict:
             if epoch == start_epoch and start_it and history and history[-1].get("partial"):
                 losses = list(history.pop()["losses"])
             for it in range(start_it if epoch == start_epoch else 0, its):
-                batch = next(loader)
-                loss = train_step(model, batch, loss_fn, opt, scaler, device)
-                bad = d.broadcast_flag(not math.isfinite(loss))
-                if bad:
+                loss = train_step(model, next(loader), loss_fn, opt, scaler, device)
+                if d.broadcast_flag(not math.isfinite(loss)):
                     good = f"{ckpt} (after epoch {len(history)})" if ckpt.is_file() else "none yet"
                     raise TrainingError(f"loss became {loss} at epoch {epoch + 1} iteration {it + 1}; training "
                                         f"stopped; last good checkpoint kept: {good}. Lower --lr or check "
@@ -282,10 +309,9 @@ def _run(cfg, d, device, out, train_dir, reporter) -> dict:
                 losses.append(loss)
                 reporter.progress("train", epoch * its + it + 1, total, epoch=epoch + 1)
                 if d.broadcast_flag(stop.signum != 0):
-                    if d.is_main:
+                    if d.is_main:   # the partial epoch's losses travel in the checkpoint, not in the log
                         history.append({"epoch": epoch + 1, "partial": True, "losses": losses})
-                        save_training_state(ckpt, network=net, optimizer=opt, scheduler=sched, scaler=scaler,
-                                            epoch=epoch, iteration=it + 1, history=history)
+                        save_state(epoch, it + 1)
                         history.pop()
                     d.barrier()
                     log.warning("stopped by signal %d at epoch %d iteration %d; checkpoint saved",
@@ -296,19 +322,22 @@ def _run(cfg, d, device, out, train_dir, reporter) -> dict:
             record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": opt.param_groups[0]["lr"],
                       "seconds": round(time.monotonic() - t0, 2)}
             sched.step()
-            if d.is_main and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == epochs) and val_cases:
+            if d.is_main and val_cases and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == epochs):
                 last_val = _validate(validator, net, model_config, val_cases, device, reporter)
                 record["val_dice"] = last_val["dice"] if last_val else None
                 record["validation"] = last_val
             history.append(record)
             if d.is_main:
-                save_training_state(ckpt, network=net, optimizer=opt, scheduler=sched, scaler=scaler,
-                                    epoch=epoch, iteration=its, history=history)
+                save_state(epoch, its)
                 append_jsonl(train_dir / "log.jsonl", {k: v for k, v in record.items() if k != "validation"})
                 plot_curves(history, train_dir / "curves.png")
                 save_model()
-            reporter.metric(**{k: v for k, v in record.items() if k not in ("validation", "val_dice")},
-                            **({"val_mean_dice": last_val["mean_dice"]} if record.get("val_dice") else {}))
+            # flat numbers for the progress protocol (the Slicer chart plots every key holding "loss"/"dice")
+            flat = {k: v for k, v in record.items() if k not in ("validation", "val_dice")}
+            if record.get("val_dice"):
+                flat["val_mean_dice"] = last_val["mean_dice"]
+                flat.update({f"val_dice_{name}": v for name, v in record["val_dice"].items()})
+            reporter.metric(**flat)
             d.barrier()
     result.update(epochs_done=len(history), validation=last_val)
     return result

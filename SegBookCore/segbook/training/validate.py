@@ -27,13 +27,15 @@ def inference_copy(state: dict, config: ModelConfig, device="cpu") -> STUNet:
     return net.to(device).eval()
 
 
-def validate(state: dict, config: ModelConfig, cases: list[Case], device="cpu", reporter=None) -> dict:
+def validate(state: dict, config: ModelConfig, cases: list[Case], device="cpu", reporter=None,
+             tta: bool = False) -> dict:
     """Mean and per-case Dice/NSD of each foreground class over `cases` (image files + label files).
 
+    `tta`: the predictor's mirroring test-time augmentation (off during training, as nnU-Net's).
     Returns {"dice": {class_name: mean}, "nsd": {...}, "mean_dice": float, "cases": {name: {...}}}.
     """
     from ..inference import Predictor  # issue 3's predictor: imported here so training works without it loaded
-    predictor = Predictor(inference_copy(state, config, device), device=device)
+    predictor = Predictor(inference_copy(state, config, device), device=device, tta=tta)
     classes = list(range(1, len(config.class_names)))
     per_case = {}
     for i, case in enumerate(cases):

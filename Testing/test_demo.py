@@ -1,0 +1,52 @@
+"""The shipped model `hippocampus-demo` and `python -m segbook.demo` (what `make demo` runs)."""
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from segbook import demo
+from segbook.checkpoint import load_checkpoint
+from segbook.zoo import fetch, get_config, list_models
+
+
+def test_demo_model_is_bundled_small_and_documented():
+    assert "hippocampus-demo" in list_models()
+    folder = fetch("hippocampus-demo")          # bundled: no download, no cache
+    assert folder.parent.name == "models" and folder.parent.parent.name == "data"
+    assert (folder / "weights.safetensors").stat().st_size < 10 * 2 ** 20
+    cfg = get_config("hippocampus-demo")
+    assert cfg.class_names == ["background", "anterior", "posterior"]
+    assert "half" in cfg.description.lower() and cfg.size is None      # honest about its width
+    prov = cfg.provenance
+    assert prov["command"].startswith("segbook finetune ")
+    assert min(prov["validation"]["dice"].values()) > 0.8
+    # the shipped cases were held out of training
+    assert set(demo.demo_cases()) <= set(prov["data"]["validation_cases"])
+    assert len(demo.demo_cases()) == 3
+    state = load_checkpoint(folder / "weights.safetensors")
+    assert all(v.dtype.is_floating_point for v in state.values())
+
+
+def test_make_demo_segments_a_shipped_case(tmp_path, capsys):
+    assert demo.main(["--out", str(tmp_path), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "Dice anterior" in out and "Dice posterior" in out and "CC-BY-SA 4.0" in out
+    seg_path = tmp_path / f"{demo.DEFAULT_CASE}_seg.nii.gz"
+    seg = sitk.ReadImage(str(seg_path))
+    ref = sitk.ReadImage(str(demo.cases_dir() / f"{demo.DEFAULT_CASE}_label.nii.gz"))
+    assert seg.GetSize() == ref.GetSize() and np.allclose(seg.GetOrigin(), ref.GetOrigin())
+    pred, lab = sitk.GetArrayFromImage(seg), sitk.GetArrayFromImage(ref)
+    dices = [2 * ((pred == c) & (lab == c)).sum() / ((pred == c).sum() + (lab == c).sum()) for c in (1, 2)]
+    assert np.mean(dices) > 0.8
+    printed = float(next(l for l in out.splitlines() if "mean Dice" in l).split()[-1])
+    assert printed == pytest.approx(np.mean(dices), abs=1e-4)
+    png = tmp_path / f"{demo.DEFAULT_CASE}_overlay.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_demo_unknown_case_is_one_line(tmp_path, capsys):
+    assert demo.main(["--out", str(tmp_path), "--case", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no shipped demo case 'nope'" in err[0]

@@ -520,3 +520,22 @@ def test_process_runner_kill_and_terminate(tmp_path):
     assert not runner.isRunning()
     with pytest.raises(RuntimeError):
         runner.send({"x": 1})
+
+
+def test_bundled_demo_model_segments_a_held_out_case_well(scene, logic):
+    """The real thing: the bundled hippocampus-demo model, through the worker, on a case held out of its
+    training (hippocampus_001, in its validation split): both structures found with a good overlap."""
+    volume = load_volume(scene, IMAGE, "hippocampus 001")
+    segmentation = logic.segment(scene, volume, SegmentParameters(model="hippocampus-demo", device="cpu"),
+                                 timeout=300)
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(LABEL)))
+    seg = segmentation.GetSegmentation()
+    dice = {}
+    for i in range(seg.GetNumberOfSegments()):
+        sid = seg.GetNthSegmentID(i)
+        name = seg.GetSegment(sid).GetName()
+        mask = NodeIO.segmentMask(segmentation, sid, volume) > 0
+        expected = truth == {"anterior": 1, "posterior": 2}[name]
+        dice[name] = 2 * (mask & expected).sum() / (mask.sum() + expected.sum())
+    assert set(dice) == {"anterior", "posterior"}
+    assert min(dice.values()) > 0.7, dice

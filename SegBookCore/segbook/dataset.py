@@ -230,17 +230,14 @@ def check_label_values(seg: np.ndarray, ds: Dataset, case: str) -> None:
 
 
 def read_case_arrays(case: Case) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-    """image (C, z, y, x) float32, label (z, y, x) int16, spacing (z, y, x) mm, as stored on disk.
-
-    GetArrayFromImage copies; a GetArrayViewFromImage view would outlive its image and read freed memory.
-    """
+    """image (C, z, y, x) float32, label (z, y, x) int16, spacing (z, y, x) mm, as stored on disk."""
+    from .io import read_image, read_labels
     try:
-        channels = [sitk.GetArrayFromImage(sitk.ReadImage(str(p))).astype(np.float32) for p in case.images]
-        label_img = sitk.ReadImage(str(case.label))
-    except RuntimeError as e:
-        raise InputError(f"case {case.name}: cannot read ({str(e).strip().splitlines()[-1][:200]})") from None
-    spacing = tuple(float(s) for s in label_img.GetSpacing()[::-1])
-    return np.stack(channels), np.rint(sitk.GetArrayFromImage(label_img)).astype(np.int16), spacing
+        channels = [read_image(p)[0] for p in case.images]
+        label, geometry = read_labels(case.label)
+    except InputError as e:
+        raise InputError(f"case {case.name}: {e}") from None
+    return np.concatenate(channels), label.astype(np.int16), geometry.spacing_zyx
 
 
 def natural_key(name: str):

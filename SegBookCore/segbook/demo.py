@@ -33,12 +33,6 @@ def demo_cases() -> list[str]:
     return sorted(p.name[: -len("_image.nii.gz")] for p in cases_dir().glob("*_image.nii.gz"))
 
 
-def _read(path: Path):
-    import SimpleITK as sitk
-    image = sitk.ReadImage(str(path))
-    return sitk.GetArrayFromImage(image), image.GetSpacing()[::-1]
-
-
 def save_overlay(image: np.ndarray, labels: np.ndarray, reference: np.ndarray, colors, path: Path,
                  title: str = "") -> Path:
     """PNG of three orthogonal slices through the labels' centre: image, prediction, reference contours.
@@ -74,6 +68,7 @@ def save_overlay(image: np.ndarray, labels: np.ndarray, reference: np.ndarray, c
 def run_demo(out, case: str = DEFAULT_CASE, device: str = "auto") -> dict:
     """Segment `case`; returns {"dice": {class: value}, "segmentation": path, "overlay": path}."""
     from .inference import Predictor
+    from .io import read_image, read_labels
     from .metrics import dice
 
     out = Path(out)
@@ -86,9 +81,9 @@ def run_demo(out, case: str = DEFAULT_CASE, device: str = "auto") -> dict:
     predictor = Predictor(MODEL, device=device)
     seg_path = out / f"{case}_seg.nii.gz"
     predictor.predict_file(image_path, seg_path)
-    labels, _ = _read(seg_path)
-    reference, _ = _read(label_path)
-    image, _ = _read(image_path)
+    labels, _ = read_labels(seg_path)
+    reference, _ = read_labels(label_path)
+    image = read_image(image_path)[0][0]
     names = predictor.config.class_names
     scores = {names[c]: dice(labels == c, reference == c) for c in range(1, len(names))}
     title = f"{case}: " + ", ".join(f"{k} Dice {v:.3f}" for k, v in scores.items())

@@ -19,7 +19,7 @@ import SimpleITK as sitk
 
 from .errors import InputError
 
-__all__ = ["Geometry", "read_image", "write_labels", "output_format", "sidecar_path", "atomic_path",
+__all__ = ["Geometry", "read_image", "read_labels", "write_labels", "output_format", "sidecar_path", "atomic_path",
            "IMAGE_SUFFIXES"]
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,14 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     if not np.isfinite(array).all():
         raise InputError(f"{path}: image holds NaN or infinite values")
     return array, geometry
+
+
+def read_labels(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
+    """A label map as (z, y, x) int32 (values rounded) and its Geometry; InputError naming the path."""
+    array, geometry = read_image(path)
+    if array.shape[0] != 1:
+        raise InputError(f"{path}: a label map has one component, this image has {array.shape[0]}")
+    return np.rint(array[0]).astype(np.int32), geometry
 
 
 def output_format(path: str | os.PathLike) -> str:

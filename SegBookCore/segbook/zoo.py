@@ -21,8 +21,8 @@ from .errors import SegBookError
 from .labels import default_color, totalseg_class_names
 from .network import STUNET_SIZES, TOTALSEG_POOLS, STUNet
 
-__all__ = ["REGISTRY", "ModelNotFound", "cache_dir", "create_model", "get_config", "fetch",
-           "model_folder", "list_models", "is_cached", "save_model_folder", "num_parameters"]
+__all__ = ["REGISTRY", "ModelNotFound", "CheckpointError", "cache_dir", "create_model", "get_config", "fetch",
+           "list_models", "is_cached", "save_model_folder", "num_parameters"]
 
 log = logging.getLogger(__name__)
 
@@ -173,10 +173,6 @@ def fetch(name: str) -> Path:
     return save_model_folder(folder, config, state)
 
 
-def model_folder(name_or_folder: str | os.PathLike) -> Path:
-    return fetch(str(name_or_folder))
-
-
 def create_model(name_or_folder: str | os.PathLike, pretrained: bool = True, *,
                  checkpoint: str | os.PathLike | None = None, deep_supervision: bool = False) -> STUNet:
     """A ready STU-Net with its ModelConfig attached as `.config`.
@@ -200,5 +196,3 @@ def create_model(name_or_folder: str | os.PathLike, pretrained: bool = True, *,
     net.config = config
     return net
 
-
-__all__ += ["CheckpointError"]

@@ -53,35 +53,25 @@ def _pairs(pred: Path, ref: Path) -> list[tuple[str, Path, Path]]:
     return [(k, preds[k], refs[k]) for k in common]
 
 
-def _read(path: Path):
-    import numpy as np
-    import SimpleITK as sitk
-    from ..errors import InputError
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError:
-        raise InputError(f"{path}: cannot read as an image") from None
-    return np.rint(sitk.GetArrayFromImage(image)).astype(np.int32), image
-
-
 def run(args) -> int:
     import numpy as np
     from ..errors import InputError
+    from ..io import read_labels
     from ..metrics import evaluate_case
 
     pred_root, ref_root = Path(args.predictions), Path(args.labels)
     rows = []
     for case, p, r in _pairs(pred_root, ref_root):
-        pred, pred_img = _read(p)
-        ref, ref_img = _read(r)
+        pred, pred_geo = read_labels(p)
+        ref, ref_geo = read_labels(r)
         if pred.shape != ref.shape:
             raise InputError(f"case {case}: prediction shape {pred.shape[::-1]} differs from reference "
                              f"{ref.shape[::-1]} (x, y, z)")
-        if not np.allclose(pred_img.GetSpacing(), ref_img.GetSpacing(), rtol=1e-4, atol=1e-4):
-            raise InputError(f"case {case}: prediction spacing {pred_img.GetSpacing()} differs from "
-                             f"reference {ref_img.GetSpacing()}")
+        if not np.allclose(pred_geo.spacing, ref_geo.spacing, rtol=1e-4, atol=1e-4):
+            raise InputError(f"case {case}: prediction spacing {pred_geo.spacing} differs from "
+                             f"reference {ref_geo.spacing}")
         classes = args.classes or [int(v) for v in np.unique(ref) if v != 0]
-        spacing = ref_img.GetSpacing()[::-1]
+        spacing = ref_geo.spacing_zyx
         for c, m in evaluate_case(pred, ref, classes, spacing, args.tolerance).items():
             rows.append({"case": case, "class": c, "dice": m["dice"], "nsd": m["nsd"]})
     classes = sorted({r["class"] for r in rows})

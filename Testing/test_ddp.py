@@ -57,3 +57,76 @@ def test_torchrun_two_cpu_processes_train_and_resume_exactly(tmp_path):
     _torchrun(split, "--epochs", "2", "--resume")
     a, b = load_checkpoint(straight / "weights.safetensors"), load_checkpoint(split / "weights.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _dice_on_rank(rank, port, logits, target, out):
+    import torch.distributed as dist
+    from segbook.training.loss import soft_dice_loss
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        mine = logits[rank:rank + 1].clone().requires_grad_(True)
+        loss = soft_dice_loss(mine, target[rank:rank + 1])
+        loss.backward()
+        torch.save({"loss": loss.detach(), "grad": mine.grad}, out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_batch_dice_is_the_global_batch_across_ranks(tmp_path):
+    """2 ranks x 1 patch train the loss of 1 process x 2 patches, as nnU-Net's DDP batch Dice does."""
+    import socket
+    import torch.multiprocessing as mp
+    from segbook.training.loss import soft_dice_loss
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 6, 7, 5, generator=g)
+    target = torch.randint(0, 3, (2, 1, 6, 7, 5), generator=g)
+    target[1] = 0           # rank 1 alone has no foreground: its local Dice would differ most from the global one
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_dice_on_rank, args=(port, logits, target, tmp_path), nprocs=2)
+    whole = logits.clone().requires_grad_(True)
+    expected = soft_dice_loss(whole, target)
+    expected.backward()
+    local = soft_dice_loss(logits[1:2], target[1:2])
+    for r in (0, 1):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        assert torch.allclose(got["loss"], expected, atol=1e-6)
+        assert not torch.allclose(local, expected)
+        # each rank holds 2 x the global gradient of its patch; DDP's averaging over 2 ranks halves it
+        assert torch.allclose(got["grad"] / 2, whole.grad[r:r + 1], atol=1e-7)
+
+
+def _nan_step_on_rank(rank, port, out):
+    import datetime
+    import torch.distributed as dist
+    from segbook.training.distributed import Dist
+    from segbook.training.trainer import train_step
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        torch.manual_seed(0)
+        net = torch.nn.parallel.DistributedDataParallel(torch.nn.Conv3d(1, 2, 3))
+        before = [p.detach().clone() for p in net.parameters()]
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        bad = float("nan") if rank == 1 else 1.0          # only rank 1's loss is NaN
+        batch = {"image": torch.randn(1, 1, 5, 5, 5), "target": [torch.zeros(1, 1, 3, 3, 3)]}
+        loss = train_step(net, batch, lambda o, t: o.mean() * bad, opt, None, torch.device("cpu"),
+                          Dist(rank, 2, rank))
+        unchanged = all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+        torch.save({"loss": loss, "unchanged": unchanged}, out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_nan_on_one_rank_stops_every_rank_without_a_hang(tmp_path):
+    import math
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_nan_step_on_rank, args=(port, tmp_path), nprocs=2)
+    for r in (0, 1):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        assert math.isnan(got["loss"]) and got["unchanged"], (r, got)

@@ -8,10 +8,16 @@ For logits x (B, K, z, y, x) and a target map t (B, 1, z, y, x) of values 0..K-1
 with p = softmax(x), g = one-hot(t), s = 1e-5, sums over the batch and all voxels ("batch Dice", nnU-Net's
 3d_fullres default), background excluded. Loss = CE + Dice per output. Deep-supervision output i (full
 resolution first) weighs 1/2^i, the lowest-resolution output 0, weights normalised to sum 1.
+
+Under DistributedDataParallel the batch is the union of all ranks' patches: the Dice sums are added up
+over ranks (an all-reduce that passes gradients), as nnU-Net's DDP trainer does, so 2 ranks x batch 1
+train the same loss as 1 process x batch 2.
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
 __all__ = ["soft_dice_loss", "DiceCELoss", "deep_supervision_weights", "DeepSupervisionLoss"]
@@ -28,6 +34,10 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool 
     probs, onehot = probs[:, 1:], onehot[:, 1:]
     intersect = (probs * onehot).sum(axes)
     denominator = probs.sum(axes) + onehot.sum(axes)
+    if batch_dice and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # the backward all-reduces the gradients too: each rank gets W x dLoss/d(its patches), and DDP's
+        # 1/W averaging turns that into the gradient of the global batch Dice
+        intersect, denominator = dist_fn.all_reduce(torch.stack([intersect, denominator])).unbind(0)
     dice = (2 * intersect + SMOOTH) / torch.clamp(denominator + SMOOTH, min=1e-8)
     return -dice.mean()
 

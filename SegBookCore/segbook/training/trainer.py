@@ -36,7 +36,7 @@ from ..checkpoint import save_weights
 from .cache import cache_dataset
 from .config import FinetuneConfig
 from .curves import append_jsonl, plot_curves
-from .distributed import setup, teardown
+from .distributed import Dist, setup, teardown
 from .loss import DeepSupervisionLoss
 from .model_init import build_network
 from .sampling import BatchDataset, make_loader
@@ -66,16 +66,19 @@ def make_optimizer(net, lr: float, epochs: int):
     return opt, sched
 
 
-def train_step(net, batch, loss_fn, opt, scaler, device) -> float:
-    """One optimisation step on a batch from BatchDataset; returns the loss (may be NaN: caller decides)."""
+def train_step(net, batch, loss_fn, opt, scaler, device, d: Dist = Dist()) -> float:
+    """One optimisation step on a batch from BatchDataset; returns the loss. If the loss is not finite on
+    any rank, no rank steps (a rank alone in backward would wait forever for DDP's gradient all-reduce)
+    and this returns NaN (this rank's own value where it is the bad one): the caller decides."""
     image = batch["image"].to(device, non_blocking=True)
     targets = [t.to(device, non_blocking=True) for t in batch["target"]]
     opt.zero_grad(set_to_none=True)
     with torch.autocast(device.type, enabled=device.type == "cuda"):
         outputs = net(image)
     loss = loss_fn(outputs, targets)
-    if not torch.isfinite(loss):
-        return float(loss.item())
+    value = float(loss.detach().item())
+    if d.broadcast_flag(not math.isfinite(value)):
+        return value if not math.isfinite(value) else math.nan
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
@@ -86,7 +89,7 @@ def train_step(net, batch, loss_fn, opt, scaler, device) -> float:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
         opt.step()
-    return float(loss.detach().item())
+    return value
 
 
 class _StopRequest:
@@ -300,8 +303,8 @@ def _run(cfg, d, device, out, train_dir, reporter) -> dict:
             if epoch == start_epoch and start_it and history and history[-1].get("partial"):
                 losses = list(history.pop()["losses"])
             for it in range(start_it if epoch == start_epoch else 0, its):
-                loss = train_step(model, next(loader), loss_fn, opt, scaler, device)
-                if d.broadcast_flag(not math.isfinite(loss)):
+                loss = train_step(model, next(loader), loss_fn, opt, scaler, device, d)
+                if not math.isfinite(loss):
                     good = f"{ckpt} (after epoch {len(history)})" if ckpt.is_file() else "none yet"
                     raise TrainingError(f"loss became {loss} at epoch {epoch + 1} iteration {it + 1}; training "
                                         f"stopped; last good checkpoint kept: {good}. Lower --lr or check "

@@ -128,6 +128,19 @@ def test_bad_input_one_line_no_output(tmp_path, model_dir, case):
         assert str(path) in lines[0]          # names the input
 
 
+def test_a_bad_case_in_a_batch_is_reported_and_the_rest_are_written(tmp_path, model_dir):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    sitk.WriteImage(sitk.ReadImage(str(CT)), str(inputs / "a.nii.gz"))
+    (inputs / "b.nii.gz").write_bytes(b"\x00" * 100)
+    sitk.WriteImage(sitk.ReadImage(str(CT)), str(inputs / "c.nii.gz"))
+    r = run_cli("predict", inputs, "-o", out, "--model", model_dir, "--progress", "none")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 2 and "b.nii.gz" in lines[0] and "1 of 3 inputs failed" in lines[1], r.stderr
+    assert _files(out) == ["a.json", "a.nii.gz", "c.json", "c.nii.gz"]
+
+
 def test_ctrl_c_leaves_no_partial_output(tmp_path, model_dir):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "segbook", "predict", CT, "-o", out / "seg.nii.gz",

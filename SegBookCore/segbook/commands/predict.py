@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 from ..errors import InputError
@@ -97,8 +98,20 @@ def run(args) -> int:
                           step=args.step, reporter=reporter)
     if classes:
         predictor.label_values(classes)     # an unknown class name fails before any image is read
+    failed = 0
     for i, (src, dst) in enumerate(zip(images, targets)):
         reporter.emit({"event": "case", "input": str(src), "output": str(dst), "index": i, "total": len(images)})
-        sidecar = predictor.predict_file(src, dst, roi_lps=roi, classes=classes)
+        try:
+            sidecar = predictor.predict_file(src, dst, roi_lps=roi, classes=classes)
+        except InputError as e:
+            if not many:
+                raise
+            # one bad case in a batch of hundreds should not cost the rest: report it, go on, fail at the end
+            failed += 1
+            print(f"segbook predict: error: {e}", file=sys.stderr)
+            reporter.error(str(e))
+            continue
         reporter.done(input=str(src), output=str(dst), elapsed_s=sidecar["elapsed_s"])
+    if failed:
+        raise InputError(f"{failed} of {len(images)} inputs failed (named above); the other outputs were written")
     return 0

@@ -59,6 +59,16 @@ def test_torchrun_two_cpu_processes_train_and_resume_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _spawn_two(fn, *args):
+    """fn(rank, port, *args) in 2 fresh processes that form a gloo group on a free local port."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(fn, args=(port, *args), nprocs=2)
+
+
 def _dice_on_rank(rank, port, logits, target, out):
     import torch.distributed as dist
     from segbook.training.loss import soft_dice_loss
@@ -74,17 +84,12 @@ def _dice_on_rank(rank, port, logits, target, out):
 
 def test_batch_dice_is_the_global_batch_across_ranks(tmp_path):
     """2 ranks x 1 patch train the loss of 1 process x 2 patches, as nnU-Net's DDP batch Dice does."""
-    import socket
-    import torch.multiprocessing as mp
     from segbook.training.loss import soft_dice_loss
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 3, 6, 7, 5, generator=g)
     target = torch.randint(0, 3, (2, 1, 6, 7, 5), generator=g)
     target[1] = 0           # rank 1 alone has no foreground: its local Dice would differ most from the global one
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_dice_on_rank, args=(port, logits, target, tmp_path), nprocs=2)
+    _spawn_two(_dice_on_rank, logits, target, tmp_path)
     whole = logits.clone().requires_grad_(True)
     expected = soft_dice_loss(whole, target)
     expected.backward()
@@ -121,12 +126,7 @@ def _nan_step_on_rank(rank, port, out):
 
 def test_a_nan_on_one_rank_stops_every_rank_without_a_hang(tmp_path):
     import math
-    import socket
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_nan_step_on_rank, args=(port, tmp_path), nprocs=2)
+    _spawn_two(_nan_step_on_rank, tmp_path)
     for r in (0, 1):
         got = torch.load(tmp_path / f"rank{r}.pt")
         assert math.isnan(got["loss"]) and got["unchanged"], (r, got)

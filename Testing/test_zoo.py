@@ -111,3 +111,18 @@ def test_registry_records_are_complete():
         assert segbook.ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     brats = zoo.REGISTRY["brats21-stunet-b"]
     assert brats.arch.input_channels == 4 and brats.arch.pool_op_kernel_sizes == [[2, 2, 2]] * 5
+
+
+def test_saved_model_folder_has_the_umask_permissions(tmp_path):
+    """mkdtemp makes 0700 and safetensors 0600: a model folder shared in a lab must still be readable."""
+    import os
+    import stat
+    old = os.umask(0o022)
+    try:
+        folder = zoo.save_model_folder(tmp_path / "m", segbook.ModelConfig(
+            name="m", arch=segbook.Arch(1, 2, [2, 4], [1, 1], [[2, 2, 2]]), plan=segbook.Plan([1.0] * 3, [8] * 3),
+            class_names=["background", "a"]), {"w": torch.zeros(2)})
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (folder, *folder.iterdir())}
+    assert modes == {"m": 0o755, "weights.safetensors": 0o644, "model.json": 0o644}

@@ -150,10 +150,12 @@ def sidecar_path(output: str | os.PathLike) -> Path:
     return output.with_name(output.name[: -len(output_format(output))] + ".json")
 
 
-def _umask() -> int:
+def usual_permissions(path: str | os.PathLike) -> None:
+    """Give a file or folder made by mkstemp/mkdtemp/safetensors (0600/0700) the mode the user's umask
+    gives new files, so that outputs and model folders are readable by whoever may read the user's files."""
     mask = os.umask(0o022)
     os.umask(mask)
-    return mask
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
 
 
 class atomic_path:
@@ -169,7 +171,7 @@ class atomic_path:
         suffix = next((s for s in IMAGE_SUFFIXES if self.path.name.lower().endswith(s)), self.path.suffix)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part" + suffix, dir=self.path.parent)
         os.close(fd)
-        os.chmod(tmp, 0o666 & ~_umask())    # mkstemp makes 0600; outputs get the usual permissions
+        usual_permissions(tmp)
         self.tmp = Path(tmp)
         return self.tmp
 

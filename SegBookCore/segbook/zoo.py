@@ -125,12 +125,15 @@ def _network(config: ModelConfig, deep_supervision: bool) -> STUNet:
 
 def save_model_folder(folder: str | os.PathLike, config: ModelConfig, state: dict[str, torch.Tensor]) -> Path:
     """Write weights + model.json into `folder` so that readers never see a half-written model."""
+    from .io import usual_permissions      # here: io pulls in SimpleITK, which listing models does not need
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         save_weights(state, tmp / WEIGHTS)
         config.save(tmp / CONFIG)
+        for p in (tmp, tmp / WEIGHTS, tmp / CONFIG):
+            usual_permissions(p)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

@@ -95,6 +95,8 @@ def run(args) -> int:
         writer.writerows(rows)
         for c in classes:
             writer.writerow({"case": "mean", "class": c, "dice": means[c][0], "nsd": means[c][1]})
+    from ..io import usual_permissions
+    usual_permissions(tmp)
     os.replace(tmp, out)
     print(f"written {out}")
     return 0

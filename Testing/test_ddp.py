@@ -59,27 +59,33 @@ def test_torchrun_two_cpu_processes_train_and_resume_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _rank_main(rank, port, fn, args):
+    import datetime
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    fn(rank, *args)
+    # skip interpreter teardown: freeing a DDP Reducer / gloo group there can deadlock (its worker thread
+    # waits for the GIL while the main thread joins it); the results are already on disk
+    os._exit(0)
+
+
 def _spawn_two(fn, *args):
-    """fn(rank, port, *args) in 2 fresh processes that form a gloo group on a free local port."""
+    """fn(rank, *args) in 2 fresh processes that form a gloo group on a free local port."""
     import socket
     import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(fn, args=(port, *args), nprocs=2)
+    mp.spawn(_rank_main, args=(port, fn, args), nprocs=2)
 
 
-def _dice_on_rank(rank, port, logits, target, out):
-    import torch.distributed as dist
+def _dice_on_rank(rank, logits, target, out):
     from segbook.training.loss import soft_dice_loss
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        mine = logits[rank:rank + 1].clone().requires_grad_(True)
-        loss = soft_dice_loss(mine, target[rank:rank + 1])
-        loss.backward()
-        torch.save({"loss": loss.detach(), "grad": mine.grad}, out / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    mine = logits[rank:rank + 1].clone().requires_grad_(True)
+    loss = soft_dice_loss(mine, target[rank:rank + 1])
+    loss.backward()
+    torch.save({"loss": loss.detach(), "grad": mine.grad}, out / f"rank{rank}.pt")
 
 
 def test_batch_dice_is_the_global_batch_across_ranks(tmp_path):
@@ -102,26 +108,18 @@ def test_batch_dice_is_the_global_batch_across_ranks(tmp_path):
         assert torch.allclose(got["grad"] / 2, whole.grad[r:r + 1], atol=1e-7)
 
 
-def _nan_step_on_rank(rank, port, out):
-    import datetime
-    import torch.distributed as dist
+def _nan_step_on_rank(rank, out):
     from segbook.training.distributed import Dist
     from segbook.training.trainer import train_step
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=30))
-    try:
-        torch.manual_seed(0)
-        net = torch.nn.parallel.DistributedDataParallel(torch.nn.Conv3d(1, 2, 3))
-        before = [p.detach().clone() for p in net.parameters()]
-        opt = torch.optim.SGD(net.parameters(), lr=0.1)
-        bad = float("nan") if rank == 1 else 1.0          # only rank 1's loss is NaN
-        batch = {"image": torch.randn(1, 1, 5, 5, 5), "target": [torch.zeros(1, 1, 3, 3, 3)]}
-        loss = train_step(net, batch, lambda o, t: o.mean() * bad, opt, None, torch.device("cpu"),
-                          Dist(rank, 2, rank))
-        unchanged = all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
-        torch.save({"loss": loss, "unchanged": unchanged}, out / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    net = torch.nn.parallel.DistributedDataParallel(torch.nn.Conv3d(1, 2, 3))
+    before = [p.detach().clone() for p in net.parameters()]
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    bad = float("nan") if rank == 1 else 1.0          # only rank 1's loss is NaN
+    batch = {"image": torch.randn(1, 1, 5, 5, 5), "target": [torch.zeros(1, 1, 3, 3, 3)]}
+    loss = train_step(net, batch, lambda o, t: o.mean() * bad, opt, None, torch.device("cpu"), Dist(rank, 2, rank))
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    torch.save({"loss": loss, "unchanged": unchanged}, out / f"rank{rank}.pt")
 
 
 def test_a_nan_on_one_rank_stops_every_rank_without_a_hang(tmp_path):

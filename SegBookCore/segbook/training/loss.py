@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
 __all__ = ["soft_dice_loss", "DiceCELoss", "deep_supervision_weights", "DeepSupervisionLoss"]
@@ -37,7 +36,8 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool 
     if batch_dice and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         # the backward all-reduces the gradients too: each rank gets W x dLoss/d(its patches), and DDP's
         # 1/W averaging turns that into the gradient of the global batch Dice
-        intersect, denominator = dist_fn.all_reduce(torch.stack([intersect, denominator])).unbind(0)
+        from torch.distributed.nn.functional import all_reduce   # here: builds without distributed lack it
+        intersect, denominator = all_reduce(torch.stack([intersect, denominator])).unbind(0)
     dice = (2 * intersect + SMOOTH) / torch.clamp(denominator + SMOOTH, min=1e-8)
     return -dice.mean()
 

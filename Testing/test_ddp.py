@@ -51,6 +51,8 @@ def test_torchrun_two_cpu_processes_train_and_resume_exactly(tmp_path):
     _torchrun(straight, "--epochs", "2")
     log = [json.loads(x) for x in (straight / "training" / "log.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in log] == [1, 2]      # rank 0 alone writes: one line per epoch
+    prov = json.loads((straight / "model.json").read_text())["provenance"]
+    assert prov["processes"] == 2 and prov["command"].startswith("segbook finetune ")
     assert sorted(p.name for p in straight.iterdir()) == ["model.json", "training", "weights.safetensors"]
     split = tmp_path / "split"
     _torchrun(split, "--epochs", "1")

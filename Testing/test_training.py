@@ -118,6 +118,10 @@ def test_short_finetune_writes_a_usable_model_folder(tmp_path):
     assert cfg["plan"]["patch_size"] == [16, 24, 16] and cfg["arch"]["dims"] == [4, 8, 16, 32, 64, 64]
     prov = cfg["provenance"]
     assert prov["recipe"]["lr"] is None and prov["initialisation"] == "scratch (He)"
+    # the command as a user retypes it, whoever called main(); one process, no resumes
+    assert prov["command"] == f"segbook finetune {MINI} -o {out} {' '.join(TINY)} --epochs 2 " \
+                              "--iterations-per-epoch 4 --val-every 1 --num-workers 1"
+    assert prov["processes"] == 1 and "resumed" not in prov
     assert prov["data"]["validation_cases"] == json.loads((out / "training" / "split.json").read_text())["validation"]
     assert set(prov["validation"]["dice"]) == {"anterior", "posterior"}
     lines = [json.loads(x) for x in (out / "training" / "log.jsonl").read_text().splitlines()]
@@ -162,6 +166,9 @@ def test_resume_at_epoch_end_is_exact(tmp_path):
     la = (tmp_path / "straight" / "training" / "log.jsonl").read_text().splitlines()
     lb = (tmp_path / "split" / "training" / "log.jsonl").read_text().splitlines()
     assert [json.loads(x)["train_loss"] for x in la] == [json.loads(x)["train_loss"] for x in lb]
+    prov = json.loads((tmp_path / "split" / "model.json").read_text())["provenance"]
+    assert "--epochs 1" in prov["command"] and "--resume" not in prov["command"]
+    assert len(prov["resumed"]) == 1 and "--epochs 2" in prov["resumed"][0] and "--resume" in prov["resumed"][0]
 
 
 def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path):
@@ -182,6 +189,10 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path):
     assert state["epoch"] == 1 and 5 <= state["iteration"] < 30
     assert not list((tmp_path / "stopped" / "training").glob("*.tmp"))
     assert _ft(tmp_path / "stopped", *args, "--resume") == 0
+    prov = json.loads((tmp_path / "stopped" / "model.json").read_text())["provenance"]
+    # run as `python -m segbook` (argv[0] is a path): recorded as `segbook finetune`, the resume after it
+    assert prov["command"].startswith("segbook finetune ") and "--progress json" in prov["command"]
+    assert [c.endswith("--resume") for c in prov["resumed"]] == [True]
     assert _ft(tmp_path / "straight", *args) == 0
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "stopped")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -5,6 +5,7 @@ Under `torchrun --nproc_per_node N -m segbook finetune ...` it runs DistributedD
 """
 from __future__ import annotations
 
+import shlex
 import sys
 
 HELP = "fine-tune STU-Net on annotated cases (nnU-Net raw folder or JSON case list) into a model folder"
@@ -56,7 +57,8 @@ def run(args) -> int:
     except ValueError as e:
         raise InputError(str(e)) from None
     reporter = make_reporter(args.progress)
-    result = finetune(cfg, reporter)
+    # "segbook ..." whatever argv[0] was (a venv path, -m segbook's __main__.py, torchrun's)
+    result = finetune(cfg, reporter, command=shlex.join(["segbook", *args.argv]))
     if result["stopped"]:
         print(f"segbook finetune: stopped at epoch {result['epoch']} iteration {result['iteration']}; "
               f"checkpoint saved; continue with --resume", file=sys.stderr)

@@ -9,16 +9,14 @@
          backward, clip, step; per epoch: LR step, checkpoint, curves, model folder, validation
 
 Output: MODEL_DIR/weights.safetensors + model.json (a model folder `segbook predict` uses) and
-MODEL_DIR/training/ (checkpoint.pt, config.json, split.json, log.jsonl, curves.png, cache/).
+MODEL_DIR/training/ (checkpoint.pt, config.json, split.json, commands.txt, log.jsonl, curves.png, cache/).
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
-import shlex
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -182,8 +180,10 @@ def _describe(base_config, cfg, dims, ds) -> str:
     return f"{shape}, {how} on {ds.name} ({', '.join(ds.class_names[1:])})"
 
 
-def finetune(cfg: FinetuneConfig, reporter: Reporter | None = None) -> dict:
-    """Run (or resume) a fine-tune; returns {"model_dir", "epochs_done", "stopped", "validation"}."""
+def finetune(cfg: FinetuneConfig, reporter: Reporter | None = None, command: str | None = None) -> dict:
+    """Run (or resume) a fine-tune; returns {"model_dir", "epochs_done", "stopped", "validation"}.
+
+    `command`: the command line to record in the model's provenance (the CLI passes it)."""
     reporter = reporter or Reporter()
     out = Path(cfg.output)
     train_dir = out / "training"
@@ -196,7 +196,7 @@ def finetune(cfg: FinetuneConfig, reporter: Reporter | None = None) -> dict:
         import os
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.world_size))
     try:
-        return _run(cfg, d, device, out, train_dir, reporter)
+        return _run(cfg, d, device, out, train_dir, reporter, command)
     finally:
         teardown(d)
 
@@ -217,7 +217,19 @@ def _check_and_split(cfg, ds, base_config, train_dir: Path) -> dict:
     return {"train": tr, "validation": va}
 
 
-def _model_config(cfg, out: Path, net, plan, base_config, init_info, ds, split) -> ModelConfig:
+def _record_command(train_dir: Path, command: str | None, resume: bool) -> dict:
+    """Add this invocation to training/commands.txt (a fresh run starts the file anew); returns
+    {"command": the first, "resumed": the later ones}. A file of its own, so the first command survives a
+    stop before the first epoch wrote model.json."""
+    path = train_dir / "commands.txt"
+    with open(path, "a" if resume else "w") as f:
+        f.write((command or "(called from Python: segbook.training.finetune)").replace("\n", " ") + "\n")
+    first, *later = path.read_text().splitlines()
+    return {"command": first, "resumed": later} if later else {"command": first}
+
+
+def _model_config(cfg, out: Path, net, plan, base_config, init_info, ds, split, commands, world_size
+                  ) -> ModelConfig:
     return ModelConfig(
         name=cfg.name or out.name, arch=net.arch, plan=plan, class_names=list(ds.class_names),
         colors=[default_color(n, i) for i, n in enumerate(ds.class_names)],
@@ -226,7 +238,7 @@ def _model_config(cfg, out: Path, net, plan, base_config, init_info, ds, split) 
         size=base_config.size if cfg.width == 1.0 else None,
         provenance={**init_info, "data": {"source": ds.source, "name": ds.name, "train_cases": len(split["train"]),
                                           "validation_cases": split["validation"]},
-                    "recipe": cfg.to_dict(), "command": shlex.join(sys.argv)})
+                    "recipe": cfg.to_dict(), "processes": world_size, **commands})
 
 
 def _resume(ckpt: Path, net, opt, sched, scaler, its: int) -> tuple[int, int, list]:
@@ -242,7 +254,7 @@ def _resume(ckpt: Path, net, opt, sched, scaler, its: int) -> tuple[int, int, li
     return epoch, it, st["history"]
 
 
-def _run(cfg, d, device, out, train_dir, reporter) -> dict:
+def _run(cfg, d, device, out, train_dir, reporter, command) -> dict:
     # 1. data: read, check, split
     ds = read_dataset(cfg.dataset)
     base_config = get_config(cfg.base)
@@ -259,7 +271,8 @@ def _run(cfg, d, device, out, train_dir, reporter) -> dict:
     torch.manual_seed(cfg.seed)  # the fresh heads (or the whole network from scratch) start reproducibly
     net, base_config, init_info = build_network(cfg.base, ds.class_names, len(ds.cases[0].images), pools,
                                                 scratch=cfg.scratch, width=cfg.width)
-    model_config = _model_config(cfg, out, net, plan, base_config, init_info, ds, split)
+    commands = _record_command(train_dir, command, cfg.resume) if d.is_main else {}
+    model_config = _model_config(cfg, out, net, plan, base_config, init_info, ds, split, commands, d.world_size)
     net.to(device)
     epochs, its = cfg.total_epochs, cfg.iterations
     opt, sched = make_optimizer(net, cfg.initial_lr, epochs)

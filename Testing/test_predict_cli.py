@@ -145,7 +145,10 @@ def test_ctrl_c_leaves_no_partial_output(tmp_path, model_dir):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "segbook", "predict", CT, "-o", out / "seg.nii.gz",
                              "--model", model_dir, "--progress", "json", "--step", "0.1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # as at a terminal: a shell's background job (a CI script's `cmd &`) starts
+                            # with SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:
         event = json.loads(line)
         if event["event"] == "progress" and event["stage"] == "predict" and event["done"] >= 1:

@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# markers nnunet/slicer/cuda and the no-silent-skips rule of `make test` (SEGBOOK_NO_SKIPS): see skip_policy.py
+from skip_policy import (pytest_configure, pytest_make_collect_report, pytest_runtest_makereport,  # noqa: F401
+                         pytest_runtest_setup, pytest_terminal_summary)
+
 DATA = Path(__file__).parent / "data"
 
 # Tests share two cores with whatever else runs; one intra-op thread keeps them predictable.

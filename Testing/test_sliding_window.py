@@ -8,9 +8,13 @@ import torch
 from segbook.sliding_window import (compute_steps, gaussian_weights, mirror_axes_sets, padding_for_patch,
                                     tile_starts)
 
-nn_sw = pytest.importorskip("nnunetv2.inference.sliding_window_prediction")
+try:
+    from nnunetv2.inference import sliding_window_prediction as nn_sw
+except ImportError:  # the tests that use it are marked nnunet: they skip visibly without it
+    nn_sw = None
 
 
+@pytest.mark.nnunet
 @pytest.mark.parametrize("step", [0.5, 0.33, 0.75, 1.0])
 def test_steps_equal_nnunet(step):
     patch = (128, 112, 96)
@@ -33,6 +37,7 @@ def test_steps_reject_small_image_and_bad_step():
         compute_steps((128, 128, 128), (128, 128, 128), 0)
 
 
+@pytest.mark.nnunet
 @pytest.mark.parametrize("patch", [(128, 128, 128), (64, 80, 48), (7, 9, 11)])
 def test_gaussian_equals_nnunet_float16(patch):
     ref = nn_sw.compute_gaussian(patch, sigma_scale=1 / 8, value_scaling_factor=10, dtype=torch.float16,
@@ -44,6 +49,7 @@ def test_gaussian_equals_nnunet_float16(patch):
     assert ours.max() == np.float16(10)
 
 
+@pytest.mark.nnunet
 def test_gaussian_equals_nnunet_float32_unscaled():
     patch = (96, 96, 96)
     ref = nn_sw.compute_gaussian(patch, sigma_scale=1 / 8, value_scaling_factor=1, dtype=torch.float32,
@@ -51,6 +57,7 @@ def test_gaussian_equals_nnunet_float32_unscaled():
     np.testing.assert_array_equal(gaussian_weights(patch, value_scaling_factor=1, dtype=np.float32), ref)
 
 
+@pytest.mark.nnunet
 def test_padding_centred_as_pad_nd_image():
     from acvl_utils.cropping_and_padding.padding import pad_nd_image
     shape, patch = (37, 128, 200), (128, 128, 128)

@@ -39,29 +39,48 @@ def _ref_dice_ce(logits: np.ndarray, target: np.ndarray) -> float:
     return ce - np.mean(dices)
 
 
-def test_loss_matches_formula_and_nnunet():
+def _loss_inputs():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 3, 8, 10, 6, generator=g, dtype=torch.float64)
-    target = torch.randint(0, 3, (2, 1, 8, 10, 6), generator=g)
+    return logits, torch.randint(0, 3, (2, 1, 8, 10, 6), generator=g)
+
+
+def test_loss_matches_formula():
+    logits, target = _loss_inputs()
     ours = DiceCELoss()(logits, target).item()
     assert ours == pytest.approx(_ref_dice_ce(logits.numpy(), target.numpy()), rel=1e-5)
-    nnunet_loss = pytest.importorskip("nnunetv2.training.loss.compound_losses")
+
+
+@pytest.mark.nnunet
+def test_loss_matches_nnunet():
+    from nnunetv2.training.loss import compound_losses as nnunet_loss
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+    logits, target = _loss_inputs()
+    ours = DiceCELoss()(logits, target).item()
     ref = nnunet_loss.DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
                                      weight_ce=1, weight_dice=1, dice_class=MemoryEfficientSoftDiceLoss)
     assert ours == pytest.approx(ref(logits.float(), target.float()).item(), rel=1e-4)
 
 
-def test_deep_supervision_weights_and_sum():
-    assert deep_supervision_weights(5) == pytest.approx([8 / 15, 4 / 15, 2 / 15, 1 / 15, 0])
+def _deep_supervision_inputs():
     g = torch.Generator().manual_seed(1)
     outs = [torch.randn(1, 3, 8 // s, 8 // s, 8 // s, generator=g) for s in (1, 2, 4)]
-    tgts = [torch.randint(0, 3, (1, 1, 8 // s, 8 // s, 8 // s), generator=g) for s in (1, 2, 4)]
+    return outs, [torch.randint(0, 3, (1, 1, 8 // s, 8 // s, 8 // s), generator=g) for s in (1, 2, 4)]
+
+
+def test_deep_supervision_weights_and_sum():
+    assert deep_supervision_weights(5) == pytest.approx([8 / 15, 4 / 15, 2 / 15, 1 / 15, 0])
+    outs, tgts = _deep_supervision_inputs()
     single = DiceCELoss()
     expected = 2 / 3 * single(outs[0], tgts[0]) + 1 / 3 * single(outs[1], tgts[1])
     assert DeepSupervisionLoss(3)(outs, tgts).item() == pytest.approx(expected.item(), rel=1e-6)
-    nn_ds = pytest.importorskip("nnunetv2.training.loss.deep_supervision")
-    ref = nn_ds.DeepSupervisionWrapper(single, [2 / 3, 1 / 3, 0.0])
+
+
+@pytest.mark.nnunet
+def test_deep_supervision_matches_nnunet():
+    from nnunetv2.training.loss import deep_supervision as nn_ds
+    outs, tgts = _deep_supervision_inputs()
+    ref = nn_ds.DeepSupervisionWrapper(DiceCELoss(), [2 / 3, 1 / 3, 0.0])
     assert DeepSupervisionLoss(3)(outs, tgts).item() == pytest.approx(ref(outs, tgts).item(), rel=1e-6)
 
 

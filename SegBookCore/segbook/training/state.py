@@ -16,9 +16,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["save_training_state", "load_training_state", "rng_states", "set_rng_states"]
+__all__ = ["save_training_state", "load_training_state", "rng_states", "set_rng_states", "amp_scaler"]
 
 log = logging.getLogger(__name__)
+
+
+def amp_scaler(device: torch.device):
+    """The mixed-precision loss scaler on CUDA (its state is saved with the rest), None elsewhere."""
+    if device.type != "cuda":
+        return None
+    # torch.amp.GradScaler is torch >= 2.3; before it (Slicer on Intel Macs stops at 2.2) only torch.cuda.amp's
+    # exists, which newer torch deprecates in its favour.
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cuda")
+    return torch.cuda.amp.GradScaler()
 
 
 def rng_states() -> dict:

@@ -38,7 +38,7 @@ from .distributed import Dist, setup, teardown
 from .loss import DeepSupervisionLoss
 from .model_init import build_network
 from .sampling import BatchDataset, make_loader
-from .state import load_training_state, save_training_state
+from .state import amp_scaler, load_training_state, save_training_state
 
 __all__ = ["finetune", "TrainingError", "train_step", "make_optimizer", "split_cases"]
 
@@ -276,7 +276,7 @@ def _run(cfg, d, device, out, train_dir, reporter, command) -> dict:
     net.to(device)
     epochs, its = cfg.total_epochs, cfg.iterations
     opt, sched = make_optimizer(net, cfg.initial_lr, epochs)
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+    scaler = amp_scaler(device)
     model = torch.nn.parallel.DistributedDataParallel(
         net, device_ids=[device.index] if device.type == "cuda" else None) if d.enabled else net
     loss_fn = DeepSupervisionLoss(len(pools))

@@ -13,16 +13,17 @@ from typing import Callable, Optional
 
 log = logging.getLogger(__name__)
 
-TORCH_REQUIREMENT = "torch>=2.4"
+TORCH_REQUIREMENT = "torch>=2.2"
 # import name -> pip requirement; the core's dependencies that Slicer does not ship
 PIP_REQUIREMENTS = {
-    "huggingface_hub": "huggingface_hub>=0.20",
+    "huggingface_hub": "huggingface_hub>=0.25",
     "safetensors": "safetensors>=0.4",
-    "scipy": "scipy>=1.9",
+    "scipy": "scipy>=1.10",
 }
 # the core's `train` extra: only needed (and only asked for) when the user first fine-tunes
 TRAIN_REQUIREMENTS = {
-    "batchgeneratorsv2": "batchgeneratorsv2>=0.2",
+    "batchgeneratorsv2": "batchgeneratorsv2>=0.3.2",
+    "pandas": "pandas>=2.0",
     "matplotlib": "matplotlib>=3.5",
 }
 SHIPPED_WITH_SLICER = ("numpy", "SimpleITK")

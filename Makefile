@@ -21,12 +21,35 @@ $(VENV)/.test: $(VENV)/.core
 	$(PY) -m pip install -q --no-deps nnunetv2==2.8.1 dynamic-network-architectures==0.4.4 acvl-utils==0.2.6
 	touch $@
 
+# The oldest supported versions (the floors of pyproject.toml, pinned in Testing/oldest/) on Python 3.9, as in
+# Slicer 5.8. PyPI's Linux torch 2.2 is a CUDA build: installed --no-deps, with stubs for the GPU libraries
+# it links and a CPU run never calls (Testing/oldest/cuda_stubs.py) instead of ~1.7 GB of NVIDIA packages.
+# (pyenv's shim for python3.9 fails unless 3.9 is selected, hence the explicit paths first)
+PYTHON_OLDEST ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.9*/bin/python3.9 /usr/bin/python3.9 \
+                   /usr/local/bin/python3.9) python3.9)
+VENV_OLDEST ?= .venv-oldest
+PY_OLDEST := $(VENV_OLDEST)/bin/python
+$(VENV_OLDEST)/.ready: Testing/oldest/requirements.txt Testing/oldest/no-deps.txt Testing/oldest/cuda_stubs.py
+	rm -rf $(VENV_OLDEST)
+	$(PYTHON_OLDEST) -m venv $(VENV_OLDEST)
+	$(PY_OLDEST) -m pip install -q --upgrade pip
+	$(PY_OLDEST) -m pip install -q -r Testing/oldest/requirements.txt
+	$(PY_OLDEST) -m pip install -q --no-deps -r Testing/oldest/no-deps.txt -e SegBookCore
+	$(PY_OLDEST) Testing/oldest/cuda_stubs.py
+	touch $@
+
 install: $(VENV)/.core
 
+# No silent skips: a skip fails the run unless its kind is allowed (Testing/skip_policy.py). No CUDA on CI;
+# the oldest run also has no nnU-Net (Python >= 3.10) and no slicer-core (no Python 3.9 wheel).
 test: $(VENV)/.test
-	$(PY) -m pytest -q Testing
+	SEGBOOK_NO_SKIPS=1 SEGBOOK_ALLOW_SKIPS=cuda $(PY) -m pytest -q Testing
+	$(MAKE) test-oldest
+
+test-oldest: $(VENV_OLDEST)/.ready
+	SEGBOOK_NO_SKIPS=1 SEGBOOK_ALLOW_SKIPS=cuda,nnunet,slicer $(PY_OLDEST) -m pytest -q Testing
 
 demo: $(VENV)/.core
 	$(PY) -m segbook.demo --out demo_output
 
-.PHONY: install test demo
+.PHONY: install test test-oldest demo

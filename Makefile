@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch==2.13.0 is the CPU wheel on the CI machine and the normal (CUDA) build elsewhere; override freely,
-# e.g. `make demo TORCH="torch>=2.4"`.
+# e.g. `make demo TORCH="torch>=2.2"`.
 TORCH ?= torch==2.13.0
 
 # core + training extras: what `make demo` needs

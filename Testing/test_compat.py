@@ -50,6 +50,9 @@ def test_every_floor_is_the_version_the_oldest_run_installs():
         req = Requirement(text)
         floors = [s.version for s in req.specifier if s.operator == ">="]
         name = req.name.lower().replace("_", "-")
+        if not floors:   # a platform's upper bound, e.g. numpy<2 where torch stops at 2.2
+            assert req.marker is not None and all(s.operator == "<" for s in req.specifier), text
+            continue
         assert len(floors) == 1, f"{text}: one >= floor expected"
         assert name in pins, f"{name} is not pinned in Testing/oldest/: its floor is untested"
         assert Version(pins[name]) == Version(floors[0]), f"{name}: floor {floors[0]}, oldest run has {pins[name]}"

@@ -41,11 +41,12 @@ def _safeName(text: str) -> str:
 
 class FineTuneLogic:
     def __init__(self, trainingDirectory, modelsDirectory,
-                 runnerFactory: Optional[Callable[[list], ProcessRunner]] = None):
+                 runnerFactory: Optional[Callable[[list], ProcessRunner]] = None, python: Optional[str] = None):
+        """`python`: the interpreter to train with (default: Slicer's own, see ProcessRunner.pythonExecutable)."""
         self.trainingDirectory = Path(trainingDirectory)
         self.modelsDirectory = Path(modelsDirectory)
         self._runnerFactory = runnerFactory or (
-            lambda args: ProcessRunner([pythonExecutable(), "-m", "segbook", *args], env=coreEnvironment()))
+            lambda args: ProcessRunner([pythonExecutable(python), "-m", "segbook", *args], env=coreEnvironment()))
         self.runner: Optional[ProcessRunner] = None
         self.history: list = []             # metric events of the current run, for the chart
         self.lastProgress: Optional[dict] = None
@@ -195,9 +196,13 @@ class FineTuneLogic:
         if len(self.cases()) < 2:
             raise TrainingSetError("add at least two cases before fine-tuning")
         self.outputDirectory = self.modelsDirectory / _safeName(params.outputName)
-        args = params.arguments(self.datasetPath, self.outputDirectory, resume=resume)
+        # Stop creates this file and the trainer polls it: it reaches the trainer on every OS, through
+        # PythonSlicer (which forwards no signal), where a SIGTERM would not
+        stopFile = self.trainingDirectory / ".segbook-stop"
+        args = params.arguments(self.datasetPath, self.outputDirectory, resume=resume) + ["--stop-file", str(stopFile)]
         self.history, self.lastProgress, self.final, self._stopping = [], None, None, False
         self.runner = self._runnerFactory(args)
+        self.runner.stopFile = stopFile
         self.runner.start()
         self.runner.closeInput()
         return args

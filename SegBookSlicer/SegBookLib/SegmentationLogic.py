@@ -30,15 +30,16 @@ class SegmentationError(RuntimeError):
     """A failed segmentation; the message is the worker's one-line error."""
 
 
-def defaultWorker() -> ProcessRunner:
-    return ProcessRunner([pythonExecutable(), "-m", "segbook.worker"], env=coreEnvironment())
+def defaultWorker(python: Optional[str] = None) -> ProcessRunner:
+    """The worker process; `python` is the interpreter to run it with (default: Slicer's own)."""
+    return ProcessRunner([pythonExecutable(python), "-m", "segbook.worker"], env=coreEnvironment())
 
 
 class SegmentationLogic:
     _ids = itertools.count(1)
 
-    def __init__(self, workerFactory: Callable[[], ProcessRunner] = defaultWorker):
-        self._workerFactory = workerFactory
+    def __init__(self, workerFactory: Optional[Callable[[], ProcessRunner]] = None, python: Optional[str] = None):
+        self._workerFactory = workerFactory or (lambda: defaultWorker(python))
         self.worker: Optional[ProcessRunner] = None
         self.job: Optional[dict] = None
         self.lastEvent: Optional[dict] = None    # last progress event of the running job (stage, done, total)
@@ -67,6 +68,9 @@ class SegmentationLogic:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         requestId = f"seg{next(self._ids)}"
+        if self.worker is not None and self.worker.killed and not self.worker.wait(2.0):
+            shutil.rmtree(tmp, ignore_errors=True)    # never two workers (and two models in GPU memory)
+            raise SegmentationError("the cancelled segmentation is still stopping; try again in a moment")
         if self.worker is None or not self.worker.isRunning():
             self.worker = self._workerFactory()
             self.worker.start()
@@ -135,7 +139,8 @@ class SegmentationLogic:
             try:
                 self.worker.send({"command": "shutdown"})
                 self.worker.closeInput()
-                self.worker.process.wait(timeout=5)
+                if not self.worker.wait(5):
+                    self.worker.kill()
             except Exception:  # a stuck or dead worker: make sure it is gone
                 self.worker.kill()
         self._forgetJob()

@@ -378,7 +378,7 @@ def run_batch(*args, timeout=180):
     import sys
     from slicer_fixtures import SLICER_MODULE
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(SLICER_MODULE / "SegBookBatch.py"), *map(str, args)],
+    return subprocess.run([sys.executable, str(SLICER_MODULE / "Resources" / "Scripts" / "SegBookBatch.py"), *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 

@@ -238,8 +238,9 @@ def test_module_imports_and_the_panel_builds_with_qt_stubbed(gui_stubs):
         widget.cleanup()
 
 
-def test_batch_script_and_self_test_are_importable(gui_stubs):
+def test_batch_script_and_self_test_are_importable(gui_stubs, monkeypatch):
     import SegBook
+    monkeypatch.syspath_prepend(str(SLICER_MODULE / "Resources" / "Scripts"))
     import SegBookBatch
     assert issubclass(SegBook.SegBookTest, __import__("unittest").TestCase)
     args = SegBookBatch.parseArguments(["--input", "a.nii.gz", "--output", "o", "--model", "m", "--tta"])

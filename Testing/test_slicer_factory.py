@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,6 +42,7 @@ def installed_tree(dest: Path) -> Path:
              for v in ("MODULE_PYTHON_SCRIPTS", "MODULE_PYTHON_RESOURCES") for s in cmake_list(text, v)]
     files += [(CORE, s) for v in ("SEGBOOK_CORE_PYTHON_SCRIPTS", "SEGBOOK_CORE_PYTHON_RESOURCES")
               for s in cmake_list(text, v)]
+    files += [(CORE, s) for s in re.findall(r"install\(FILES \$\{SEGBOOK_CORE_DIR\}/(\S+)", text)]
     for source, relative in files:
         (dest / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(source / relative, dest / relative)
@@ -69,6 +71,14 @@ def test_installed_extension_loads_and_ships_the_batch_script_outside_the_factor
     tree = installed_tree(tmp_path / "lib" / "Slicer-5.8" / "qt-scripted-modules")
     check_every_top_level_file_is_a_module(factory(tree), tree)
     assert (tree / BATCH).is_file() and (tree / "segbook" / "worker.py").is_file()
+    # setup reads the version floors from the pyproject.toml installed beside the core
+    code = ("import sys, json; sys.path.insert(0, sys.argv[1]); from SegBookLib.InstallLogic import coreRequirements, "
+            "pyprojectPath; print(json.dumps([str(pyprojectPath()), coreRequirements()]))")
+    out = subprocess.run([sys.executable, "-c", code, str(tree)], capture_output=True, text=True, timeout=60,
+                         env=clean_env())
+    assert out.returncode == 0, out.stderr
+    path, requirements = json.loads(out.stdout)
+    assert Path(path) == tree / "pyproject.toml" and any(r.startswith("torch") for r in requirements["core"])
 
 
 def test_a_clone_in_additional_module_paths_loads_and_finds_its_core(tmp_path):

@@ -39,14 +39,19 @@ def _safeName(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "case"
 
 
+def _addDatasetFolder(trainingDirectory: str, modelsDirectory: str, folder: str, missingAsBackground: bool) -> list:
+    return FineTuneLogic(trainingDirectory, modelsDirectory).addDatasetFolder(folder, missingAsBackground)
+
+
 class FineTuneLogic:
     def __init__(self, trainingDirectory, modelsDirectory,
                  runnerFactory: Optional[Callable[[list], ProcessRunner]] = None, python: Optional[str] = None):
         """`python`: the interpreter to train with (default: Slicer's own, see ProcessRunner.pythonExecutable)."""
+        self.python = python or None
         self.trainingDirectory = Path(trainingDirectory)
         self.modelsDirectory = Path(modelsDirectory)
         self._runnerFactory = runnerFactory or (
-            lambda args: ProcessRunner([pythonExecutable(python), "-m", "segbook", *args], env=coreEnvironment()))
+            lambda args: ProcessRunner([pythonExecutable(self.python), "-m", "segbook", *args], env=coreEnvironment()))
         self.runner: Optional[ProcessRunner] = None
         self.history: list = []             # metric events of the current run, for the chart
         self.lastProgress: Optional[dict] = None
@@ -148,8 +153,13 @@ class FineTuneLogic:
     def addDatasetFolder(self, folder, missingAsBackground: bool = False) -> list:
         """Copy the cases of an nnU-Net/Decathlon raw folder or case list into the training set.
 
-        Label values are rewritten into this set's class order, by class name.
+        Label values are rewritten into this set's class order, by class name. Runs in the engine's
+        interpreter when that is not Slicer's own (reading the folder needs the core).
         """
+        if self.python:
+            from .ProcessRunner import callInCore
+            return callInCore(self.python, f"{__name__}:_addDatasetFolder", str(self.trainingDirectory),
+                              str(self.modelsDirectory), str(folder), bool(missingAsBackground))
         import SimpleITK as sitk
         from segbook.dataset import read_dataset
         source = read_dataset(folder)

@@ -83,6 +83,27 @@ def coreEnvironment(extra: Optional[dict] = None) -> dict:
     return env
 
 
+def callInCore(python: Optional[str], function: str, *args, timeout: float = 600):
+    """`module:function(*args)` run in the engine's interpreter; returns its JSON-able result.
+
+    For what Slicer's own Python cannot do when the engine runs in another one (it may have no torch, which
+    every `segbook` import loads). The module folder (holding SegBookLib) and the core are on its path.
+    Raises RuntimeError with the child's last words.
+    """
+    code = ("import importlib, json, sys; name, attr = sys.argv[1].split(':'); "
+            "result = getattr(importlib.import_module(name), attr)(*json.loads(sys.argv[2])); "
+            "sys.stdout.write('\\n' + json.dumps(result) + '\\n')")
+    env = coreEnvironment()
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env["PYTHONPATH"]])
+    out = subprocess.run([pythonExecutable(python), "-c", code, function, json.dumps(list(args))],
+                         capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=timeout,
+                         stdin=subprocess.DEVNULL, creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[-1]
+        raise RuntimeError(f"{pythonExecutable(python)}: {last}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 class ProcessRunner:
     """Start a process tree, send it JSON lines, read its JSON events, stop or kill all of it.
 

@@ -39,7 +39,8 @@ class SegmentationLogic:
     _ids = itertools.count(1)
 
     def __init__(self, workerFactory: Optional[Callable[[], ProcessRunner]] = None, python: Optional[str] = None):
-        self._workerFactory = workerFactory or (lambda: defaultWorker(python))
+        self.python = python or None     # the engine's interpreter, for the next worker started
+        self._workerFactory = workerFactory or (lambda: defaultWorker(self.python))
         self.worker: Optional[ProcessRunner] = None
         self.job: Optional[dict] = None
         self.lastEvent: Optional[dict] = None    # last progress event of the running job (stage, done, total)

@@ -150,8 +150,9 @@ class SegmentationLogic:
     def applyResult(self, scene, volumeNode, segmentationNode=None, name: Optional[str] = None):
         """Turn the finished job's label map into a segmentation node (created if not given).
 
-        Raises SegmentationError with the worker's message if the job failed. The temporary files are
-        removed either way.
+        Raises SegmentationError with the worker's message if the job failed, or when the input volume left
+        the scene while the job ran (deleted, or the scene closed): nothing is added then. An output node
+        that left the scene is replaced by a new one. The temporary files are removed either way.
         """
         if self.job is None or self.job["final"] is None:
             raise SegmentationError("no finished segmentation to apply")
@@ -159,6 +160,11 @@ class SegmentationLogic:
         try:
             if final.get("event") != "done":
                 raise SegmentationError(final.get("message", "segmentation failed"))
+            if volumeNode is None or volumeNode.GetScene() is not scene or scene.GetNodeByID(volumeNode.GetID()) is None:
+                raise SegmentationError("the input volume was removed from the scene (deleted, or the scene "
+                                        "closed) while it was being segmented; nothing was added")
+            if segmentationNode is not None and segmentationNode.GetScene() is not scene:
+                segmentationNode = None
             labels, ijkToRas = NodeIO.readLabelArray(self.job["output"])
             result = final.get("result") or {}
             classes = result.get("labels") or result.get("classes") or []

@@ -16,7 +16,7 @@ from .InstallLogic import InstallLogic, pythonSetting, setPythonSetting
 from .ModelCatalog import ModelCatalog, userDirectory
 from .Parameters import DEVICES, PRESETS, FineTuneParameters, SegmentParameters, loadFromNode, saveToNode
 from .ProcessRunner import ProcessRunner, coreEnvironment, pythonExecutable
-from .SegmentationLogic import SegmentationLogic
+from .SegmentationLogic import SegmentationError, SegmentationLogic
 from .TrainingChart import TrainingChart
 
 log = logging.getLogger(__name__)
@@ -266,8 +266,14 @@ class Widget(qt.QWidget):
         self.setSegmentRunning(False)
         volume = slicer.mrmlScene.GetNodeByID(job["volumeID"])     # the volume the job was started on
         with slicer.util.tryWithErrorDisplay("Segmentation failed"):
-            node = self.segmentation.applyResult(slicer.mrmlScene, volume,
-                                                 self.ui.outputSegmentationSelector.currentNode())
+            try:
+                node = self.segmentation.applyResult(slicer.mrmlScene, volume,
+                                                     self.ui.outputSegmentationSelector.currentNode())
+            except SegmentationError as e:      # a message for the user, not a traceback
+                self.ui.segmentProgressBar.value = 0
+                self.showStatus(f"Failed: {e}")
+                slicer.util.errorDisplay(f"Segmentation failed: {e}", windowTitle="SegBook")
+                return
             self.ui.outputSegmentationSelector.setCurrentNode(node)
             elapsed = float(node.GetAttribute("SegBook.Elapsed") or 0)
             self.ui.elapsedLabel.text = f"{elapsed:.1f} s"

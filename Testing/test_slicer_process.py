@@ -22,6 +22,7 @@ from SegBookLib.FineTuneLogic import FineTuneLogic  # noqa: E402
 from SegBookLib.Parameters import FineTuneParameters, SegmentParameters  # noqa: E402
 from SegBookLib.ProcessRunner import ProcessRunner, coreEnvironment  # noqa: E402
 from SegBookLib.SegmentationLogic import SegmentationError, SegmentationLogic  # noqa: E402
+from test_slicer_static import gui_stubs  # noqa: E402,F401  (the Qt stubs)
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +210,40 @@ def test_stop_saves_a_checkpoint_through_the_launcher_and_resume_continues(scene
     final = ft.start(params, resume=True) and ft.wait(timeout=300)
     assert final["ok"], final
     assert [m["epoch"] for m in ft.history][0] == second[-1] + 1 and ft.history[-1]["epoch"] == 4
+
+
+def test_download_cancel_ends_the_download_through_the_launcher(gui_stubs, tmp_path, monkeypatch, launcher):
+    """The panel's Download -> Cancel while `segbook download` waits on a hub that never answers."""
+    import socket
+
+    from test_slicer_static import UI_FILE
+    from SegBookLib.InstallLogic import setPythonSetting
+    from SegBookLib.Widget import Widget
+
+    hub = socket.socket()
+    hub.bind(("127.0.0.1", 0))
+    hub.listen(4)
+    hub.settimeout(120)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub.getsockname()[1]}")
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "600")
+    monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "600")
+    setPythonSetting(os.environ["SEGBOOK_HOME"], str(launcher))
+    panel = Widget(str(UI_FILE))
+    ui = gui_stubs["ui"]
+    try:
+        ui.modelComboBox.currentData = "stunet-s-totalseg"
+        panel.onDownload()
+        assert ui.downloadButton.text == "Cancel download" and panel.download.isRunning()
+        connection, _ = hub.accept()            # the download has asked the hub; no answer comes
+        pids = tree(panel.download)
+        assert len(pids) == 2, "launcher and real interpreter"
+        t0 = time.monotonic()
+        panel.onDownload()                      # Cancel
+        assert time.monotonic() - t0 < 1.0 and ui.downloadButton.text == "Download"
+        wait_until(lambda: not any(alive(p) for p in pids), 1.0, "the download survived Cancel")
+        connection.close()
+        assert not any(Path(os.environ["SEGBOOK_CACHE"]).rglob("model.json")), "nothing half-downloaded is kept"
+    finally:
+        panel.cleanup()
+        hub.close()

@@ -34,8 +34,10 @@ class SegBookLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
+        from SegBookLib.InstallLogic import pythonSetting
+        from SegBookLib.ModelCatalog import userDirectory
         from SegBookLib.SegmentationLogic import SegmentationLogic
-        self.segmentation = SegmentationLogic()
+        self.segmentation = SegmentationLogic(python=pythonSetting(userDirectory()))
 
 
 class SegBookWidget(ScriptedLoadableModuleWidget):

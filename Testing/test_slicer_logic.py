@@ -268,6 +268,29 @@ def test_a_worker_that_dies_reports_its_last_words(scene, tmp_path):
     assert scene_snapshot(scene) == before and not dying.isBusy()
 
 
+@pytest.mark.parametrize("how", ["volume deleted", "scene closed"])
+def test_input_volume_gone_during_the_job_is_a_clear_message(scene, logic, tiny_model, how):
+    """The volume deleted, or the scene closed, while the worker runs: a one-line error, nothing added, the
+    worker still serves the next job."""
+    volume = load_volume(scene, IMAGE)
+    volumeID = volume.GetID()
+    logic.start(volume, SegmentParameters(model=str(tiny_model), device="cpu"))
+    tmp = logic.job["tmp"]
+    if how == "volume deleted":
+        scene.RemoveNode(volume)
+    else:
+        scene.Clear(0)
+    del volume
+    logic.wait(timeout=120)
+    before = scene_snapshot(scene)
+    with pytest.raises(SegmentationError, match="removed from the scene") as info:
+        logic.applyResult(scene, scene.GetNodeByID(volumeID))
+    assert "\n" not in str(info.value) and scene_snapshot(scene) == before and not tmp.exists()
+    again = load_volume(scene, IMAGE)
+    out = logic.segment(scene, again, SegmentParameters(model=str(tiny_model), device="cpu"), timeout=120)
+    assert out.GetSegmentation().GetNumberOfSegments() == 2
+
+
 # -- Fine-tune export -----------------------------------------------------------------------------------
 def test_fine_tune_export_writes_the_label_mapping(scene, tmp_path):
     from segbook.dataset import check_dataset, read_dataset
@@ -382,7 +405,7 @@ def run_batch(*args, timeout=180):
     import sys
     from slicer_fixtures import SLICER_MODULE
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(SLICER_MODULE / "SegBookBatch.py"), *map(str, args)],
+    return subprocess.run([sys.executable, str(SLICER_MODULE / "Resources" / "Scripts" / "SegBookBatch.py"), *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 

@@ -5,7 +5,7 @@
 - the CMake lists every module file and every file of the `segbook` core (so a new core file that is not
   shipped fails here), and nothing that does not exist;
 - the extension metadata, the catalog entry and the icon are what the Extensions Index expects;
-- first-run setup asks before installing and installs through PyTorchUtils and pip.
+- nothing is installed at import (setup itself: test_slicer_setup.py).
 """
 from __future__ import annotations
 
@@ -240,8 +240,9 @@ def test_module_imports_and_the_panel_builds_with_qt_stubbed(gui_stubs):
 
 
 @pytest.mark.slicer
-def test_batch_script_and_self_test_are_importable(gui_stubs):
+def test_batch_script_and_self_test_are_importable(gui_stubs, monkeypatch):
     import SegBook
+    monkeypatch.syspath_prepend(str(SLICER_MODULE / "Resources" / "Scripts"))
     import SegBookBatch
     assert issubclass(SegBook.SegBookTest, __import__("unittest").TestCase)
     args = SegBookBatch.parseArguments(["--input", "a.nii.gz", "--output", "o", "--model", "m", "--tta"])
@@ -314,74 +315,7 @@ def test_icon_is_a_128px_png():
     assert (width, height) == (128, 128)
 
 
-# -- first-run setup ------------------------------------------------------------------------------------
-def installer(installed):
-    from SegBookLib.InstallLogic import InstallLogic
-    calls = []
-
-    def find(name):
-        return object() if name in installed else None
-
-    def pip(reqs):
-        calls.append(("pip", list(reqs)))
-        installed.update(r.split(">")[0].split("=")[0] for r in reqs)
-
-    def torch(req):
-        calls.append(("torch", req))
-        installed.add("torch")
-
-    return InstallLogic(findSpec=find, pipInstall=pip, installTorch=torch), calls
-
-
-def test_setup_asks_before_installing_and_installs_nothing_when_declined():
-    logic, calls = installer({"numpy", "SimpleITK"})
-    assert logic.missing() == ["torch", "huggingface_hub", "safetensors", "scipy"]
-    questions = []
-    assert logic.install(lambda q: questions.append(q) or False) is False
-    assert calls == []
-    assert "PyTorch" in questions[0] and "minutes" in questions[0]
-
-
-def test_setup_installs_torch_through_pytorchutils_then_pip():
-    logic, calls = installer({"numpy", "SimpleITK"})
-    assert logic.install(lambda q: True) is True
-    assert calls[0] == ("torch", "torch>=2.2")
-    assert calls[1][0] == "pip" and {r.split(">")[0] for r in calls[1][1]} == {"huggingface_hub", "safetensors", "scipy"}
-    assert logic.isReady()
-    # nothing to do, nothing asked
-    assert logic.install(lambda q: pytest.fail("asked although ready")) is True
-
-
-def test_setup_requirements_match_the_core_dependencies():
-    try:
-        import tomllib
-    except ImportError:  # Python < 3.11: the same parser as the tomli package ([test] extra)
-        import tomli as tomllib
-    from SegBookLib.InstallLogic import PIP_REQUIREMENTS, SHIPPED_WITH_SLICER, TORCH_REQUIREMENT, TRAIN_REQUIREMENTS
-    project = tomllib.loads((CORE / "pyproject.toml").read_text())["project"]
-
-    def names(reqs):
-        return {re.split(r"[<>=!~ \[]", r)[0].lower() for r in reqs}
-
-    ours = names(PIP_REQUIREMENTS.values()) | {n.lower() for n in SHIPPED_WITH_SLICER} | names([TORCH_REQUIREMENT])
-    assert names(project["dependencies"]) == ours
-    assert names(project["optional-dependencies"]["train"]) == names(TRAIN_REQUIREMENTS.values())
-    # and the same floors: setup must not accept what the core does not run on
-    shipped = {n.lower() for n in SHIPPED_WITH_SLICER}
-    assert ({r for r in project["dependencies"] if names([r]).isdisjoint(shipped)}
-            == set(PIP_REQUIREMENTS.values()) | {TORCH_REQUIREMENT})
-    assert set(project["optional-dependencies"]["train"]) == set(TRAIN_REQUIREMENTS.values())
-
-
-def test_training_packages_are_asked_for_only_when_fine_tuning():
-    logic, calls = installer({"numpy", "SimpleITK", "torch", "huggingface_hub", "safetensors", "scipy"})
-    assert logic.isReady() and not logic.isReady(training=True)
-    questions = []
-    assert logic.install(lambda q: questions.append(q) or True, training=True)
-    assert "batchgeneratorsv2" in questions[0] and "PyTorch" not in questions[0]
-    assert calls == [("pip", ["batchgeneratorsv2>=0.3.2", "pandas>=2.0", "matplotlib>=3.5"])]
-
-
+# -- first-run setup (the rest: test_slicer_setup.py) ------------------------------------------------------
 @pytest.mark.slicer
 def test_nothing_is_installed_at_import():
     code = ("import sys; sys.path.insert(0, %r); import unittest.mock as m; import slicer; "

@@ -85,3 +85,18 @@ def test_worker_exits_at_end_of_input(tiny_model):
     events, _, stderr, rc = run_worker([{"id": "p", "command": "ping"}])
     assert rc == 0, stderr
     assert [e["event"] for e in events] == ["ready", "done"]
+
+
+def test_worker_survives_bytes_that_are_not_utf8():
+    """A request line with undecodable bytes (a path in another code page) gets an answer, and the worker goes
+    on serving; its output is UTF-8 whatever the locale says."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING="ascii")
+    lines = b'{"id": "caf\xe9", "command": "ping"}\n\xff\xfe\n' + json.dumps({"id": "ok", "command": "ping"}).encode() \
+        + b"\n"
+    proc = subprocess.run([sys.executable, "-m", "segbook.worker"], input=lines, capture_output=True, timeout=120,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr.decode("utf-8", "replace")
+    events = [json.loads(line) for line in proc.stdout.decode("utf-8").splitlines()]
+    done = [e["request"] for e in events if e["event"] == "done"]
+    assert done == ["caf\ufffd", "ok"]
+    assert any(e["event"] == "error" and e["request"] is None for e in events), "the garbage line is answered"

@@ -150,6 +150,11 @@ class Worker:
 
 
 def main(argv=None) -> int:
+    # UTF-8 both ways whatever the locale (Windows pipes default to the ANSI code page); a byte that does
+    # not decode becomes U+FFFD instead of killing the loop, a character that does not encode becomes "?"
+    for stream in (sys.stdin, sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(encoding="utf-8", errors="replace")
     logging.basicConfig(level=logging.INFO if os.environ.get("SEGBOOK_WORKER_VERBOSE") else logging.WARNING,
                         stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     out = sys.stdout

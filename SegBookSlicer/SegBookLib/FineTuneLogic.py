@@ -39,13 +39,19 @@ def _safeName(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "case"
 
 
+def _addDatasetFolder(trainingDirectory: str, modelsDirectory: str, folder: str, missingAsBackground: bool) -> list:
+    return FineTuneLogic(trainingDirectory, modelsDirectory).addDatasetFolder(folder, missingAsBackground)
+
+
 class FineTuneLogic:
     def __init__(self, trainingDirectory, modelsDirectory,
-                 runnerFactory: Optional[Callable[[list], ProcessRunner]] = None):
+                 runnerFactory: Optional[Callable[[list], ProcessRunner]] = None, python: Optional[str] = None):
+        """`python`: the interpreter to train with (default: Slicer's own, see ProcessRunner.pythonExecutable)."""
+        self.python = python or None
         self.trainingDirectory = Path(trainingDirectory)
         self.modelsDirectory = Path(modelsDirectory)
         self._runnerFactory = runnerFactory or (
-            lambda args: ProcessRunner([pythonExecutable(), "-m", "segbook", *args], env=coreEnvironment()))
+            lambda args: ProcessRunner([pythonExecutable(self.python), "-m", "segbook", *args], env=coreEnvironment()))
         self.runner: Optional[ProcessRunner] = None
         self.history: list = []             # metric events of the current run, for the chart
         self.lastProgress: Optional[dict] = None
@@ -147,8 +153,13 @@ class FineTuneLogic:
     def addDatasetFolder(self, folder, missingAsBackground: bool = False) -> list:
         """Copy the cases of an nnU-Net/Decathlon raw folder or case list into the training set.
 
-        Label values are rewritten into this set's class order, by class name.
+        Label values are rewritten into this set's class order, by class name. Runs in the engine's
+        interpreter when that is not Slicer's own (reading the folder needs the core).
         """
+        if self.python:
+            from .ProcessRunner import callInCore
+            return callInCore(self.python, f"{__name__}:_addDatasetFolder", str(self.trainingDirectory),
+                              str(self.modelsDirectory), str(folder), bool(missingAsBackground))
         import SimpleITK as sitk
         from segbook.dataset import read_dataset
         source = read_dataset(folder)
@@ -195,9 +206,13 @@ class FineTuneLogic:
         if len(self.cases()) < 2:
             raise TrainingSetError("add at least two cases before fine-tuning")
         self.outputDirectory = self.modelsDirectory / _safeName(params.outputName)
-        args = params.arguments(self.datasetPath, self.outputDirectory, resume=resume)
+        # Stop creates this file and the trainer polls it: it reaches the trainer on every OS, through
+        # PythonSlicer (which forwards no signal), where a SIGTERM would not
+        stopFile = self.trainingDirectory / ".segbook-stop"
+        args = params.arguments(self.datasetPath, self.outputDirectory, resume=resume) + ["--stop-file", str(stopFile)]
         self.history, self.lastProgress, self.final, self._stopping = [], None, None, False
         self.runner = self._runnerFactory(args)
+        self.runner.stopFile = stopFile
         self.runner.start()
         self.runner.closeInput()
         return args

@@ -1,121 +1,273 @@
-"""First-run setup: find what the core needs in Slicer's Python, and install it only when the user agrees.
+"""Setup: check that the Python running the engine has what the core needs, at the versions it needs, and
+install it only when the user agrees.
 
-torch comes through the PyTorch extension's `PyTorchUtils` (it picks the CUDA build that matches the
-machine's driver); the small pure-Python dependencies through `slicer.util.pip_install`. SimpleITK and
-numpy ship with Slicer and are never replaced. Nothing here runs at import time; the widget calls
-`missing()` when the module opens and `install(confirm)` when the user clicks Install or Segment.
+The engine (worker, fine-tuning, downloads) runs in Slicer's own Python by default, or in any Python the
+user names (e.g. a conda environment with a CUDA torch): then Slicer itself needs no torch, and everything
+is checked, and installed with that Python's pip, there. The requirements and their version floors are read
+from the core's pyproject.toml (shipped beside the `segbook` package), the one place they are written.
+
+In Slicer's own Python, torch comes through light-the-torch as the PyTorch extension installs it (it picks
+the CUDA build matching the driver), but torch alone: PyTorchUtils' installTorch always adds torchvision,
+which the core does not use. The small packages come through `slicer.util.pip_install`; numpy and
+SimpleITK ship with Slicer and are never replaced. Nothing here runs at import time.
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
+import json
 import logging
+import re
+import subprocess
+from pathlib import Path
 from typing import Callable, Optional
 
 log = logging.getLogger(__name__)
 
-TORCH_REQUIREMENT = "torch>=2.2"
-# import name -> pip requirement; the core's dependencies that Slicer does not ship
-PIP_REQUIREMENTS = {
-    "huggingface_hub": "huggingface_hub>=0.25",
-    "safetensors": "safetensors>=0.4",
-    "scipy": "scipy>=1.10",
-}
-# the core's `train` extra: only needed (and only asked for) when the user first fine-tunes
-TRAIN_REQUIREMENTS = {
-    "batchgeneratorsv2": "batchgeneratorsv2>=0.3.2",
-    "pandas": "pandas>=2.0",
-    "matplotlib": "matplotlib>=3.5",
-}
 SHIPPED_WITH_SLICER = ("numpy", "SimpleITK")
+_COMPARE = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b, "<=": lambda a, b: a <= b,
+            "<": lambda a, b: a < b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
 
 
 class InstallError(RuntimeError):
     """Setup cannot go on; the message says what the user can do."""
 
 
+# -- requirements -----------------------------------------------------------------------------------
+def _tomlArray(text: str, key: str) -> list:
+    """The strings of `key = [...]` at the start of a line (the subset of TOML pyproject.toml uses here;
+    Slicer's Python 3.9 has no tomllib)."""
+    match = re.search(rf'^{re.escape(key)}\s*=\s*\[((?:[^\]"#]|"[^"]*"|#[^\n]*)*)\]', text, re.M)
+    if match is None:
+        raise InstallError(f"pyproject.toml: no '{key}' list")
+    return re.findall(r'"([^"]*)"', re.sub(r"#[^\n]*", "", match.group(1)))
+
+
+def pyprojectPath() -> Path:
+    """The core's pyproject.toml: beside the `segbook` package (a clone's SegBookCore/, or the extension's
+    qt-scripted-modules folder, where the CMake installs it)."""
+    from .ProcessRunner import corePackageRoot
+    return Path(corePackageRoot()) / "pyproject.toml"
+
+
+def coreRequirements(path: Optional[Path] = None) -> dict:
+    """{"core": [...], "train": [...]} requirement strings, as pyproject.toml's dependencies and train extra."""
+    text = Path(path or pyprojectPath()).read_text(encoding="utf-8")
+    return {"core": _tomlArray(text, "dependencies"), "train": _tomlArray(text, "train")}
+
+
+def parseRequirement(text: str):
+    """"torch>=2.2" -> ("torch", [(">=", (2, 2))]). Only what pyproject.toml uses: names and version bounds."""
+    match = re.match(r"\s*([A-Za-z0-9_.-]+)\s*(.*)$", text)
+    name, rest = match.group(1), match.group(2)
+    bounds = [(op, versionTuple(v)) for op, v in re.findall(r"(>=|<=|==|!=|>|<)\s*([0-9][0-9A-Za-z.+!-]*)", rest)]
+    return name, bounds
+
+
+def versionTuple(version: str) -> tuple:
+    """"2.2.2+cpu" -> (2, 2, 2); "2.5.0rc1" -> (2, 5, 0): the release numbers."""
+    parts = []
+    for piece in version.split("+")[0].split("."):
+        digits = re.match(r"\d+", piece)
+        if digits is None:
+            break
+        parts.append(int(digits.group()))
+    return tuple(parts)
+
+
+def satisfies(version: str, bounds: list) -> bool:
+    have = versionTuple(version)
+    for op, want in bounds:
+        width = max(len(have), len(want))
+        if not _COMPARE[op](have + (0,) * (width - len(have)), want + (0,) * (width - len(want))):
+            return False
+    return True
+
+
+def installedVersions(names: list) -> dict:
+    """{distribution name: installed version or None} in this interpreter, from package metadata (importing
+    torch to ask would take seconds and could pin an old build in Slicer's process)."""
+    from importlib import metadata
+    out = {}
+    for name in names:
+        out[name] = None
+        for candidate in (name, name.replace("_", "-"), name.lower()):
+            try:
+                out[name] = metadata.version(candidate)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+    return out
+
+
+def gpuAvailable() -> bool:
+    import torch
+    return bool(torch.cuda.is_available())
+
+
+# -- installers (Slicer's own Python) ---------------------------------------------------------------
 def _pipInstall(requirements: list) -> None:
     import slicer
     slicer.util.pip_install(requirements)
 
 
 def _installTorch(requirement: str) -> None:
-    try:
-        import PyTorchUtils
-    except ImportError:
-        raise InstallError("SegBook needs the PyTorch extension: install it from the Extensions Manager, "
-                           "restart Slicer, and click Install again") from None
-    torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
-                                                          torchVersionRequirement=requirement.replace("torch", ""))
-    if torch is None:
-        raise InstallError("PyTorch could not be installed (see the Python console); try again, or install "
-                           "it from the PyTorch module")
+    """torch alone, through light-the-torch as PyTorchUtils does (it picks the CUDA build for the driver)."""
+    import slicer
+    slicer.util.pip_install("light-the-torch>=0.5")
+    run = getattr(slicer.util, "executePythonModule", None) or slicer.util._executePythonModule
+    run("light_the_torch", ["install", requirement])
+
+
+def _pipInstallIn(python: str) -> Callable[[list], None]:
+    def install(requirements: list) -> None:
+        out = subprocess.run([python, "-m", "pip", "install", *requirements], capture_output=True,
+                             encoding="utf-8", errors="replace", stdin=subprocess.DEVNULL,
+                             creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
+        if out.returncode != 0:
+            last = (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[-1]
+            raise subprocess.CalledProcessError(out.returncode, out.args, out.stdout, last)
+    return install
 
 
 class InstallLogic:
-    def __init__(self, findSpec: Callable = importlib.util.find_spec, pipInstall: Callable = _pipInstall,
-                 installTorch: Callable = _installTorch):
-        self._findSpec = findSpec
-        self._pipInstall = pipInstall
-        self._installTorch = installTorch
+    def __init__(self, python: Optional[str] = None, versions: Optional[Callable[[list], dict]] = None,
+                 pipInstall: Optional[Callable] = None, installTorch: Optional[Callable] = None,
+                 requirements: Optional[dict] = None):
+        """`python`: the engine's interpreter (None: Slicer's own). The callables replace what runs in the
+        application (tests): `versions(names) -> {name: version|None}`, `pipInstall(reqs)`, `installTorch(req)`."""
+        self.python = python or None
+        if self.python:
+            from .ProcessRunner import callInCore
+            self._versions = versions or (lambda names: callInCore(self.python, f"{__name__}:installedVersions",
+                                                                   names, timeout=120))
+            self._pipInstall = pipInstall or _pipInstallIn(self.python)
+            self._installTorch = installTorch or (lambda req: self._pipInstall([req]))
+        else:
+            self._versions = versions or installedVersions
+            self._pipInstall = pipInstall or _pipInstall
+            self._installTorch = installTorch or _installTorch
+        self._requirements = requirements
+        self._gpu: Optional[bool] = None
 
-    def _has(self, name: str) -> bool:
-        try:
-            return self._findSpec(name) is not None
-        except (ImportError, ValueError):
-            return False
+    @property
+    def external(self) -> bool:
+        return self.python is not None
+
+    def requirements(self, training: bool = False) -> list:
+        reqs = self._requirements or coreRequirements()
+        return list(reqs["core"]) + (list(reqs["train"]) if training else [])
+
+    def problems(self, training: bool = False) -> list:
+        """[(requirement, installed version or None)] for every requirement not met, torch first."""
+        importlib.invalidate_caches()   # packages installed since the last look
+        parsed = [(req, *parseRequirement(req)) for req in self.requirements(training)]
+        installed = self._versions([name for _, name, _ in parsed])
+        out = [(req, installed.get(name)) for req, name, bounds in parsed
+               if installed.get(name) is None or not satisfies(installed[name], bounds)]
+        return sorted(out, key=lambda p: parseRequirement(p[0])[0] != "torch")
 
     def missing(self, training: bool = False) -> list:
-        """Import names of the core's dependencies that are not installed, torch first."""
-        importlib.invalidate_caches()   # packages installed since the last look
-        names = ["torch"] + list(PIP_REQUIREMENTS) + list(SHIPPED_WITH_SLICER)
-        if training:
-            names += list(TRAIN_REQUIREMENTS)
-        return [n for n in names if not self._has(n)]
+        """Names of the requirements that are absent or at a version the core does not support."""
+        return [parseRequirement(req)[0] for req, _ in self.problems(training)]
 
     def isReady(self, training: bool = False) -> bool:
-        return not self.missing(training)
+        return not self.problems(training)
 
-    @staticmethod
-    def _requirement(name: str) -> str:
-        return PIP_REQUIREMENTS.get(name) or TRAIN_REQUIREMENTS[name]
+    def statusText(self, training: bool = False) -> str:
+        problems = self.problems(training)
+        where = f" in {self.python}" if self.external else ""
+        if not problems:
+            return f"Ready{where}."
+        return f"Needed{where}: " + "; ".join(
+            f"{req} ({'not installed' if have is None else f'{have} installed'})" for req, have in problems) + "."
 
-    def question(self, missing: list) -> str:
-        """What the confirmation dialog says: what will be installed and how long it may take."""
+    def gpuAvailable(self) -> bool:
+        """Whether the engine's torch sees a GPU (asked once)."""
+        if self._gpu is None:
+            if self.external:
+                from .ProcessRunner import callInCore
+                self._gpu = bool(callInCore(self.python, f"{__name__}:gpuAvailable", timeout=120))
+            else:
+                self._gpu = gpuAvailable()
+        return self._gpu
+
+    def question(self, problems: list) -> str:
+        """What the confirmation dialog says: what will be installed, where, and how long it may take."""
         parts = []
-        if "torch" in missing:
-            parts.append("PyTorch (through the PyTorch extension, which picks the GPU build for this "
-                         "computer: a download of up to 2-3 GB, typically 5-15 minutes)")
-        pip = [self._requirement(n) for n in missing if n in PIP_REQUIREMENTS or n in TRAIN_REQUIREMENTS]
-        if pip:
-            parts.append(f"{', '.join(pip)} (a few minutes at most)")
-        return ("SegBook needs these Python packages in Slicer:\n- " + "\n- ".join(parts) +
-                "\n\nInstall them now?")
+        for req, have in problems:
+            now = "" if have is None else f", replacing {have}"
+            if parseRequirement(req)[0] == "torch":
+                how = ("with this Python's pip" if self.external else
+                       "through light-the-torch, which picks the GPU build for this computer")
+                parts.append(f"PyTorch {req}{now} ({how}: a download of up to 2-3 GB, typically 5-15 minutes)")
+            else:
+                parts.append(f"{req}{now}")
+        where = self.python if self.external else "Slicer"
+        return f"SegBook needs these Python packages in {where}:\n- " + "\n- ".join(parts) + "\n\nInstall them now?"
 
     def install(self, confirm: Callable[[str], bool], progress: Optional[Callable[[str], None]] = None,
                 training: bool = False) -> bool:
-        """Install what is missing after `confirm(question)` says yes; False if the user declined.
+        """Install what is missing or too old after `confirm(question)` says yes; False if the user declined.
 
         `training` adds the fine-tuning packages. torch goes first so that pip never picks a torch itself.
+        Raises InstallError with what to do when an installer fails or the result still falls short.
         """
-        missing = self.missing(training)
-        if not missing:
+        problems = self.problems(training)
+        if not problems:
             return True
-        unshipped = [n for n in missing if n in SHIPPED_WITH_SLICER]
-        if unshipped:
-            raise InstallError(f"{', '.join(unshipped)} should ship with Slicer; reinstall Slicer")
-        if not confirm(self.question(missing)):
+        shipped = [f"{req} ({have or 'not installed'})" for req, have in problems
+                   if parseRequirement(req)[0] in SHIPPED_WITH_SLICER]
+        if shipped and not self.external:
+            raise InstallError(f"{', '.join(shipped)}: these ship with Slicer; use Slicer 5.8 or later, or "
+                               f"choose another Python for the engine in Setup")
+        if not confirm(self.question(problems)):
             log.info("setup declined by the user")
             return False
         say = progress or (lambda text: log.info("%s", text))
-        if "torch" in missing:
-            say("Installing PyTorch (this may take several minutes)...")
-            self._installTorch(TORCH_REQUIREMENT)
-        pip = [self._requirement(n) for n in missing if n in PIP_REQUIREMENTS or n in TRAIN_REQUIREMENTS]
-        if pip:
-            say(f"Installing {', '.join(pip)}...")
-            self._pipInstall(pip)
-        still = self.missing(training)
+        torch = [req for req, _ in problems if parseRequirement(req)[0] == "torch"]
+        pip = [req for req, _ in problems if parseRequirement(req)[0] != "torch"]
+        try:
+            if torch:
+                say("Installing PyTorch (this may take several minutes)...")
+                self._installTorch(torch[0])
+            if pip:
+                say(f"Installing {', '.join(pip)}...")
+                self._pipInstall(pip)
+        except (subprocess.CalledProcessError, OSError, ImportError, RuntimeError) as e:
+            detail = getattr(e, "stderr", None) or str(e) or type(e).__name__
+            raise InstallError(f"installing {', '.join(torch + pip)} failed ({str(detail).strip()[-300:]}); see the "
+                               f"Python console, check the network connection and try again") from None
+        still = self.problems(training)
         if still:
-            raise InstallError(f"still missing after install: {', '.join(still)}; restart Slicer and retry")
+            raise InstallError("still not as needed after installing: " + "; ".join(
+                f"{req} ({have or 'not installed'})" for req, have in still) +
+                ("; restart Slicer and click Install again" if not self.external else ""))
         say("SegBook is ready.")
         return True
+
+
+def pythonSetting(folder) -> Optional[str]:
+    """The engine's interpreter the user chose (None: Slicer's own), kept in FOLDER/settings.json."""
+    try:
+        value = json.loads((Path(folder) / "settings.json").read_text()).get("python")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value or None
+
+
+def setPythonSetting(folder, python: Optional[str]) -> None:
+    """Remember the engine's interpreter; check first that it runs (a one-line error otherwise)."""
+    if python:
+        try:
+            out = subprocess.run([python, "-c", "import sys; print(sys.version_info[:2] >= (3, 9))"],
+                                 capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        except OSError as e:
+            raise InstallError(f"{python}: cannot be run ({e.strerror or e})") from None
+        if out.stdout.strip() != "True":
+            raise InstallError(f"{python}: not a Python 3.9 or later interpreter")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / ".settings.json.tmp"
+    tmp.write_text(json.dumps({"python": python or None}, indent=1))
+    tmp.replace(folder / "settings.json")
+

@@ -6,6 +6,7 @@ remembered in `extra_models.json`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -61,9 +62,21 @@ class ModelEntry:
         return f"{self.parameters / 1e6:.1f}M parameters"
 
 
+def _entryDicts(root: str) -> list:
+    return [dataclasses.asdict(e) for e in ModelCatalog(root).entries()]
+
+
+def _checkModelFolder(folder: str) -> None:
+    from segbook.zoo import get_config
+    get_config(folder)  # raises a one-line error if it is not a model folder
+
+
 class ModelCatalog:
-    def __init__(self, root: Optional[Path] = None):
+    def __init__(self, root: Optional[Path] = None, python: Optional[str] = None):
+        """`python`: the engine's interpreter when it is not Slicer's own; the core (and torch) is then
+        only importable there, so the catalog is read there."""
         self.root = Path(root) if root is not None else userDirectory()
+        self.python = python or None
 
     @property
     def modelsDirectory(self) -> Path:
@@ -78,9 +91,12 @@ class ModelCatalog:
 
     def addModelFolder(self, folder) -> None:
         """Remember a model folder chosen on disk (for offline users)."""
-        from segbook.zoo import get_config
         folder = str(Path(folder).resolve())
-        get_config(folder)  # raises a one-line error if it is not a model folder
+        if self.python:
+            from .ProcessRunner import callInCore
+            callInCore(self.python, f"{__name__}:_checkModelFolder", folder, timeout=120)
+        else:
+            _checkModelFolder(folder)
         extra = self._extraFolders()
         if folder not in extra:
             extra.append(folder)
@@ -101,6 +117,9 @@ class ModelCatalog:
     def entries(self) -> list:
         """Every model the selector offers: the TotalSegmentator STU-Nets S, B, L, H first, the other released
         and bundled ones, then the user's."""
+        if self.python:
+            from .ProcessRunner import callInCore
+            return [ModelEntry(**e) for e in callInCore(self.python, f"{__name__}:_entryDicts", str(self.root))]
         from segbook.zoo import get_config, is_cached, list_models
         released = []
         for name in list_models():

@@ -30,15 +30,17 @@ class SegmentationError(RuntimeError):
     """A failed segmentation; the message is the worker's one-line error."""
 
 
-def defaultWorker() -> ProcessRunner:
-    return ProcessRunner([pythonExecutable(), "-m", "segbook.worker"], env=coreEnvironment())
+def defaultWorker(python: Optional[str] = None) -> ProcessRunner:
+    """The worker process; `python` is the interpreter to run it with (default: Slicer's own)."""
+    return ProcessRunner([pythonExecutable(python), "-m", "segbook.worker"], env=coreEnvironment())
 
 
 class SegmentationLogic:
     _ids = itertools.count(1)
 
-    def __init__(self, workerFactory: Callable[[], ProcessRunner] = defaultWorker):
-        self._workerFactory = workerFactory
+    def __init__(self, workerFactory: Optional[Callable[[], ProcessRunner]] = None, python: Optional[str] = None):
+        self.python = python or None     # the engine's interpreter, for the next worker started
+        self._workerFactory = workerFactory or (lambda: defaultWorker(self.python))
         self.worker: Optional[ProcessRunner] = None
         self.job: Optional[dict] = None
         self.lastEvent: Optional[dict] = None    # last progress event of the running job (stage, done, total)
@@ -67,6 +69,9 @@ class SegmentationLogic:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         requestId = f"seg{next(self._ids)}"
+        if self.worker is not None and self.worker.killed and not self.worker.wait(2.0):
+            shutil.rmtree(tmp, ignore_errors=True)    # never two workers (and two models in GPU memory)
+            raise SegmentationError("the cancelled segmentation is still stopping; try again in a moment")
         if self.worker is None or not self.worker.isRunning():
             self.worker = self._workerFactory()
             self.worker.start()
@@ -135,7 +140,8 @@ class SegmentationLogic:
             try:
                 self.worker.send({"command": "shutdown"})
                 self.worker.closeInput()
-                self.worker.process.wait(timeout=5)
+                if not self.worker.wait(5):
+                    self.worker.kill()
             except Exception:  # a stuck or dead worker: make sure it is gone
                 self.worker.kill()
         self._forgetJob()
@@ -144,8 +150,9 @@ class SegmentationLogic:
     def applyResult(self, scene, volumeNode, segmentationNode=None, name: Optional[str] = None):
         """Turn the finished job's label map into a segmentation node (created if not given).
 
-        Raises SegmentationError with the worker's message if the job failed. The temporary files are
-        removed either way.
+        Raises SegmentationError with the worker's message if the job failed, or when the input volume left
+        the scene while the job ran (deleted, or the scene closed): nothing is added then. An output node
+        that left the scene is replaced by a new one. The temporary files are removed either way.
         """
         if self.job is None or self.job["final"] is None:
             raise SegmentationError("no finished segmentation to apply")
@@ -153,6 +160,11 @@ class SegmentationLogic:
         try:
             if final.get("event") != "done":
                 raise SegmentationError(final.get("message", "segmentation failed"))
+            if volumeNode is None or volumeNode.GetScene() is not scene or scene.GetNodeByID(volumeNode.GetID()) is None:
+                raise SegmentationError("the input volume was removed from the scene (deleted, or the scene "
+                                        "closed) while it was being segmented; nothing was added")
+            if segmentationNode is not None and segmentationNode.GetScene() is not scene:
+                segmentationNode = None
             labels, ijkToRas = NodeIO.readLabelArray(self.job["output"])
             result = final.get("result") or {}
             classes = result.get("labels") or result.get("classes") or []

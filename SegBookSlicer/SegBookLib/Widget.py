@@ -12,11 +12,11 @@ import qt
 import slicer
 
 from .FineTuneLogic import FineTuneLogic
-from .InstallLogic import InstallLogic
-from .ModelCatalog import ModelCatalog
+from .InstallLogic import InstallLogic, pythonSetting, setPythonSetting
+from .ModelCatalog import ModelCatalog, userDirectory
 from .Parameters import DEVICES, PRESETS, FineTuneParameters, SegmentParameters, loadFromNode, saveToNode
 from .ProcessRunner import ProcessRunner, coreEnvironment, pythonExecutable
-from .SegmentationLogic import SegmentationLogic
+from .SegmentationLogic import SegmentationError, SegmentationLogic
 from .TrainingChart import TrainingChart
 
 log = logging.getLogger(__name__)
@@ -27,10 +27,12 @@ POLL_MS = 200
 class Widget(qt.QWidget):
     def __init__(self, uiPath: str, parent=None, segmentationLogic=None, installLogic=None, catalog=None):
         super().__init__(parent)
-        self.catalog = catalog or ModelCatalog()
-        self.segmentation = segmentationLogic or SegmentationLogic()
-        self.install = installLogic or InstallLogic()
-        self.fineTune = FineTuneLogic(self.catalog.trainingDirectory, self.catalog.modelsDirectory)
+        self.python = pythonSetting(userDirectory())    # the engine's interpreter; None: Slicer's own
+        self.catalog = catalog or ModelCatalog(python=self.python)
+        self.segmentation = segmentationLogic or SegmentationLogic(python=self.python)
+        self.install = installLogic or InstallLogic(python=self.python)
+        self.fineTune = FineTuneLogic(self.catalog.trainingDirectory, self.catalog.modelsDirectory,
+                                      python=self.python)
         self.chart = None
         self.download = None
         self.entries = []
@@ -55,6 +57,8 @@ class Widget(qt.QWidget):
             self.ui.presetComboBox.addItem(preset)
 
         self.ui.installButton.clicked.connect(self.onInstall)
+        self.ui.pythonPathLineEdit.currentPath = self.python or ""
+        self.ui.pythonPathLineEdit.currentPathChanged.connect(self.onPythonChanged)
         self.ui.modelComboBox.currentIndexChanged.connect(self.onModelChanged)
         self.ui.downloadButton.clicked.connect(self.onDownload)
         self.ui.addModelFolderButton.clicked.connect(self.onAddModelFolder)
@@ -78,11 +82,30 @@ class Widget(qt.QWidget):
 
     # -- setup ------------------------------------------------------------------------------------
     def refreshInstallStatus(self) -> None:
-        missing = self.install.missing()
+        try:
+            missing = self.install.missing()
+            text = self.install.statusText()
+        except Exception as e:   # e.g. the chosen interpreter cannot run
+            missing, text = ["?"], f"Cannot check the engine's Python: {e}"
         self.ui.setupCollapsibleButton.collapsed = not missing
-        self.ui.installStatusLabel.text = ("Ready." if not missing else
-                                           f"Missing Python packages: {', '.join(missing)}.")
+        self.ui.installStatusLabel.text = text
         self.ui.installButton.enabled = bool(missing)
+
+    def onPythonChanged(self, path: str) -> None:
+        """Run the engine in another Python (any environment with the core's dependencies) or, when empty,
+        in Slicer's own. The running worker is stopped; the next Segment starts one in the new Python."""
+        python = (path or "").strip() or None
+        if python == self.python:
+            return
+        with slicer.util.tryWithErrorDisplay("This Python cannot run SegBook's engine"):
+            setPythonSetting(userDirectory(), python)
+            self.python = python
+            self.segmentation.shutdown()
+            self.segmentation.python = self.fineTune.python = self.catalog.python = python
+            self.install = InstallLogic(python=python)
+            self.refreshInstallStatus()
+            self.refreshModels()
+            self.updateDeviceHint()
 
     def ensureInstalled(self, training: bool = False) -> bool:
         if self.install.isReady(training):
@@ -157,7 +180,7 @@ class Widget(qt.QWidget):
         entry = self.currentEntry()
         if entry is None or not self.ensureInstalled():
             return
-        self.download = ProcessRunner([pythonExecutable(), "-m", "segbook", "download", entry.name],
+        self.download = ProcessRunner([pythonExecutable(self.python), "-m", "segbook", "download", entry.name],
                                       env=coreEnvironment())
         self.download.start()
         self.ui.downloadButton.text = "Cancel download"
@@ -176,8 +199,11 @@ class Widget(qt.QWidget):
     def updateDeviceHint(self, *_) -> None:
         if not self.install.isReady():
             return
-        import torch
-        hasGpu = torch.cuda.is_available()
+        try:
+            hasGpu = self.install.gpuAvailable()
+        except Exception as e:
+            log.warning("cannot ask the engine's torch for a GPU: %s", e)
+            hasGpu = False
         self.ui.deviceHintLabel.text = ("" if hasGpu else
                                         "No GPU found: the CPU is slower; use the S model and leave TTA off.")
         if not hasGpu and self.ui.deviceComboBox.currentText == "cuda":
@@ -240,8 +266,14 @@ class Widget(qt.QWidget):
         self.setSegmentRunning(False)
         volume = slicer.mrmlScene.GetNodeByID(job["volumeID"])     # the volume the job was started on
         with slicer.util.tryWithErrorDisplay("Segmentation failed"):
-            node = self.segmentation.applyResult(slicer.mrmlScene, volume,
-                                                 self.ui.outputSegmentationSelector.currentNode())
+            try:
+                node = self.segmentation.applyResult(slicer.mrmlScene, volume,
+                                                     self.ui.outputSegmentationSelector.currentNode())
+            except SegmentationError as e:      # a message for the user, not a traceback
+                self.ui.segmentProgressBar.value = 0
+                self.showStatus(f"Failed: {e}")
+                slicer.util.errorDisplay(f"Segmentation failed: {e}", windowTitle="SegBook")
+                return
             self.ui.outputSegmentationSelector.setCurrentNode(node)
             elapsed = float(node.GetAttribute("SegBook.Elapsed") or 0)
             self.ui.elapsedLabel.text = f"{elapsed:.1f} s"

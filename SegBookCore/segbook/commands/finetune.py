@@ -5,6 +5,7 @@ Under `torchrun --nproc_per_node N -m segbook finetune ...` it runs DistributedD
 """
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 
@@ -39,6 +40,9 @@ def add_arguments(p) -> None:
     p.add_argument("--val-every", type=int, default=5, help="validate every N epochs (and after the last)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default=None, help="model name in model.json (default: the output folder's name)")
+    p.add_argument("--stop-file", default=None, metavar="FILE",
+                   help="stop as on SIGTERM (checkpoint saved, continue with --resume) once FILE exists: "
+                        "the way to stop a run where no signal reaches it (Windows, launchers)")
 
 
 def run(args) -> int:
@@ -57,8 +61,10 @@ def run(args) -> int:
     except ValueError as e:
         raise InputError(str(e)) from None
     reporter = make_reporter(args.progress)
+    if args.progress == "json":     # who to signal: a launcher (Slicer's PythonSlicer) may stand between
+        reporter.emit({"event": "started", "pid": os.getpid()})
     # "segbook ..." whatever argv[0] was (a venv path, -m segbook's __main__.py, torchrun's)
-    result = finetune(cfg, reporter, command=shlex.join(["segbook", *args.argv]))
+    result = finetune(cfg, reporter, command=shlex.join(["segbook", *args.argv]), stop_file=args.stop_file)
     if result["stopped"]:
         print(f"segbook finetune: stopped at epoch {result['epoch']} iteration {result['iteration']}; "
               f"checkpoint saved; continue with --resume", file=sys.stderr)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -91,11 +92,19 @@ def train_step(net, batch, loss_fn, opt, scaler, device, d: Dist = Dist()) -> fl
 
 
 class _StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next iteration and returns."""
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next iteration and returns.
 
-    def __init__(self):
+    A stop file does the same where no signal can be sent (Windows, or through a launcher that forwards
+    none, like Slicer's PythonSlicer): the loop stops once the file exists.
+    """
+
+    def __init__(self, stop_file=None):
         self.signum = 0
+        self.stop_file = stop_file
         self._old = {}
+
+    def requested(self) -> bool:
+        return self.signum != 0 or (self.stop_file is not None and os.path.exists(self.stop_file))
 
     def __enter__(self):
         for s in (signal.SIGINT, signal.SIGTERM):
@@ -180,10 +189,12 @@ def _describe(base_config, cfg, dims, ds) -> str:
     return f"{shape}, {how} on {ds.name} ({', '.join(ds.class_names[1:])})"
 
 
-def finetune(cfg: FinetuneConfig, reporter: Reporter | None = None, command: str | None = None) -> dict:
+def finetune(cfg: FinetuneConfig, reporter: Reporter | None = None, command: str | None = None,
+             stop_file: str | None = None) -> dict:
     """Run (or resume) a fine-tune; returns {"model_dir", "epochs_done", "stopped", "validation"}.
 
-    `command`: the command line to record in the model's provenance (the CLI passes it)."""
+    `command`: the command line to record in the model's provenance (the CLI passes it). `stop_file`: stop
+    as on SIGTERM (checkpoint saved, resumable) once this file exists."""
     reporter = reporter or Reporter()
     out = Path(cfg.output)
     train_dir = out / "training"
@@ -196,7 +207,7 @@ def finetune(cfg: FinetuneConfig, reporter: Reporter | None = None, command: str
         import os
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.world_size))
     try:
-        return _run(cfg, d, device, out, train_dir, reporter, command)
+        return _run(cfg, d, device, out, train_dir, reporter, command, stop_file)
     finally:
         teardown(d)
 
@@ -254,7 +265,7 @@ def _resume(ckpt: Path, net, opt, sched, scaler, its: int) -> tuple[int, int, li
     return epoch, it, st["history"]
 
 
-def _run(cfg, d, device, out, train_dir, reporter, command) -> dict:
+def _run(cfg, d, device, out, train_dir, reporter, command, stop_file=None) -> dict:
     # 1. data: read, check, split
     ds = read_dataset(cfg.dataset)
     base_config = get_config(cfg.base)
@@ -309,7 +320,7 @@ def _run(cfg, d, device, out, train_dir, reporter, command) -> dict:
 
     # 5. the loop
     result = {"model_dir": str(out), "stopped": False}
-    with _StopRequest() as stop:
+    with _StopRequest(stop_file) as stop:
         for epoch in range(start_epoch, epochs):
             net.train()
             t0, losses = time.monotonic(), []
@@ -324,14 +335,14 @@ def _run(cfg, d, device, out, train_dir, reporter, command) -> dict:
                                         f"the data")
                 losses.append(loss)
                 reporter.progress("train", epoch * its + it + 1, total, epoch=epoch + 1)
-                if d.broadcast_flag(stop.signum != 0):
+                if d.broadcast_flag(stop.requested()):
                     if d.is_main:   # the partial epoch's losses travel in the checkpoint, not in the log
                         history.append({"epoch": epoch + 1, "partial": True, "losses": losses})
                         save_state(epoch, it + 1)
                         history.pop()
                     d.barrier()
-                    log.warning("stopped by signal %d at epoch %d iteration %d; checkpoint saved",
-                                stop.signum, epoch + 1, it + 1)
+                    log.warning("stopped by %s at epoch %d iteration %d; checkpoint saved",
+                                f"signal {stop.signum}" if stop.signum else stop.stop_file, epoch + 1, it + 1)
                     result.update(stopped=True, signal=stop.signum or signal.SIGTERM, epoch=epoch + 1,
                                   iteration=it + 1, epochs_done=len(history))
                     return result

@@ -1,12 +1,16 @@
 """Headless batch segmentation with the module's own logic.
 
-    Slicer --no-main-window --python-script SegBookBatch.py --input IN --output OUT --model NAME
-           [--device auto|cuda|cpu] [--tta] [--classes a,b] [--checkpoint FILE]
+    Slicer --no-main-window --python-script <module folder>/Resources/Scripts/SegBookBatch.py \
+           --input IN --output OUT --model NAME [--device auto|cuda|cpu] [--tta] [--classes a,b] [--checkpoint FILE]
+
+It lives in a resource folder because Slicer's scripted-module factory imports every `.py` at the top of
+the module folder as a module and expects a class of the file's name.
 
 IN is an image file or a folder of them; OUT is a `.seg.nrrd` file (one input) or a folder that receives
 `<input name>.seg.nrrd` per input. Each output is a Slicer segmentation file with named, coloured,
-terminology-coded segments. Exits with status 0 when every input was segmented, 1 otherwise, 2 for bad
-arguments. The same file runs with a plain Python that has the slicer-core wheel (no application).
+terminology-coded segments. Exits with status 0 when every input was segmented, 1 otherwise (also on any
+unexpected error: Slicer must never be left running), 2 for bad arguments. The same file runs with a plain
+Python that has the slicer-core wheel (no application).
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the module folder, holding SegBookLib
 
 log = logging.getLogger("SegBookBatch")
 
@@ -118,6 +122,9 @@ def main() -> None:
         status = run(sys.argv[1:])
     except SystemExit as e:             # argparse errors
         status = e.code if isinstance(e.code, int) else 2
+    except BaseException as e:          # anything else, Ctrl-C included: still exit, or Slicer keeps running
+        log.error("SegBookBatch stopped: %s: %s", type(e).__name__, e)
+        status = 1
     import slicer
     if getattr(slicer, "app", None) is not None:
         slicer.util.exit(status)        # Slicer --python-script keeps running otherwise

@@ -27,6 +27,14 @@ class SegBook(ScriptedLoadableModule):
         self.parent.acknowledgementText = (
             "STU-Net: Huang et al., 2023 (uni-medical/STU-Net, Apache-2.0). SNOMED CT codes and colours of the "
             "TotalSegmentator structures from lassoan/SlicerTotalSegmentator (Apache-2.0).")
+        # Segments name SegBook's terminology contexts; the Terminologies module's logic exists only once
+        # the application has started.
+        slicer.app.connect("startupCompleted()", self.loadTerminology)
+
+    def loadTerminology(self):
+        from SegBookLib import NodeIO
+        folder = os.path.join(os.path.dirname(self.parent.path), "Resources", "Terminology")
+        NodeIO.loadTerminologyContexts(slicer.modules.terminologies.logic(), folder)
 
 
 class SegBookLogic(ScriptedLoadableModuleLogic):

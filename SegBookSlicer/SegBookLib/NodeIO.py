@@ -21,9 +21,11 @@ log = logging.getLogger(__name__)
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
-# The terminology context Slicer ships for DICOM codes; the SNOMED CT codes of the mapping table are from it.
-TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
-ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+# SegBook's own terminology contexts (Resources/Terminology/*.term.json, written by
+# Utilities/generate_terminology.py from the core's SNOMED CT table and loaded at start-up): most of the
+# table's codes (vertebrae, ribs, muscles...) are not in Slicer's DICOM master lists and would show as unknown.
+TERMINOLOGY_CONTEXT = "Segmentation category and type - SegBook"
+ANATOMIC_CONTEXT = "Anatomic codes - SegBook"
 
 
 # -- geometry -----------------------------------------------------------------------------------------
@@ -139,7 +141,8 @@ def terminologyString(terminology: Optional[dict]) -> Optional[str]:
     """Slicer's terminology entry string for a class table entry's {"category", "type", ...} codes.
 
     Format (vtkSlicerTerminologiesModuleLogic): context~category~type~typeModifier~anatomicContext~region~
-    regionModifier, each code as scheme^value^meaning.
+    regionModifier, each code as scheme^value^meaning. The same string as the core's
+    `segbook.labels.terminology_entry` (this module must not import the core: it needs torch).
     """
     if not terminology or not terminology.get("category") or not terminology.get("type"):
         return None
@@ -150,6 +153,21 @@ def terminologyString(terminology: Optional[dict]) -> Optional[str]:
 
     return "~".join([TERMINOLOGY_CONTEXT, code("category"), code("type"), code("type_modifier"),
                      ANATOMIC_CONTEXT, code("region"), code("region_modifier")])
+
+
+def loadTerminologyContexts(terminologiesLogic, folder) -> list:
+    """Load SegBook's context files (every `*.term.json` of `folder`) into Slicer's terminologies logic.
+
+    As SlicerTotalSegmentator does with its own context; `LoadContextFromFile` tells a category-and-type
+    context from an anatomic one by the file's "@schema". Returns the files that failed to load.
+    """
+    failed = []
+    for path in sorted(Path(folder).glob("*.term.json")):
+        if not terminologiesLogic.LoadContextFromFile(str(path)):
+            failed.append(str(path))
+    if failed:
+        log.warning("Slicer could not load the terminology context(s) %s; segments may show as unknown", failed)
+    return failed
 
 
 def setSegmentTerminology(segment, entry: str) -> None:

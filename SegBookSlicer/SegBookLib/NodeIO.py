@@ -192,6 +192,8 @@ def labelsToSegmentation(scene, labels: np.ndarray, ijkToRas: np.ndarray, classe
     `classes` is the sidecar's class table [{value, name, color (0-255), terminology}]. Values absent from the
     table get a generic name. Returns the segment ids, in label order. The reference geometry is taken from
     `referenceVolumeNode` so that DICOM SEG export and the Segment Editor use the input's grid.
+    `ijkToRas` is in the segmentation node's own frame: a caller segmenting a transformed volume puts the
+    segmentation under the volume's transform first, and the label map goes in that frame too.
     """
     import slicer
     byValue = {int(c["value"]): c for c in classes}
@@ -199,6 +201,8 @@ def labelsToSegmentation(scene, labels: np.ndarray, ijkToRas: np.ndarray, classe
     labelmapNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "SegBook temporary labels")
     try:
         setIjkToRas(labelmapNode, ijkToRas)
+        parent = segmentationNode.GetParentTransformNode()
+        labelmapNode.SetAndObserveTransformNodeID(parent.GetID() if parent is not None else None)
         slicer.util.updateVolumeFromArray(labelmapNode, np.ascontiguousarray(labels.astype(np.int16)))
         segmentation = segmentationNode.GetSegmentation()
         segmentation.RemoveAllSegments()

@@ -104,7 +104,8 @@ QT_MEMBERS = {
     "QLineEdit": _WIDGET | {"text", "setText", "textChanged"},
     "ctkPathLineEdit": _WIDGET | {"currentPath", "setCurrentPath", "currentPathChanged"},
     "ctkCollapsibleButton": _WIDGET | {"collapsed", "text"},
-    "qMRMLNodeComboBox": _WIDGET | {"currentNode", "setCurrentNode", "currentNodeChanged", "setMRMLScene"},
+    "qMRMLNodeComboBox": _WIDGET | {"currentNode", "setCurrentNode", "currentNodeChanged", "setMRMLScene",
+                                     "nodeAddedByUser"},
     "qMRMLPlotWidget": _WIDGET | {"setMRMLPlotViewNode", "mrmlPlotViewNode", "plotView", "setMRMLScene"},
 }
 

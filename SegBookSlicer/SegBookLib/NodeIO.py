@@ -136,6 +136,27 @@ def roiToLpsBox(roiNode, volumeNode) -> list:
     return [float(v) for v in (*lo, *hi)]
 
 
+DEFAULT_ROI_SIZE_MM = 100.0
+
+
+def initializeRoi(roiNode, volumeNode=None) -> None:
+    """Place a new ROI (the selector creates it with size 0) around the volume, in world RAS.
+
+    The box is the volume's world bounds (its transforms included); without a volume, a 100 mm cube at the
+    origin. An ROI that already has a size is left alone.
+    """
+    if min(roiNode.GetSize()) > 0:
+        return
+    lo, hi = -np.full(3, DEFAULT_ROI_SIZE_MM / 2), np.full(3, DEFAULT_ROI_SIZE_MM / 2)
+    if volumeNode is not None and volumeNode.GetImageData() is not None:
+        bounds = [0.0] * 6
+        volumeNode.GetRASBounds(bounds)
+        if all(bounds[2 * a + 1] > bounds[2 * a] for a in range(3)):
+            lo, hi = np.array(bounds[0::2]), np.array(bounds[1::2])
+    roiNode.SetCenter(*((lo + hi) / 2))
+    roiNode.SetSize(*(hi - lo))
+
+
 # -- segmentation -------------------------------------------------------------------------------------
 def terminologyString(terminology: Optional[dict]) -> Optional[str]:
     """Slicer's terminology entry string for a class table entry's {"category", "type", ...} codes.

@@ -1,0 +1,125 @@
+"""The panel's input selectors: what they offer (read from SegBook.ui) and the ROI that "Create new" makes.
+
+A qMRMLNodeComboBox lists a node when qMRMLSortFilterProxyModel::filterAcceptsNode accepts it: the node
+IsA() one of `nodeTypes`; with `showChildNodeTypes` false only that exact class; else not IsA() any of
+`hideChildNodeTypes`; hidden nodes only with `showHidden`. `offered` re-implements that rule over the
+properties the .ui sets, applied to real MRML nodes of the slicer-core wheel. Label maps, vector, diffusion
+and streaming volumes are all vtkMRMLScalarVolumeNode subclasses, so `nodeTypes` alone offers them.
+"""
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+
+from slicer_fixtures import IMAGE, load_volume
+from test_slicer_static import UI_FILE, gui_stubs  # noqa: F401  (the fixture)
+
+slicer = pytest.importorskip("slicer")
+
+from SegBookLib import NodeIO  # noqa: E402
+
+VOLUME_CLASSES = ["vtkMRMLScalarVolumeNode", "vtkMRMLLabelMapVolumeNode", "vtkMRMLVectorVolumeNode",
+                  "vtkMRMLDiffusionWeightedVolumeNode", "vtkMRMLDiffusionTensorVolumeNode",
+                  "vtkMRMLStreamingVolumeNode"]
+
+
+def selector_properties(name: str) -> dict:
+    """The Qt properties SegBook.ui sets on a widget, with qMRMLNodeComboBox's defaults."""
+    widget = next(w for w in ET.parse(UI_FILE).iter("widget") if w.get("name") == name)
+    props = {"nodeTypes": [], "showChildNodeTypes": True, "hideChildNodeTypes": [], "showHidden": False}
+    for prop in widget.findall("property"):
+        value = prop[0]
+        if value.tag == "stringlist":
+            props[prop.get("name")] = [s.text for s in value.findall("string")]
+        elif value.tag == "bool":
+            props[prop.get("name")] = value.text == "true"
+    return props
+
+
+def offered(props: dict, node) -> bool:
+    """qMRMLSortFilterProxyModel::filterAcceptsNode for the properties above (no attribute filters)."""
+    if not props["showHidden"] and node.GetHideFromEditors():
+        return False
+    if not props["nodeTypes"]:
+        return True
+    for nodeType in props["nodeTypes"]:
+        if not node.IsA(nodeType):
+            continue
+        if not props["showChildNodeTypes"] and nodeType != node.GetClassName():
+            continue
+        if props["showChildNodeTypes"] and any(node.IsA(t) for t in props["hideChildNodeTypes"]):
+            return False
+        return True
+    return False
+
+
+@pytest.fixture
+def scene():
+    s = slicer.vtkMRMLScene()
+    yield s
+    s.Clear(1)
+
+
+@pytest.mark.parametrize("selector", ["inputVolumeSelector", "trainVolumeSelector"])
+def test_volume_selectors_offer_scalar_volumes_only(scene, selector):
+    props = selector_properties(selector)
+    nodes = [scene.AddNewNodeByClass(cls, cls) for cls in VOLUME_CLASSES]
+    assert all(n.IsA("vtkMRMLScalarVolumeNode") for n in nodes)     # why nodeTypes alone is not enough
+    assert [n.GetClassName() for n in nodes if offered(props, n)] == ["vtkMRMLScalarVolumeNode"]
+    # the emulation is not vacuous: without the .ui's restriction every subclass is offered
+    assert all(offered(dict(props, showChildNodeTypes=True, hideChildNodeTypes=[]), n) for n in nodes)
+
+
+def test_a_new_roi_covers_the_input_volume(scene):
+    import vtk
+    volume = load_volume(scene, IMAGE)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(0, 3, 15.0)
+    shift.SetElement(2, 3, -4.0)
+    transform.SetMatrixTransformToParent(shift)
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")       # what the selector's "Create new" adds
+    assert roi.GetSize() == (0.0, 0.0, 0.0)
+    NodeIO.initializeRoi(roi, volume)
+    bounds, roiBounds = [0.0] * 6, [0.0] * 6
+    volume.GetRASBounds(bounds)
+    roi.GetRASBounds(roiBounds)
+    assert roiBounds == pytest.approx(bounds)
+    # every voxel centre of the volume is inside the box the core is asked to predict in (volume frame, LPS)
+    box = NodeIO.roiToLpsBox(roi, volume)
+    k, j, i = np.nonzero(np.ones(slicer.util.arrayFromVolume(volume).shape, bool))
+    ras = (NodeIO.ijkToRasArray(volume) @ np.stack([i, j, k, np.ones_like(i)]).astype(float))[:3]
+    lps = np.diag([-1.0, -1.0, 1.0]) @ ras
+    assert (lps.min(axis=1) >= np.array(box[:3]) - 1e-6).all() and (lps.max(axis=1) <= np.array(box[3:]) + 1e-6).all()
+    # a box the user already sized is left alone; without a volume, a 100 mm cube at the origin
+    roi.SetSize(5.0, 6.0, 7.0)
+    NodeIO.initializeRoi(roi, volume)
+    assert roi.GetSize() == (5.0, 6.0, 7.0)
+    other = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    NodeIO.initializeRoi(other, None)
+    assert other.GetSize() == pytest.approx((100.0, 100.0, 100.0))
+    centre = [1.0] * 3
+    other.GetCenter(centre)
+    assert centre == pytest.approx([0.0, 0.0, 0.0])
+
+
+def test_the_panel_sizes_the_roi_its_selector_creates(gui_stubs):  # noqa: F811
+    from SegBookLib.Widget import Widget
+    panel = Widget(str(UI_FILE))
+    try:
+        ui = gui_stubs["ui"]
+        volume = load_volume(slicer.mrmlScene, IMAGE)
+        ui.inputVolumeSelector.currentNode.return_value = volume
+        (slot,), _ = ui.roiSelector.nodeAddedByUser.connect.call_args
+        roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+        slot(roi)                                           # the combo box emits nodeAddedByUser(node)
+        bounds, roiBounds = [0.0] * 6, [0.0] * 6
+        volume.GetRASBounds(bounds)
+        roi.GetRASBounds(roiBounds)
+        assert roiBounds == pytest.approx(bounds) and min(roi.GetSize()) > 0
+    finally:
+        panel.cleanup()
+

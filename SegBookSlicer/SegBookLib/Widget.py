@@ -311,7 +311,7 @@ class Widget(qt.QWidget):
         saveToNode(params, self.parameterNode(), "FineTune")
         with slicer.util.tryWithErrorDisplay("Cannot start fine-tuning"):
             self.fineTune.start(params, resume=resume)
-            self.chart = TrainingChart(slicer.mrmlScene)
+            self.chart = TrainingChart.reuse(self.chart, slicer.mrmlScene)
             self.ui.plotWidget.setMRMLPlotViewNode(self.chart.view)
             self.setFineTuneRunning(True)
             self.ui.fineTuneStatusLabel.text = "Starting..."

@@ -1,4 +1,6 @@
-"""The panel's input selectors: what they offer (read from SegBook.ui) and the ROI that "Create new" makes.
+"""The panel on real MRML nodes with Qt stubbed: input selectors, the new ROI, the fine-tuning chart.
+
+Selectors: what they offer (read from SegBook.ui) and the ROI that "Create new" makes.
 
 A qMRMLNodeComboBox lists a node when qMRMLSortFilterProxyModel::filterAcceptsNode accepts it: the node
 IsA() one of `nodeTypes`; with `showChildNodeTypes` false only that exact class; else not IsA() any of
@@ -123,3 +125,50 @@ def test_the_panel_sizes_the_roi_its_selector_creates(gui_stubs):  # noqa: F811
     finally:
         panel.cleanup()
 
+
+
+def metric(epoch):
+    return {"event": "metric", "epoch": epoch, "train_loss": 1.0 / (epoch + 1), "val_dice": 0.1 * epoch}
+
+
+def count(scene, cls):
+    return scene.GetNumberOfNodesByClass(cls)
+
+
+def test_one_chart_for_every_fine_tune_run(scene):
+    from SegBookLib.TrainingChart import TrainingChart
+    chart = TrainingChart.reuse(None, scene)
+    for epoch in range(3):
+        chart.add(metric(epoch))
+    again = TrainingChart.reuse(chart, scene)
+    assert again is chart and chart.rows == [] and chart.chart.GetNumberOfPlotSeriesNodes() == 0
+    again.add(metric(0))
+    for cls in ("vtkMRMLPlotViewNode", "vtkMRMLPlotChartNode", "vtkMRMLTableNode"):
+        assert count(scene, cls) == 1, cls
+    assert count(scene, "vtkMRMLPlotSeriesNode") == 2 == again.chart.GetNumberOfPlotSeriesNodes()
+    assert again.table.GetTable().GetNumberOfRows() == 1 and again.column("val_dice") == [0.0]
+    # the scene was closed: the old nodes are gone, a new chart is made in the new scene
+    scene.Clear(0)
+    fresh = TrainingChart.reuse(again, scene)
+    assert fresh is not again and count(scene, "vtkMRMLPlotViewNode") == 1
+
+
+def test_the_panel_reuses_its_plot_view_across_runs(gui_stubs, monkeypatch):  # noqa: F811
+    from SegBookLib.Widget import Widget
+    panel = Widget(str(UI_FILE))
+    try:
+        ui = gui_stubs["ui"]
+        scene = slicer.mrmlScene
+        monkeypatch.setattr(panel, "ensureInstalled", lambda training=False: True)
+        runs = []
+        # the worker process is not what is under test here: a start that records the request
+        monkeypatch.setattr(panel.fineTune, "start", lambda params, resume=False: runs.append(resume))
+        for resume in (False, True):
+            panel.onStartFineTune(resume=resume)
+            panel.onFineTuneEvents([metric(0), metric(1)])
+        assert runs == [False, True] and gui_stubs["errors"] == []
+        assert count(scene, "vtkMRMLPlotViewNode") == 1 and count(scene, "vtkMRMLPlotChartNode") == 1
+        views = {c.args[0] for c in ui.plotWidget.setMRMLPlotViewNode.call_args_list}
+        assert views == {panel.chart.view} and len(panel.chart.rows) == 2
+    finally:
+        panel.cleanup()

@@ -172,3 +172,38 @@ def test_the_panel_reuses_its_plot_view_across_runs(gui_stubs, monkeypatch):  # 
         assert views == {panel.chart.view} and len(panel.chart.rows) == 2
     finally:
         panel.cleanup()
+
+
+# -- where user models and cases live ---------------------------------------------------------------------
+ROAMING = "C:\\Users\\ada\\AppData\\Roaming"
+LOCAL = "C:\\Users\\ada\\AppData\\Local"
+
+
+@pytest.mark.parametrize("platform, env, expected", [
+    ("win32", {"LOCALAPPDATA": LOCAL, "APPDATA": ROAMING}, LOCAL),
+    ("darwin", {}, "{home}/Library/Application Support"),
+    ("linux", {}, "{home}/.local/share"),
+    ("linux", {"XDG_DATA_HOME": "/data/ada"}, "/data/ada"),
+])
+def test_user_models_and_cases_live_in_the_local_data_folder(monkeypatch, tmp_path, platform, env, expected):
+    """Not beside Slicer.ini (%APPDATA%, roaming on Windows), whether or not the application is running."""
+    from unittest import mock
+
+    from SegBookLib import ModelCatalog
+    for name in ("SEGBOOK_HOME", "LOCALAPPDATA", "APPDATA", "XDG_DATA_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(ModelCatalog.Path, "home", classmethod(lambda cls: tmp_path))
+    monkeypatch.setattr(ModelCatalog.sys, "platform", platform)
+    # inside Slicer on Windows, the settings file is in the roaming folder
+    app = mock.MagicMock(slicerUserSettingsFilePath=ROAMING + "\\slicer.org\\Slicer.ini")
+    monkeypatch.setattr(slicer, "app", app, raising=False)
+    folder = str(ModelCatalog.userDirectory())
+    base = expected.format(home=tmp_path)
+    assert folder.replace("\\", "/") == f"{base}/slicer.org/SegBook".replace("\\", "/")
+    assert "Roaming" not in folder
+    catalog = ModelCatalog.ModelCatalog()
+    assert str(catalog.modelsDirectory).startswith(folder) and str(catalog.trainingDirectory).startswith(folder)
+    monkeypatch.setenv("SEGBOOK_HOME", str(tmp_path / "mine"))
+    assert ModelCatalog.userDirectory() == tmp_path / "mine"

@@ -207,3 +207,46 @@ def test_user_models_and_cases_live_in_the_local_data_folder(monkeypatch, tmp_pa
     assert str(catalog.modelsDirectory).startswith(folder) and str(catalog.trainingDirectory).startswith(folder)
     monkeypatch.setenv("SEGBOOK_HOME", str(tmp_path / "mine"))
     assert ModelCatalog.userDirectory() == tmp_path / "mine"
+
+
+# -- the in-application self-test ------------------------------------------------------------------------
+def _self_test_module(monkeypatch):
+    """SegBook imported with a ScriptedLoadableModuleTest that records delayDisplay, and packages missing."""
+    import sys
+    import unittest
+
+    messages = []
+
+    class ScriptedLoadableModuleTest(unittest.TestCase):
+        def delayDisplay(self, message, requestedDelay=None, msec=None):
+            messages.append(message)
+
+    monkeypatch.setattr(sys.modules["slicer.ScriptedLoadableModule"], "ScriptedLoadableModuleTest",
+                        ScriptedLoadableModuleTest)
+    from SegBookLib.InstallLogic import InstallLogic
+    monkeypatch.setattr(InstallLogic, "isReady", lambda self, training=False: False)
+    import SegBook
+    return SegBook, messages
+
+
+def test_reload_and_test_reports_the_self_tests_skip_as_a_skip(gui_stubs, monkeypatch):  # noqa: F811
+    SegBook, messages = _self_test_module(monkeypatch)
+    # Slicer 5.8's ScriptedLoadableModule.runTest, which Reload and Test calls inside tryWithErrorDisplay
+    # (any exception is shown as "Reload and Test failed."): the test case's runTest, called directly
+    testCase = getattr(SegBook, "SegBookTest")()
+    testCase.messageDelay = 100
+    try:
+        testCase.runTest()
+    except Exception as e:                               # unittest.SkipTest included
+        pytest.fail(f"Reload and Test would show a failure: {type(e).__name__}: {e}")
+    assert any("skipped" in m and "not installed" in m for m in messages), messages
+
+
+def test_ctest_still_reports_the_self_test_as_skipped(gui_stubs, monkeypatch):  # noqa: F811
+    import io
+    import unittest
+    SegBook, _ = _self_test_module(monkeypatch)
+    # slicer.testing.runUnitTest, what slicer_add_python_unittest(SCRIPT SegBook.py) runs
+    suite = unittest.TestLoader().loadTestsFromModule(SegBook)
+    result = unittest.TextTestRunner(stream=io.StringIO()).run(suite)
+    assert result.wasSuccessful() and result.testsRun == 1 and len(result.skipped) == 1

@@ -56,7 +56,7 @@ def test_seg_nrrd_terminology_tags(tmp_path):
     write_labels(np.zeros((3, 4, 5), np.uint8), Geometry((5, 4, 3), (1, 1, 1), (0, 0, 0), OBLIQUE),
                  tmp_path / "x.seg.nrrd", table)
     tags = sitk.ReadImage(str(tmp_path / "x.seg.nrrd")).GetMetaData("Segment0_Tags")
-    assert tags.startswith("TerminologyEntry:Segmentation category and type - 3D Slicer General Anatomy list~SCT^")
+    assert tags.startswith("TerminologyEntry:Segmentation category and type - SegBook~SCT^")
     assert "^Liver" in tags
 
 

@@ -181,6 +181,69 @@ def test_segment_builds_named_coded_segments_on_the_input_grid(scene, logic, tin
     assert scene.GetFirstNodeByClass("vtkMRMLLabelMapVolumeNode") is None, "no temporary node left behind"
 
 
+def _matrix(vtk_matrix) -> np.ndarray:
+    return np.array([[vtk_matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def segment_world_points(segmentation_node, sid) -> set:
+    """World RAS (rounded to 1e-3 mm) of a segment's voxels: its labelmap's lattice, then its node's transforms."""
+    import vtk
+    from vtk.util import numpy_support
+    image = slicer.vtkOrientedImageData()
+    segmentation_node.GetBinaryLabelmapRepresentation(sid, image)
+    values = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(image.GetDimensions()[::-1])
+    extent = image.GetExtent()
+    k, j, i = np.nonzero(values)
+    ijk = np.stack([i + extent[0], j + extent[2], k + extent[4], np.ones_like(i)]).astype(float)
+    imageToNode = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(imageToNode)
+    nodeToWorld = vtk.vtkMatrix4x4()
+    if segmentation_node.GetParentTransformNode() is not None:
+        segmentation_node.GetParentTransformNode().GetMatrixTransformToWorld(nodeToWorld)
+    world = (_matrix(nodeToWorld) @ _matrix(imageToNode) @ ijk)[:3].T
+    return set(map(tuple, np.round(world, 3)))
+
+
+def test_a_transformed_volume_gets_its_segments_in_place_once(scene, logic, tiny_model):
+    """Segment voxels and the Segment Editor's grid (reference geometry) coincide with the volume's in world."""
+    import vtk
+    volume = load_volume(scene, IMAGE, "MRI")
+    params = SegmentParameters(model=str(tiny_model), device="cpu")
+    untransformed = logic.segment(scene, volume, params, timeout=120)
+    plain = {untransformed.GetSegmentation().GetSegment(sid).GetName(): mask
+             for sid, mask in segment_masks(untransformed, volume).items()}
+    angle = np.deg2rad(25)
+    toParent = np.array([[np.cos(angle), -np.sin(angle), 0, 30.0], [np.sin(angle), np.cos(angle), 0, -12.0],
+                         [0, 0, 1, 7.0], [0, 0, 0, 1]])
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, toParent[r, c])
+    transform.SetMatrixTransformToParent(m)
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+
+    segmentation = logic.segment(scene, volume, params, timeout=120)
+    assert segmentation.GetTransformNodeID() == transform.GetID()
+    seg = segmentation.GetSegmentation()
+    # the reference geometry, in the segmentation's frame, is the volume's local grid: once transformed,
+    # the Segment Editor edits on the volume's voxels
+    geometry = [float(v) for v in seg.GetConversionParameter("Reference image geometry").split(";") if v]
+    assert np.allclose(np.array(geometry[:16]).reshape(4, 4), ijk_to_ras(volume), atol=1e-6)
+    shape = slicer.util.arrayFromVolume(volume).shape
+    assert [int(v) for v in geometry[16:22]] == [0, shape[2] - 1, 0, shape[1] - 1, 0, shape[0] - 1]
+    # each segment's voxels, in world coordinates, are the volume's voxels the core labelled
+    masks = segment_masks(segmentation, volume)
+    assert masks and sorted(seg.GetSegment(sid).GetName() for sid in masks) == sorted(plain)
+    ijk = ijk_to_ras(volume)
+    for sid, mask in masks.items():
+        # the same voxels as the untransformed run: the transform moves the result, it does not change it
+        assert np.array_equal(mask, plain[seg.GetSegment(sid).GetName()])
+        k, j, i = np.nonzero(mask)
+        expected = (toParent @ ijk @ np.stack([i, j, k, np.ones_like(i)]).astype(float))[:3].T
+        assert segment_world_points(segmentation, sid) == set(map(tuple, np.round(expected, 3)))
+
+
 def test_second_click_reuses_the_worker_and_the_model(scene, logic, tiny_model):
     volume = load_volume(scene, IMAGE)
     params = SegmentParameters(model=str(tiny_model), device="cpu")

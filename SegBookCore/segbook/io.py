@@ -18,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .labels import terminology_entry
 
 __all__ = ["Geometry", "read_image", "read_labels", "write_labels", "output_format", "sidecar_path", "atomic_path",
            "IMAGE_SUFFIXES"]
@@ -200,12 +201,8 @@ def _seg_nrrd_metadata(image: sitk.Image, labels: np.ndarray, class_table: list[
         image.SetMetaData(key + "LabelValue", str(entry["value"]))
         image.SetMetaData(key + "Layer", "0")
         image.SetMetaData(key + "Extent", extent)
-        term = entry.get("terminology")
-        if term and "category" in term and "type" in term:
-            code = lambda k: "^".join(term.get(k, ["", "", ""]))  # noqa: E731  scheme^value^meaning
-            tag = "~".join(["Segmentation category and type - 3D Slicer General Anatomy list", code("category"),
-                            code("type"), code("type_modifier"), "Anatomic codes - DICOM master list",
-                            code("region"), code("region_modifier")])
+        tag = terminology_entry(entry.get("terminology"))
+        if tag:
             image.SetMetaData(key + "Tags", f"TerminologyEntry:{tag}|")
 
 

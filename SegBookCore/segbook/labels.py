@@ -11,7 +11,14 @@ import json
 from functools import lru_cache
 from importlib import resources
 
-__all__ = ["totalseg_class_names", "terminology", "default_color", "class_table"]
+__all__ = ["totalseg_class_names", "terminology", "terminology_entry", "default_color", "class_table",
+           "TERMINOLOGY_CONTEXT", "ANATOMIC_CONTEXT"]
+
+# The Slicer terminology contexts the SegBook extension ships (SegBookSlicer/Resources/Terminology) and
+# loads: they hold every code of the mapping table, most of which (vertebrae, ribs...) Slicer's DICOM
+# master lists lack. The Slicer module (SegBookLib/NodeIO.py, which cannot import torch) has the same names.
+TERMINOLOGY_CONTEXT = "Segmentation category and type - SegBook"
+ANATOMIC_CONTEXT = "Anatomic codes - SegBook"
 
 
 def _data(name: str):
@@ -42,6 +49,19 @@ def terminology(name: str) -> dict | None:
         if row.get(f"{prefix}_CodeValue"):
             out[key] = [row[f"{prefix}_CodingScheme"], row[f"{prefix}_CodeValue"], row[f"{prefix}_CodeMeaning"]]
     return out
+
+
+def terminology_entry(term: dict | None) -> str | None:
+    """Slicer's terminology entry string for terminology() codes, or None without category and type.
+
+    context~category~type~typeModifier~anatomicContext~region~regionModifier, each code scheme^value^meaning
+    (empty: ^^), as vtkSlicerTerminologiesModuleLogic serialises it.
+    """
+    if not term or not term.get("category") or not term.get("type"):
+        return None
+    code = lambda key: "^".join(term.get(key) or ["", "", ""])  # noqa: E731
+    return "~".join([TERMINOLOGY_CONTEXT, code("category"), code("type"), code("type_modifier"),
+                     ANATOMIC_CONTEXT, code("region"), code("region_modifier")])
 
 
 def default_color(name: str, index: int) -> list[int]:

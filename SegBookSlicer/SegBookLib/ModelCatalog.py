@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,17 +21,23 @@ log = logging.getLogger(__name__)
 def userDirectory() -> Path:
     """Where SegBook keeps fine-tuned models and training cases across Slicer sessions.
 
-    $SEGBOOK_HOME, else a SegBook folder beside Slicer's user settings, else ~/.segbook.
+    $SEGBOOK_HOME, else the per-user *local* application data folder, as Qt's
+    QStandardPaths::AppLocalDataLocation places it for organisation slicer.org:
+    Windows %LOCALAPPDATA%\\slicer.org\\SegBook (not the roaming %APPDATA%, where Slicer.ini lives: models
+    and cases take gigabytes, and a roaming profile copies them at every log-on), macOS
+    ~/Library/Application Support/slicer.org/SegBook, elsewhere $XDG_DATA_HOME (~/.local/share)/slicer.org/SegBook.
+    The same folder inside and outside the application (panel, batch script).
     """
     if os.environ.get("SEGBOOK_HOME"):
         return Path(os.environ["SEGBOOK_HOME"])
-    try:
-        import slicer
-        if getattr(slicer, "app", None) is not None:
-            return Path(slicer.app.slicerUserSettingsFilePath).parent / "SegBook"
-    except ImportError:
-        pass
-    return Path.home() / ".segbook"
+    home = Path.home()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or home / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = home / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME") or home / ".local" / "share")
+    return base / "slicer.org" / "SegBook"
 
 
 _PARAMETERS: dict = {}

@@ -21,9 +21,11 @@ log = logging.getLogger(__name__)
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
-# The terminology context Slicer ships for DICOM codes; the SNOMED CT codes of the mapping table are from it.
-TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
-ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+# SegBook's own terminology contexts (Resources/Terminology/*.term.json, written by
+# Utilities/generate_terminology.py from the core's SNOMED CT table and loaded at start-up): most of the
+# table's codes (vertebrae, ribs, muscles...) are not in Slicer's DICOM master lists and would show as unknown.
+TERMINOLOGY_CONTEXT = "Segmentation category and type - SegBook"
+ANATOMIC_CONTEXT = "Anatomic codes - SegBook"
 
 
 # -- geometry -----------------------------------------------------------------------------------------
@@ -134,12 +136,34 @@ def roiToLpsBox(roiNode, volumeNode) -> list:
     return [float(v) for v in (*lo, *hi)]
 
 
+DEFAULT_ROI_SIZE_MM = 100.0
+
+
+def initializeRoi(roiNode, volumeNode=None) -> None:
+    """Place a new ROI (the selector creates it with size 0) around the volume, in world RAS.
+
+    The box is the volume's world bounds (its transforms included); without a volume, a 100 mm cube at the
+    origin. An ROI that already has a size is left alone.
+    """
+    if min(roiNode.GetSize()) > 0:
+        return
+    lo, hi = -np.full(3, DEFAULT_ROI_SIZE_MM / 2), np.full(3, DEFAULT_ROI_SIZE_MM / 2)
+    if volumeNode is not None and volumeNode.GetImageData() is not None:
+        bounds = [0.0] * 6
+        volumeNode.GetRASBounds(bounds)
+        if all(bounds[2 * a + 1] > bounds[2 * a] for a in range(3)):
+            lo, hi = np.array(bounds[0::2]), np.array(bounds[1::2])
+    roiNode.SetCenter(*((lo + hi) / 2))
+    roiNode.SetSize(*(hi - lo))
+
+
 # -- segmentation -------------------------------------------------------------------------------------
 def terminologyString(terminology: Optional[dict]) -> Optional[str]:
     """Slicer's terminology entry string for a class table entry's {"category", "type", ...} codes.
 
     Format (vtkSlicerTerminologiesModuleLogic): context~category~type~typeModifier~anatomicContext~region~
-    regionModifier, each code as scheme^value^meaning.
+    regionModifier, each code as scheme^value^meaning. The same string as the core's
+    `segbook.labels.terminology_entry` (this module must not import the core: it needs torch).
     """
     if not terminology or not terminology.get("category") or not terminology.get("type"):
         return None
@@ -150,6 +174,21 @@ def terminologyString(terminology: Optional[dict]) -> Optional[str]:
 
     return "~".join([TERMINOLOGY_CONTEXT, code("category"), code("type"), code("type_modifier"),
                      ANATOMIC_CONTEXT, code("region"), code("region_modifier")])
+
+
+def loadTerminologyContexts(terminologiesLogic, folder) -> list:
+    """Load SegBook's context files (every `*.term.json` of `folder`) into Slicer's terminologies logic.
+
+    As SlicerTotalSegmentator does with its own context; `LoadContextFromFile` tells a category-and-type
+    context from an anatomic one by the file's "@schema". Returns the files that failed to load.
+    """
+    failed = []
+    for path in sorted(Path(folder).glob("*.term.json")):
+        if not terminologiesLogic.LoadContextFromFile(str(path)):
+            failed.append(str(path))
+    if failed:
+        log.warning("Slicer could not load the terminology context(s) %s; segments may show as unknown", failed)
+    return failed
 
 
 def setSegmentTerminology(segment, entry: str) -> None:
@@ -174,6 +213,8 @@ def labelsToSegmentation(scene, labels: np.ndarray, ijkToRas: np.ndarray, classe
     `classes` is the sidecar's class table [{value, name, color (0-255), terminology}]. Values absent from the
     table get a generic name. Returns the segment ids, in label order. The reference geometry is taken from
     `referenceVolumeNode` so that DICOM SEG export and the Segment Editor use the input's grid.
+    `ijkToRas` is in the segmentation node's own frame: a caller segmenting a transformed volume puts the
+    segmentation under the volume's transform first, and the label map goes in that frame too.
     """
     import slicer
     byValue = {int(c["value"]): c for c in classes}
@@ -181,6 +222,8 @@ def labelsToSegmentation(scene, labels: np.ndarray, ijkToRas: np.ndarray, classe
     labelmapNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "SegBook temporary labels")
     try:
         setIjkToRas(labelmapNode, ijkToRas)
+        parent = segmentationNode.GetParentTransformNode()
+        labelmapNode.SetAndObserveTransformNodeID(parent.GetID() if parent is not None else None)
         slicer.util.updateVolumeFromArray(labelmapNode, np.ascontiguousarray(labels.astype(np.int16)))
         segmentation = segmentationNode.GetSegmentation()
         segmentation.RemoveAllSegments()

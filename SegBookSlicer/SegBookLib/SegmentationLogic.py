@@ -171,9 +171,12 @@ class SegmentationLogic:
             if segmentationNode is None:
                 segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
                                                            name or f"{volumeNode.GetName()} segmentation")
-            NodeIO.labelsToSegmentation(scene, labels, ijkToRas, classes, segmentationNode, volumeNode)
+            # under the volume's transform first: the label map is in the volume's local frame, and the
+            # reference geometry taken from the volume is expressed in the segmentation's frame (set after,
+            # the volume's transform would be baked into it and then applied a second time)
             parent = volumeNode.GetParentTransformNode()
             segmentationNode.SetAndObserveTransformNodeID(parent.GetID() if parent is not None else None)
+            NodeIO.labelsToSegmentation(scene, labels, ijkToRas, classes, segmentationNode, volumeNode)
             segmentationNode.SetAttribute("SegBook.Elapsed", str(final.get("elapsed")))
             return segmentationNode
         finally:

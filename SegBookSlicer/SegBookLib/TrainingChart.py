@@ -27,6 +27,26 @@ class TrainingChart:
         self.columns: list = []
         self.series: dict = {}
 
+    @classmethod
+    def reuse(cls, chart: "TrainingChart | None", scene) -> "TrainingChart":
+        """`chart` emptied for a new run while its nodes are in `scene`, else a new chart: one set of
+        table, chart and plot view nodes however many runs the panel starts."""
+        nodes = (chart.table, chart.chart, chart.view) if chart is not None else ()
+        if chart is None or chart.scene is not scene or not all(scene.IsNodePresent(n) for n in nodes):
+            return cls(scene)
+        chart.reset()
+        return chart
+
+    def reset(self) -> None:
+        """Forget the rows and remove the series (a new run starts with an empty chart)."""
+        self.chart.RemoveAllPlotSeriesNodeIDs()
+        for series in self.series.values():
+            if self.scene.IsNodePresent(series):
+                self.scene.RemoveNode(series)
+        self.rows, self.columns, self.series = [], [], {}
+        import vtk
+        self.table.SetAndObserveTable(vtk.vtkTable())
+
     def _xKey(self, event: dict) -> str:
         return next((k for k in X_KEYS if k in event), "row")
 

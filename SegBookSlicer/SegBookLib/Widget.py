@@ -11,6 +11,7 @@ from pathlib import Path
 import qt
 import slicer
 
+from . import NodeIO
 from .FineTuneLogic import FineTuneLogic
 from .InstallLogic import InstallLogic, pythonSetting, setPythonSetting
 from .ModelCatalog import ModelCatalog, userDirectory
@@ -64,6 +65,7 @@ class Widget(qt.QWidget):
         self.ui.addModelFolderButton.clicked.connect(self.onAddModelFolder)
         self.ui.deviceComboBox.currentIndexChanged.connect(self.updateDeviceHint)
         self.ui.segmentButton.clicked.connect(self.onSegmentOrCancel)
+        self.ui.roiSelector.nodeAddedByUser.connect(self.onRoiAdded)
         self.ui.show3DButton.clicked.connect(self.onShow3D)
         self.ui.addCaseButton.clicked.connect(self.onAddCase)
         self.ui.addFolderButton.clicked.connect(self.onAddFolder)
@@ -280,6 +282,10 @@ class Widget(qt.QWidget):
             self.ui.segmentProgressBar.value = 100
             self.showStatus(f"Done: {node.GetSegmentation().GetNumberOfSegments()} structures found.")
 
+    def onRoiAdded(self, roiNode) -> None:
+        """'Create new ROI' makes a zero-size box: start from the input volume's extent instead."""
+        NodeIO.initializeRoi(roiNode, self.ui.inputVolumeSelector.currentNode())
+
     def onShow3D(self) -> None:
         node = self.ui.outputSegmentationSelector.currentNode()
         if node is not None:
@@ -337,7 +343,7 @@ class Widget(qt.QWidget):
         saveToNode(params, self.parameterNode(), "FineTune")
         with slicer.util.tryWithErrorDisplay("Cannot start fine-tuning"):
             self.fineTune.start(params, resume=resume)
-            self.chart = TrainingChart(slicer.mrmlScene)
+            self.chart = TrainingChart.reuse(self.chart, slicer.mrmlScene)
             self.ui.plotWidget.setMRMLPlotViewNode(self.chart.view)
             self.setFineTuneRunning(True)
             self.ui.fineTuneStatusLabel.text = "Starting..."

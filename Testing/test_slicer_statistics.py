@@ -8,30 +8,11 @@ import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer")
 
-from slicer_fixtures import IMAGE, load_volume, make_tiny_model  # noqa: E402
+from slicer_fixtures import IMAGE, load_volume  # noqa: E402
 from SegBookLib import NodeIO  # noqa: E402
 from SegBookLib.Parameters import SegmentParameters  # noqa: E402
-from SegBookLib.SegmentationLogic import SegmentationLogic  # noqa: E402
 from SegBookLib.StatisticsTable import REFERENCE_ROLE  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def logic():
-    lg = SegmentationLogic()
-    yield lg
-    lg.shutdown()
-
-
-@pytest.fixture
-def scene():
-    s = slicer.vtkMRMLScene()
-    yield s
-    s.Clear(1)
+from test_slicer_logic import logic, scene, tiny_model  # noqa: E402,F401  (fixtures: one worker, a scene, a model)
 
 
 def table_rows(table):
@@ -40,7 +21,7 @@ def table_rows(table):
                      for r in range(table.GetNumberOfRows())]
 
 
-def test_segment_adds_a_statistics_table_with_itks_numbers(scene, logic, tiny_model):
+def test_segment_adds_a_statistics_table_with_itks_numbers(scene, logic, tiny_model):  # noqa: F811
     volume = load_volume(scene, IMAGE, "MRI")
     segmentation = logic.segment(scene, volume, SegmentParameters(model=str(tiny_model), device="cpu"),
                                  timeout=120)
@@ -74,7 +55,7 @@ def test_segment_adds_a_statistics_table_with_itks_numbers(scene, logic, tiny_mo
     assert [r["Structure"] for r in table_rows(table)[1]] == ["spleen"]
 
 
-def test_no_table_when_statistics_are_off(scene, logic, tiny_model):
+def test_no_table_when_statistics_are_off(scene, logic, tiny_model):  # noqa: F811
     volume = load_volume(scene, IMAGE)
     params = SegmentParameters(model=str(tiny_model), device="cpu", statistics=False)
     segmentation = logic.segment(scene, volume, params, timeout=120)

@@ -64,11 +64,28 @@ def write_ct_series(image_path, folder, anonymised: bool = False) -> list:
     return uids
 
 
+def _required() -> bool:
+    import os
+    return bool(os.environ.get("CI") or os.environ.get("SEGBOOK_REQUIRE_TOOLS"))
+
+
+def require_module(name: str):
+    """Import `name` (highdicom, pydicom); missing, fail under CI / `make test`, skip elsewhere."""
+    import importlib
+
+    import pytest
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        message = f"{name} not installed: pip install -e 'SegBookCore[test]' (or `make test`)"
+        if _required():
+            pytest.fail(message)
+        pytest.skip(message, allow_module_level=True)
+
+
 def tool(name: str):
     """The path of a validator the tests need; missing, the test fails when CI (or `make test`) asks for the
     tools and is skipped elsewhere, naming what to install."""
-    import os
-
     import pytest
     found = shutil.which(name)
     if found is None:
@@ -78,7 +95,7 @@ def tool(name: str):
     if found is None:
         message = (f"{name} not found: `make test` installs it (dciodvfy: apt-get install dicom3tools; "
                    f"segimage2itkimage: pip install dcmqi)")
-        if os.environ.get("CI") or os.environ.get("SEGBOOK_REQUIRE_TOOLS"):
+        if _required():
             pytest.fail(message)
         pytest.skip(message)
     return found

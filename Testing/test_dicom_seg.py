@@ -10,11 +10,11 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import run_cli
-from dicom_fixtures import run_tool, tool, write_ct_series
+from dicom_fixtures import require_module, run_tool, tool, write_ct_series
 from test_predict_cli import CT, model_dir  # noqa: F401  (fixture: a tiny model with TotalSegmentator names)
 
-pydicom = pytest.importorskip("pydicom")
-hd = pytest.importorskip("highdicom")
+pydicom = require_module("pydicom")
+hd = require_module("highdicom")
 
 
 @pytest.fixture(scope="module")

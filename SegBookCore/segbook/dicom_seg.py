@@ -161,13 +161,21 @@ def write_seg(labels: np.ndarray, sources: list, class_table: list, path, *, mod
     hd, _ = _libraries()
     from pydicom.sr.codedict import codes
     path = Path(path)
-    counts = np.bincount(labels.ravel(), minlength=1)
+    # Slab by slab: bincount and fancy indexing would otherwise make whole-volume intp (8-byte) copies.
+    slabs = [slice(z, z + 16) for z in range(0, labels.shape[0], 16)]
+    counts = np.zeros(int(labels.max()) + 1 if labels.size else 1, np.int64)
+    for s in slabs:
+        counts += np.bincount(labels[s].ravel(), minlength=len(counts))
     present = [int(v) for v in np.flatnonzero(counts) if v != 0]
     if not present:
         raise InputError(f"{path}: nothing was segmented, and a DICOM SEG needs at least one segment")
     lut = np.zeros(len(counts), np.uint8 if len(present) < 256 else np.uint16)
     lut[present] = np.arange(1, len(present) + 1)
-    numbers = lut[labels]                 # segment numbers must run 1..n: one copy of the label map
+    numbers = labels                      # segment numbers must run 1..n: renumber if there are gaps
+    if present != list(range(1, len(present) + 1)) or labels.dtype != lut.dtype:
+        numbers = np.empty(labels.shape, lut.dtype)
+        for s in slabs:
+            numbers[s] = lut[labels[s]]
     by_value = {int(c["value"]): c for c in class_table}
     algorithm = hd.AlgorithmIdentificationSequence(
         name=model[:64], family=codes.cid7162.ArtificialIntelligence, version=version[:64],
@@ -182,7 +190,6 @@ def write_seg(labels: np.ndarray, sources: list, class_table: list, path, *, mod
         manufacturer="SegBook", manufacturer_model_name=model[:64], software_versions=f"segbook {_version()}",
         device_serial_number="none", content_label="SEGBOOK", content_description=f"{model} segmentation"[:64],
         series_description=f"SegBook {model}"[:64], omit_empty_frames=True)
-    del numbers
     with atomic_path(path) as tmp:
         seg.save_as(str(tmp))
     log.info("%s: DICOM SEG, %d segments, %d frames", path, len(present), int(seg.NumberOfFrames))

@@ -143,3 +143,26 @@ def test_worker_writes_a_seg_and_refuses_a_file_input(tmp_path, series, model_di
     assert good["result"]["statistics"] and (tmp_path / "b.statistics.csv").exists()
     seg = pydicom.dcmread(str(tmp_path / "b.dcm"))
     assert len(seg.SegmentSequence) == len(good["result"]["statistics"])
+
+
+def test_label_values_with_gaps_become_segments_1_to_n(tmp_path, series):
+    """Segment numbers must run 1..n: values 3 and 7 become segments 1 and 2, decoded back by dcmqi."""
+    from segbook import dicom_seg
+    from segbook.errors import InputError
+    from segbook.labels import class_table
+    sources = dicom_seg.read_source_series(series[0])
+    hu = sitk.GetArrayFromImage(sitk.ReadImage(str(CT)))
+    labels = np.where(hu > 150, 7, np.where((hu > 20) & (hu < 80), 3, 0)).astype(np.uint8)
+    table = [c for c in class_table(["background", "a", "b", "liver", "d", "e", "f", "spleen"]) if c["value"] in (3, 7)]
+    dicom_seg.write_seg(labels, sources, table, tmp_path / "gaps.dcm", model="m", version="1")
+    seg = pydicom.dcmread(str(tmp_path / "gaps.dcm"))
+    assert [(s.SegmentNumber, s.SegmentLabel) for s in seg.SegmentSequence] == [(1, "liver"), (2, "spleen")]
+    r = run_tool(tool("segimage2itkimage"), "--inputDICOM", tmp_path / "gaps.dcm", "--outputDirectory", tmp_path,
+                 "-t", "nrrd", "-p", "d")
+    assert r.returncode == 0, r.stdout + r.stderr
+    for number, value in ((1, 3), (2, 7)):
+        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"d-{number}.nrrd"))) > 0
+        assert np.array_equal(mask, labels == value)
+    with pytest.raises(InputError, match="nothing was segmented"):
+        dicom_seg.write_seg(np.zeros_like(labels), sources, table, tmp_path / "empty.dcm", model="m", version="1")
+    assert not (tmp_path / "empty.dcm").exists()

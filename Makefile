@@ -11,7 +11,7 @@ $(VENV)/.core: SegBookCore/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e "SegBookCore[train]"
+	$(PY) -m pip install -q -e "SegBookCore[train,dicom]"
 	touch $@
 
 # test tools and the references the tests compare against
@@ -20,6 +20,16 @@ $(VENV)/.test: $(VENV)/.core
 	# nnU-Net v2 without its timm -> torchvision chain, which would replace torch (see pyproject.toml)
 	$(PY) -m pip install -q --no-deps nnunetv2==2.8.1 dynamic-network-architectures==0.4.4 acvl-utils==0.2.6
 	touch $@
+
+# dciodvfy (Debian's dicom3tools), the DICOM standard's validator the DICOM SEG tests run: installed with apt
+# where we may (root or sudo); elsewhere the tests that need it fail and say what to install.
+dicom-tools:
+	@command -v dciodvfy >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; else SUDO=none; fi; \
+	  if [ "$$SUDO" != none ] && command -v apt-get >/dev/null; then \
+	    $$SUDO apt-get install -y -q dicom3tools >/dev/null 2>&1 || \
+	    { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q dicom3tools >/dev/null; } ; \
+	  else echo "dciodvfy missing: install dicom3tools (Debian/Ubuntu: apt-get install dicom3tools)"; fi; }
 
 # The oldest supported versions (the floors of pyproject.toml, pinned in Testing/oldest/) on Python 3.9, as in
 # Slicer 5.8. PyPI's Linux torch 2.2 is a CUDA build: installed --no-deps, with stubs for the GPU libraries
@@ -41,15 +51,16 @@ $(VENV_OLDEST)/.ready: Testing/oldest/requirements.txt Testing/oldest/no-deps.tx
 install: $(VENV)/.core
 
 # No silent skips: a skip fails the run unless its kind is allowed (Testing/skip_policy.py). No CUDA on CI;
-# the oldest run also has no nnU-Net (Python >= 3.10) and no slicer-core (no Python 3.9 wheel).
-test: $(VENV)/.test
+# the oldest run also has no nnU-Net (Python >= 3.10), no slicer-core (no Python 3.9 wheel) and no DICOM SEG
+# tools (benchmarks/compat_dicom_seg.py checks highdicom 0.22 on Python 3.9).
+test: $(VENV)/.test dicom-tools
 	SEGBOOK_NO_SKIPS=1 SEGBOOK_ALLOW_SKIPS=cuda $(PY) -m pytest -q Testing
 	$(MAKE) test-oldest
 
 test-oldest: $(VENV_OLDEST)/.ready
-	SEGBOOK_NO_SKIPS=1 SEGBOOK_ALLOW_SKIPS=cuda,nnunet,slicer $(PY_OLDEST) -m pytest -q Testing
+	SEGBOOK_NO_SKIPS=1 SEGBOOK_ALLOW_SKIPS=cuda,nnunet,slicer,dicom $(PY_OLDEST) -m pytest -q Testing
 
 demo: $(VENV)/.core
 	$(PY) -m segbook.demo --out demo_output
 
-.PHONY: install test test-oldest demo
+.PHONY: install test test-oldest demo dicom-tools

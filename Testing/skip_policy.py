@@ -26,7 +26,14 @@ OPTIONAL = {
     "slicer": (("slicer",), "slicer-core, Slicer's libraries as a wheel (none for Python 3.9)",
                "pip install slicer-core"),
     "cuda": ((), "a CUDA GPU", "run on a machine with an NVIDIA GPU and a CUDA build of torch"),
+    "dicom": (("highdicom", "pydicom"),
+              "the DICOM SEG writer (highdicom, pydicom) and the checkers made by others (dciodvfy from Debian's "
+              "dicom3tools, dcmqi's segimage2itkimage)",
+              "make test, or: pip install -e 'SegBookCore[test]' && apt-get install dicom3tools"),
 }
+# kind -> command-line tools it needs besides its modules (looked up on PATH and beside the interpreter,
+# where pip puts a wheel's executables)
+TOOLS = {"dicom": ("dciodvfy", "segimage2itkimage")}
 _KIND = "segbook_skip_kind"
 
 
@@ -34,6 +41,8 @@ def _absent(kind: str) -> bool:
     if kind == "cuda":
         import torch
         return not torch.cuda.is_available()
+    if any(find_tool(tool) is None for tool in TOOLS.get(kind, ())):
+        return True
     for module in OPTIONAL[kind][0]:
         try:
             if importlib.util.find_spec(module) is None:
@@ -41,6 +50,16 @@ def _absent(kind: str) -> bool:
         except (ImportError, ValueError):
             return True
     return False
+
+
+def find_tool(name: str) -> str | None:
+    import shutil
+    import sys
+    from pathlib import Path
+    found = shutil.which(name)
+    if found is None and (Path(sys.executable).parent / name).exists():
+        found = str(Path(sys.executable).parent / name)
+    return found
 
 
 def _allowed() -> set[str] | None:

@@ -28,8 +28,10 @@ from .errors import InputError
 from .cpu_fast import optimize_for_cpu
 from .events import Reporter
 from .export import SlabExporter
-from .io import atomic_path, output_format, read_image, sidecar_path, write_labels
+from . import dicom_seg
+from .io import DICOM_SEG_SUFFIX, atomic_path, output_format, read_image, sidecar_path, write_labels
 from .labels import class_table
+from .statistics import csv_path, label_statistics, write_csv
 from .preprocess import preprocess, separate_axis
 from .sliding_window import compute_steps, gaussian_weights, mirror_axes_sets, padding_for_patch
 
@@ -292,15 +294,22 @@ class Predictor:
         return pred[0].contiguous()
 
     # ---------------------------------------------------------------- files
-    def predict_file(self, input_path, output_path, *, roi_lps=None, classes=None) -> dict:
-        """Segment an image file or DICOM folder into `output_path` (label map with the input's geometry)
-        plus a sidecar JSON (classes, colours, terminology, settings) beside it; returns the sidecar dict.
+    def predict_file(self, input_path, output_path, *, roi_lps=None, classes=None, statistics=False) -> dict:
+        """Segment an image file or DICOM folder into `output_path` (label map with the input's geometry,
+        or a DICOM SEG of the input series for `.dcm`) plus a sidecar JSON (classes, colours, terminology,
+        settings) beside it; returns the sidecar dict.
 
-        roi_lps: physical box (x0, y0, z0, x1, y1, z1) in LPS mm, as ITK. Both files appear only complete.
+        roi_lps: physical box (x0, y0, z0, x1, y1, z1) in LPS mm, as ITK. statistics: per-structure
+        volume and intensities (of the first channel) in the sidecar and in `<name>.statistics.csv`.
+        All files appear only complete.
         """
         t0 = time.perf_counter()
-        output_format(output_path)          # an unknown output suffix fails before any work
+        fmt = output_format(output_path)          # an unknown output suffix fails before any work
+        # a series a SEG cannot reference is refused before any work too
+        sources = dicom_seg.read_source_series(input_path) if fmt == DICOM_SEG_SUFFIX else None
         image, geometry = read_image(input_path)
+        if sources is not None:
+            dicom_seg.check_alignment(sources, geometry, input_path)
         roi = geometry.physical_box_to_voxels(roi_lps) if roi_lps is not None else None
         try:
             labels = self.predict_array(image, geometry.spacing_zyx, roi=roi, classes=classes)
@@ -321,11 +330,20 @@ class Predictor:
                                   "normalization": self.config.plan.normalization}},
             "geometry": {"size": list(geometry.size), "spacing": list(geometry.spacing)},
         }
+        if statistics:
+            sidecar["statistics"] = label_statistics(labels, image[0], geometry.spacing, table)
         self.reporter.progress("write", 0, 1)
         sidecar["elapsed_s"] = round(time.perf_counter() - t0, 3)
-        with atomic_path(sidecar_path(output_path)) as tmp_json:
-            tmp_json.write_text(json.dumps(sidecar, indent=1))
-            write_labels(labels, geometry, output_path, table)
+        with contextlib.ExitStack() as outputs:     # each file renamed into place only if all are written
+            outputs.enter_context(atomic_path(sidecar_path(output_path))).write_text(json.dumps(sidecar, indent=1))
+            if statistics:
+                write_csv(sidecar["statistics"], outputs.enter_context(atomic_path(csv_path(output_path, fmt))))
+            if sources is not None:
+                dicom_seg.write_seg(labels, sources, table, output_path, model=self.config.name,
+                                    version=dicom_seg.model_version(self.config, self.checkpoint),
+                                    parameters={"tta": self.tta, "step": self.step})
+            else:
+                write_labels(labels, geometry, output_path, table)
         self.reporter.progress("write", 1, 1)
         log.info("%s -> %s in %.1f s", input_path, output_path, time.perf_counter() - t0)
         return sidecar

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 # Suffixes we read and write; ".seg.nrrd" must be tested before ".nrrd".
 IMAGE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# A DICOM Segmentation object (segbook.dicom_seg), an output only: DICOM inputs are series folders.
+DICOM_SEG_SUFFIX = ".dcm"
 
 
 @dataclass(frozen=True)
@@ -137,12 +139,13 @@ def read_labels(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
 
 
 def output_format(path: str | os.PathLike) -> str:
-    """The suffix that picks the writer, e.g. ".nii.gz", ".seg.nrrd"; InputError if none is known."""
+    """The suffix that picks the writer, e.g. ".nii.gz", ".seg.nrrd", ".dcm"; InputError if none is known."""
     name = Path(path).name.lower()
-    for suffix in IMAGE_SUFFIXES:
+    for suffix in IMAGE_SUFFIXES + (DICOM_SEG_SUFFIX,):
         if name.endswith(suffix) and len(name) > len(suffix):
             return suffix
-    raise InputError(f"{path}: unknown output format (use one of {', '.join(IMAGE_SUFFIXES)})")
+    raise InputError(f"{path}: unknown output format (use one of {', '.join(IMAGE_SUFFIXES)}, "
+                     f"or {DICOM_SEG_SUFFIX} for a DICOM SEG of a DICOM series)")
 
 
 def sidecar_path(output: str | os.PathLike) -> Path:
@@ -211,6 +214,8 @@ def write_labels(labels: np.ndarray, geometry: Geometry, path: str | os.PathLike
     """Write a (z, y, x) label map with `geometry`, atomically; `.seg.nrrd` adds Slicer segment metadata."""
     path = Path(path)
     fmt = output_format(path)
+    if fmt == DICOM_SEG_SUFFIX:
+        raise InputError(f"{path}: a DICOM SEG is written by segbook.dicom_seg, from a DICOM series input")
     if tuple(labels.shape) != geometry.shape_zyx:
         raise ValueError(f"label map shape {labels.shape} does not match the geometry {geometry.shape_zyx}")
     image = geometry.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(labels)))

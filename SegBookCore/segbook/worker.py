@@ -4,7 +4,9 @@ The Slicer module starts one worker and keeps it alive between clicks, so the se
 same model pays no start-up (imports, weight loading). Requests, one JSON object per line on stdin:
 
     {"id": "r1", "command": "predict", "input": "in.nrrd", "output": "out.nrrd", "model": "NAME|DIR",
-     "checkpoint": null, "device": "auto", "tta": false, "classes": ["liver"], "roi_lps": [x0,y0,z0,x1,y1,z1]}
+     "checkpoint": null, "device": "auto", "tta": false, "classes": ["liver"], "roi_lps": [x0,y0,z0,x1,y1,z1],
+     "statistics": false}                      (true: per-structure statistics in the result and a CSV;
+                                                an output ending .dcm: a DICOM SEG of a DICOM series input)
     {"id": "r2", "command": "ping"}
     {"command": "shutdown"}
 
@@ -29,6 +31,7 @@ import os
 import sys
 import time
 
+from . import dicom_seg
 from .errors import SegBookError
 from .events import JsonReporter
 
@@ -125,10 +128,13 @@ class Worker:
         for field in ("input", "output", "model"):
             if not request.get(field):
                 raise SegBookError(f"predict request without '{field}'")
+        if dicom_seg.is_seg_output(request["output"]):
+            dicom_seg.read_source_series(request["input"])    # refused before a model is loaded
         predictor, reused = self._predictor(request)
         classes = request.get("classes") or None
         roi = request.get("roi_lps") or None
-        result = predictor.predict_file(request["input"], request["output"], roi_lps=roi, classes=classes)
+        result = predictor.predict_file(request["input"], request["output"], roi_lps=roi, classes=classes,
+                                        statistics=bool(request.get("statistics", False)))
         return result, reused
 
     # -- loop -----------------------------------------------------------------------------------------

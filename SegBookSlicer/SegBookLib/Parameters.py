@@ -21,6 +21,7 @@ class SegmentParameters:
     device: str = "auto"
     tta: bool = False
     classes: list = field(default_factory=list)   # structure subset by name; empty = all
+    statistics: bool = True                 # per-structure volume/intensity table after Segment
 
     def __post_init__(self):
         if self.device not in DEVICES:
@@ -30,7 +31,7 @@ class SegmentParameters:
         """The worker's predict request (see segbook.worker)."""
         return {"id": requestId, "command": "predict", "input": str(inputPath), "output": str(outputPath),
                 "model": self.model, "checkpoint": self.checkpoint, "device": self.device, "tta": self.tta,
-                "classes": list(self.classes) or None, "roi_lps": roiLps}
+                "classes": list(self.classes) or None, "roi_lps": roiLps, "statistics": bool(self.statistics)}
 
 
 @dataclass

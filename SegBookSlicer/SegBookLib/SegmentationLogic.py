@@ -3,7 +3,12 @@
 A Segment click: the volume node is written to a temporary NRRD (exact voxels and geometry, LPS), the
 worker (`python -m segbook.worker`) runs `Predictor.predict_file` on it, and the label map + class table it
 writes become a segmentation node: one segment per structure found, named, coloured, terminology-coded,
-with the input volume as reference geometry. The worker stays alive between clicks with the model loaded.
+with the input volume as reference geometry, and (statistics on) a table node of per-structure volumes and
+intensities. The worker stays alive between clicks with the model loaded.
+
+DICOM SEG is not written here: a segmentation node with the DICOM volume as reference geometry and
+terminology-coded segments is what Slicer's own DICOM export (Data module, "Export to DICOM...") turns
+into a SEG that references the loaded series; `segbook predict -o seg.dcm` does it headlessly.
 
 The scene is only touched when a result is applied, so Cancel (which kills the worker) leaves it as it
 was. The logic takes the scene and nodes as arguments and has no Qt: the widget drains events from a
@@ -22,6 +27,7 @@ from typing import Callable, Optional
 from . import NodeIO
 from .Parameters import SegmentParameters
 from .ProcessRunner import EXIT_EVENT, ProcessRunner, coreEnvironment, pythonExecutable
+from .StatisticsTable import updateStatisticsTable
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +183,8 @@ class SegmentationLogic:
             parent = volumeNode.GetParentTransformNode()
             segmentationNode.SetAndObserveTransformNodeID(parent.GetID() if parent is not None else None)
             NodeIO.labelsToSegmentation(scene, labels, ijkToRas, classes, segmentationNode, volumeNode)
+            if result.get("statistics") is not None:
+                updateStatisticsTable(scene, segmentationNode, result["statistics"])
             segmentationNode.SetAttribute("SegBook.Elapsed", str(final.get("elapsed")))
             return segmentationNode
         finally:

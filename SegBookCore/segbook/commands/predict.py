@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..events import make_reporter
-from ..io import IMAGE_SUFFIXES, output_format
+from ..io import DICOM_SEG_SUFFIX, IMAGE_SUFFIXES, output_format
 
 HELP = "segment CT/MR images (NIfTI, NRRD, MHA, DICOM folders) with an STU-Net model"
 
@@ -18,7 +18,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="image file, DICOM series folder, or folder of image files")
     parser.add_argument("-o", "--output", required=True,
-                        help="output label map (e.g. seg.nii.gz, seg.seg.nrrd); a folder for several inputs")
+                        help="output label map (e.g. seg.nii.gz, seg.seg.nrrd) or DICOM SEG (seg.dcm, for a DICOM "
+                             "series input); a folder for several inputs")
     parser.add_argument("--model", required=True, help="model name (see `segbook models`) or model folder")
     parser.add_argument("--checkpoint", help="weights file to use with the named model's plan "
                                              "(e.g. a hand-downloaded base_ep4k.model)")
@@ -30,8 +31,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--step", type=float, default=0.5, help="tile step as a fraction of the patch (0.5)")
     parser.add_argument("--classes", help="comma-separated class names to keep (others become background)")
     parser.add_argument("--roi", help="X0,Y0,Z0,X1,Y1,Z1: predict only inside this physical box (LPS mm)")
-    parser.add_argument("--format", default=".nii.gz", choices=[s for s in IMAGE_SUFFIXES if s != ".nhdr"],
-                        help="output suffix when OUTPUT is a folder (default .nii.gz)")
+    parser.add_argument("--format", default=".nii.gz",
+                        choices=[s for s in IMAGE_SUFFIXES if s != ".nhdr"] + [DICOM_SEG_SUFFIX],
+                        help="output suffix when OUTPUT is a folder (default .nii.gz; .dcm: DICOM SEG)")
+    parser.add_argument("--statistics", action="store_true",
+                        help="per-structure voxels, volume (ml) and intensity mean/std/min/max, in the sidecar "
+                             "JSON and in NAME.statistics.csv beside each output")
     parser.add_argument("--progress", default="bar", choices=["bar", "json", "none"],
                         help="progress display: bar (stderr), json (one event per line on stdout), none")
 
@@ -91,7 +96,9 @@ def run(args) -> int:
             raise InputError(f"{out}: several inputs need an output folder, and this is a file")
         targets = [out / (_strip_suffix(p.name) + args.format) for p in images]
     else:
-        output_format(out)
+        if output_format(out) == DICOM_SEG_SUFFIX:
+            from ..dicom_seg import read_source_series
+            read_source_series(images[0])       # a series a SEG cannot reference: refused before loading
         targets = [out]
     reporter = make_reporter(args.progress)
     predictor = Predictor(args.model, checkpoint=args.checkpoint, device=args.device, tta=args.tta,
@@ -102,7 +109,7 @@ def run(args) -> int:
     for i, (src, dst) in enumerate(zip(images, targets)):
         reporter.emit({"event": "case", "input": str(src), "output": str(dst), "index": i, "total": len(images)})
         try:
-            sidecar = predictor.predict_file(src, dst, roi_lps=roi, classes=classes)
+            sidecar = predictor.predict_file(src, dst, roi_lps=roi, classes=classes, statistics=args.statistics)
         except InputError as e:
             if not many:
                 raise

@@ -28,7 +28,7 @@ from .errors import InputError
 from .cpu_fast import optimize_for_cpu
 from .events import Reporter
 from .export import SlabExporter
-from .io import atomic_path, output_format, read_image, sidecar_path, write_labels
+from .io import atomic_path, check_writable, output_format, read_image, sidecar_path, write_labels
 from .labels import class_table
 from .preprocess import preprocess, separate_axis
 from .sliding_window import compute_steps, gaussian_weights, mirror_axes_sets, padding_for_patch
@@ -292,15 +292,19 @@ class Predictor:
         return pred[0].contiguous()
 
     # ---------------------------------------------------------------- files
-    def predict_file(self, input_path, output_path, *, roi_lps=None, classes=None) -> dict:
+    def predict_file(self, input_path, output_path, *, roi_lps=None, classes=None, series=None) -> dict:
         """Segment an image file or DICOM folder into `output_path` (label map with the input's geometry)
         plus a sidecar JSON (classes, colours, terminology, settings) beside it; returns the sidecar dict.
 
-        roi_lps: physical box (x0, y0, z0, x1, y1, z1) in LPS mm, as ITK. Both files appear only complete.
+        roi_lps: physical box (x0, y0, z0, x1, y1, z1) in LPS mm, as ITK; series: the Series Instance UID
+        when `input_path` is a DICOM folder of several series. Both files appear only complete.
         """
         t0 = time.perf_counter()
-        output_format(output_path)          # an unknown output suffix fails before any work
-        image, geometry = read_image(input_path)
+        output_format(output_path)          # an unknown or unwritable output fails before any work
+        check_writable(output_path)
+        if Path(output_path).resolve() == Path(input_path).resolve():
+            raise InputError(f"{output_path}: the output would overwrite the input: choose another name")
+        image, geometry = read_image(input_path, series=series)
         roi = geometry.physical_box_to_voxels(roi_lps) if roi_lps is not None else None
         try:
             labels = self.predict_array(image, geometry.spacing_zyx, roi=roi, classes=classes)

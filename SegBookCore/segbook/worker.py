@@ -4,7 +4,8 @@ The Slicer module starts one worker and keeps it alive between clicks, so the se
 same model pays no start-up (imports, weight loading). Requests, one JSON object per line on stdin:
 
     {"id": "r1", "command": "predict", "input": "in.nrrd", "output": "out.nrrd", "model": "NAME|DIR",
-     "checkpoint": null, "device": "auto", "tta": false, "classes": ["liver"], "roi_lps": [x0,y0,z0,x1,y1,z1]}
+     "checkpoint": null, "device": "auto", "tta": false, "classes": ["liver"], "roi_lps": [x0,y0,z0,x1,y1,z1],
+     "series": "DICOM Series Instance UID, for a folder of several"}
     {"id": "r2", "command": "ping"}
     {"command": "shutdown"}
 
@@ -125,10 +126,13 @@ class Worker:
         for field in ("input", "output", "model"):
             if not request.get(field):
                 raise SegBookError(f"predict request without '{field}'")
+        from .io import check_writable
+        check_writable(request["output"])   # before loading a model or reading the image
         predictor, reused = self._predictor(request)
         classes = request.get("classes") or None
         roi = request.get("roi_lps") or None
-        result = predictor.predict_file(request["input"], request["output"], roi_lps=roi, classes=classes)
+        result = predictor.predict_file(request["input"], request["output"], roi_lps=roi, classes=classes,
+                                        series=request.get("series") or None)
         return result, reused
 
     # -- loop -----------------------------------------------------------------------------------------

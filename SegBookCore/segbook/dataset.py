@@ -170,7 +170,9 @@ def _header(path: Path, case: str, what: str) -> sitk.ImageFileReader:
         raise InputError(f"case {case}: {what} {path} not found")
     from .imagefile import inspect_file
     try:
-        reader, _ = inspect_file(path)      # truncated or damaged files, invalid geometry: refused here
+        reader, deep = inspect_file(path)   # truncated or damaged files, invalid geometry: refused here
+        if deep is not None:
+            deep()
     except InputError as e:
         raise InputError(f"case {case}: {what} {e}") from None
     except RuntimeError as e:

@@ -6,35 +6,36 @@ silently replaced by 1. So every file is checked against what its header promise
 
 - gzip streams (`.nii.gz`) are read to their end marker and CRC, and must hold the header's byte count;
 - raw data (`.nii`, NRRD raw attached or detached, MHA/MHD raw) must hold the header's byte count;
-- zlib data of MHA/MHD (`CompressedData = True`) must inflate to its end and to the header's byte count;
+- zlib data of MHA/MHD (`CompressedData = True`) must inflate to its end and to the header's byte count
+  (checked before ITK reads, a rare format);
 - voxel spacing must be finite and positive, the origin finite, the direction finite and invertible.
 
 NRRD gzip/bzip2 data is left to ITK, which already refuses a short or corrupt stream.
 
-To keep the normal path as fast as before, a plain 3D scalar `.nii.gz` is inflated only once: the checked
-bytes become the array (ITK's own reading is used for its geometry, and for every other file).
+Header checks run first (no pixel read); reading a compressed stream to its end runs in a thread beside
+ITK's own reading (both release the GIL), so the normal path costs about what it did on a machine with a
+spare core, and the image is only returned once both are done.
 """
 from __future__ import annotations
 
 import math
 import os
 import struct
+import threading
 import zlib
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
 
-__all__ = ["inspect_file", "check_geometry"]
+__all__ = ["inspect_file", "read_beside", "check_geometry"]
 
 _CHUNK = 1 << 22
 _REEXPORT = "re-download or re-export it"
 
-# NIfTI datatype code -> numpy dtype (scalar types the fast path reads itself; others go through ITK)
-_NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4",
-                 1024: "i8", 1280: "u8"}
 _NRRD_BYTES = {1: ("signed char", "int8", "int8_t", "uchar", "unsigned char", "uint8", "uint8_t"),
                2: ("short", "short int", "signed short", "signed short int", "int16", "int16_t", "ushort",
                    "unsigned short", "unsigned short int", "uint16", "uint16_t"),
@@ -53,10 +54,9 @@ def _truncated(path, holds: int, needs: int) -> InputError:
                       f"{_REEXPORT}")
 
 
-def _inflate(path: Path, wbits: int, offset: int = 0, length: int | None = None,
-             into: bytearray | None = None) -> int:
+def _inflate(path: Path, wbits: int, offset: int = 0, length: int | None = None) -> int:
     """Inflate the stream(s) of `path` from `offset` to their end marker (and gzip CRC); returns the inflated
-    byte count, copying the bytes into `into` (up to its size) when given. InputError when cut short or corrupt."""
+    byte count. InputError when cut short or corrupt."""
     total = 0
     d = zlib.decompressobj(wbits)
     try:
@@ -70,10 +70,7 @@ def _inflate(path: Path, wbits: int, offset: int = 0, length: int | None = None,
                 if left is not None:
                     left -= len(chunk)
                 while chunk:
-                    out = d.decompress(chunk)
-                    if into is not None and total < len(into):
-                        into[total:total + len(out)] = out[: len(into) - total]
-                    total += len(out)
+                    total += len(d.decompress(chunk))
                     chunk = d.unused_data if d.eof else b""
                     if d.eof and chunk and wbits & 16 and chunk[:2] == b"\x1f\x8b":
                         d = zlib.decompressobj(wbits)     # a further gzip member (pigz, concatenated files)
@@ -125,8 +122,8 @@ def _first_bytes(path: Path, gz: bool, n: int = 540) -> bytes:
         return out
 
 
-def _check_nifti(path: Path, gz: bool) -> np.ndarray | None:
-    """Check a NIfTI file; returns its voxels (z, y, x) as stored when the fast path applies, else None."""
+def _check_nifti(path: Path, gz: bool) -> Optional[Callable[[], None]]:
+    """Check a NIfTI header and, uncompressed, its byte count; returns the check of the gzip stream, if any."""
     header = _nifti_header(_first_bytes(path, gz), path)
     if header is None or header["pair"] or not 1 <= header["dim"][0] <= 7:
         return None         # not NIfTI after all, or an .hdr/.img pair: ITK decides
@@ -138,27 +135,15 @@ def _check_nifti(path: Path, gz: bool) -> np.ndarray | None:
     count = int(np.prod([max(int(d), 0) for d in dim[1: dim[0] + 1]], dtype=np.int64))
     offset = max(int(header["vox_offset"]), 348 if header["version"] == 1 else 540)
     needs = offset + count * max(int(header["bitpix"]), 0) // 8
-    fast = (header["version"] == 1 and header["datatype"] in _NIFTI_DTYPES and gz
-            and all(int(d) == 1 for d in dim[4: dim[0] + 1]) and dim[0] >= 3
-            and math.isfinite(header["slope"]) and math.isfinite(header["inter"]))
-    if not gz:
-        holds = os.path.getsize(path)
+
+    def check(holds: int) -> None:
         if holds < needs:
             raise _truncated(path, max(holds - offset, 0), needs - offset)
+
+    if not gz:
+        check(os.path.getsize(path))
         return None
-    buffer = bytearray(needs) if fast else None
-    holds = _inflate(path, 31, into=buffer)
-    if holds < needs:
-        raise _truncated(path, max(holds - offset, 0), needs - offset)
-    if not fast:
-        return None
-    dtype = np.dtype(header["end"] + _NIFTI_DTYPES[header["datatype"]])
-    voxels = np.frombuffer(buffer, dtype, count, offset).reshape(dim[3], dim[2], dim[1])
-    slope, inter = header["slope"] or 1.0, header["inter"]   # as ITK: a slope of 0 means 1
-    if slope != 1 or inter != 0:
-        # as ITK: in double precision, returned as float32
-        voxels = (voxels.astype(np.float64) * slope + inter).astype(np.float32)
-    return voxels
+    return lambda: check(_inflate(path, 31))
 
 
 # ------------------------------------------------------------------------------------- NRRD, MetaImage
@@ -208,30 +193,33 @@ def _check_nrrd(path: Path) -> None:
         _check_raw_bytes(path, data, offset + skip, needs)
 
 
-def _check_metaimage(path: Path) -> None:
+def _check_metaimage(path: Path) -> Optional[Callable[[], None]]:
     fields, offset = _text_header(path, lambda key, line: key == "elementdatafile")
     try:
         count = int(np.prod([int(s) for s in fields["dimsize"].split()], dtype=np.int64))
         needs = count * _MET_SIZE[fields["elementtype"].upper()] * int(fields.get("elementnumberofchannels", "1"))
         source = fields["elementdatafile"]
     except (KeyError, ValueError):
-        return
+        return None
     if source.upper().startswith("LIST") or "%" in source or len(source.split()) > 1:
-        return
+        return None
     data = path if source.upper() == "LOCAL" else path.parent / source
     if data != path:
         offset = int(fields.get("headersize", "0"))
         if offset < 0:
-            return          # HeaderSize = -1: the data are the last bytes of the file, whatever its size
+            return None     # HeaderSize = -1: the data are the last bytes of the file, whatever its size
     if fields.get("compresseddata", "false").lower() == "true":
         if not data.is_file():
             raise InputError(f"{path}: its data file {data.name} is missing: copy it next to the header")
         size = fields.get("compresseddatasize")
-        holds = _inflate(data, 47, offset, int(size) if size and size.isdigit() else None)
-        if holds < needs:
-            raise _truncated(data, holds, needs)
-    else:
-        _check_raw_bytes(path, data, offset, needs)
+
+        def check() -> None:
+            holds = _inflate(data, 47, offset, int(size) if size and size.isdigit() else None)
+            if holds < needs:
+                raise _truncated(data, holds, needs)
+        return check
+    _check_raw_bytes(path, data, offset, needs)
+    return None
 
 
 # ------------------------------------------------------------------------------------------ geometry
@@ -251,29 +239,63 @@ def check_geometry(path, spacing, origin, direction) -> None:
                          f"a valid orientation: fix the header or re-export the image")
 
 
-def inspect_file(path: Path) -> tuple[sitk.ImageFileReader, np.ndarray | None]:
-    """Check an image file (see module docstring); returns ITK's reader with the header read, and the voxels
-    (z, y, x) as stored when they were read here (plain 3D scalar `.nii.gz`), else None. InputError naming
-    the file when the file is damaged or its geometry invalid."""
+def inspect_file(path: Path) -> tuple[sitk.ImageFileReader, Optional[Callable[[], None]]]:
+    """Check an image file's header against the file (see module docstring), without reading its pixels.
+
+    Returns ITK's reader with the header read, and the check still to run on a compressed stream (None if
+    none): run it, or pass both to `read_beside`. InputError naming the file when it is damaged or its
+    geometry invalid; RuntimeError (ITK's) when ITK cannot read the header at all.
+    """
     name = path.name.lower()
+    deep = None
     try:
         if name.endswith((".nii", ".nii.gz")):
             with open(path, "rb") as f:
                 gz = f.read(2) == b"\x1f\x8b"     # by content: a `.nii.gz` may be stored uncompressed
-            voxels = _check_nifti(path, gz)
-        else:
-            voxels = None
-            if name.endswith((".nrrd", ".nhdr")):
-                _check_nrrd(path)
-            elif name.endswith((".mha", ".mhd")):
-                _check_metaimage(path)
+            deep = _check_nifti(path, gz)
+        elif name.endswith((".nrrd", ".nhdr")):
+            _check_nrrd(path)
+        elif name.endswith((".mha", ".mhd")):
+            zlib_check = _check_metaimage(path)
+            if zlib_check is not None:
+                zlib_check()    # first: ITK prints to stderr on the corrupt zlib data it returns half empty
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror})") from None
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
-    reader.ReadImageInformation()           # RuntimeError for what ITK cannot read at all: the caller says so
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        if deep is not None:
+            deep()              # damaged data often makes ITK refuse the header too: say what is wrong
+        raise
     check_geometry(path, reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
-    if voxels is not None and (reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1
-                               or tuple(reader.GetSize()) != voxels.shape[::-1]):
-        voxels = None                       # not what ITK sees as a plain volume: let ITK read it
-    return reader, voxels
+    return reader, deep
+
+
+def read_beside(reader: sitk.ImageFileReader, deep: Optional[Callable[[], None]]) -> sitk.Image:
+    """ITK reads the image while `deep` checks the stream in a thread; the image only once both are done.
+    The check's InputError wins over ITK's error (it says what is wrong and what to do)."""
+    if deep is None:
+        return reader.Execute()
+    failures: list = []
+
+    def run() -> None:
+        try:
+            deep()
+        except Exception as e:  # noqa: BLE001  handed over to the reading thread
+            failures.append(e)
+
+    thread = threading.Thread(target=run, name="segbook-check", daemon=True)
+    thread.start()
+    try:
+        image = reader.Execute()
+    except RuntimeError:
+        thread.join()
+        if failures:
+            raise failures[0] from None
+        raise
+    thread.join()
+    if failures:
+        raise failures[0]
+    return image

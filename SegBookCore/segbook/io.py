@@ -19,7 +19,7 @@ import SimpleITK as sitk
 
 from .dicom import read_series as read_dicom
 from .errors import InputError
-from .imagefile import check_geometry, inspect_file
+from .imagefile import check_geometry, inspect_file, read_beside
 
 __all__ = ["Geometry", "read_image", "read_labels", "write_labels", "output_format", "sidecar_path", "atomic_path",
            "check_writable", "IMAGE_SUFFIXES"]
@@ -98,29 +98,26 @@ def read_image(path: str | os.PathLike, series: str | None = None) -> tuple[np.n
         return array, Geometry(tuple(int(s) for s in array.shape[:0:-1]), tuple(float(s) for s in spacing),
                                tuple(float(s) for s in origin), tuple(float(d) for d in direction))
     try:
-        reader, voxels = inspect_file(path)
+        reader, deep = inspect_file(path)
         dim = reader.GetDimension()
         if dim < 3 or (dim == 3 and reader.GetSize()[2] == 1):
             raise InputError(f"{path}: a {dim}D image ({'x'.join(map(str, reader.GetSize()))}); "
                              f"a 3D volume is needed")
         if dim > 4:
             raise InputError(f"{path}: a {dim}D image; a 3D volume (or 4D channels) is needed")
-        image = reader if voxels is not None else reader.Execute()
+        image = read_beside(reader, deep)
     except RuntimeError as e:
         msg = str(e).strip().splitlines()
         detail = next((m for m in msg if "ERROR" in m or "Exception" in m or "Unable" in m), msg[-1] if msg else "")
         raise InputError(f"{path}: cannot read as an image ({detail.strip()[:200]})") from None
     geometry = _geometry(image)
-    if voxels is not None:
-        array = voxels[None]
-    else:
-        array = sitk.GetArrayViewFromImage(image)
-        if image.GetNumberOfComponentsPerPixel() > 1:
-            if dim != 3:
-                raise InputError(f"{path}: a 4D image of vectors is not supported")
-            array = np.moveaxis(array, -1, 0)       # (z, y, x, c) -> (c, z, y, x)
-        elif dim == 3:
-            array = array[None]
+    array = sitk.GetArrayViewFromImage(image)
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        if dim != 3:
+            raise InputError(f"{path}: a 4D image of vectors is not supported")
+        array = np.moveaxis(array, -1, 0)       # (z, y, x, c) -> (c, z, y, x)
+    elif dim == 3:
+        array = array[None]
     # Always copy: the view's memory belongs to `image`, which is freed when this function returns.
     array = np.array(array, dtype=np.float32, copy=True, order="C")
     if not np.isfinite(array).all():

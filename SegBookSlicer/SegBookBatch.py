@@ -69,9 +69,9 @@ def checkedFiles(path: Path, series=None) -> list:
     if path.is_dir():
         from segbook.dicom import select_series
         return select_series(path, series)[0].files
-    from segbook.imagefile import inspect_file
+    from segbook.imagefile import check_file
     try:
-        inspect_file(path)
+        check_file(path)
     except RuntimeError as e:
         raise RuntimeError(f"{path}: Slicer cannot read this image ({str(e).strip().splitlines()[-1][:150]})") from None
     return [path]

@@ -64,14 +64,8 @@ def _ct_series(folder: Path, positions=None, **kw) -> list[Path]:
 def _bad(tmp: Path, kind: str) -> tuple[Path, list, str]:
     if kind == "nii.gz truncated":
         return _cut(_ct(tmp, "ct.nii.gz"), 0.4), [], "truncated"
-    if kind == "nii.gz corrupt":
-        path = _ct(tmp, "ct.nii.gz")
-        data = bytearray(path.read_bytes())
-        data[len(data) // 2] ^= 0x55
-        path.write_bytes(bytes(data))
-        return path, [], "damaged compressed data"
-    if kind == "mha zlib corrupt":
-        path = _ct(tmp, "ct.mha")
+    if kind in ("nii.gz corrupt", "mha zlib corrupt"):
+        path = _ct(tmp, "ct.nii.gz" if kind.startswith("nii") else "ct.mha")
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0x55
         path.write_bytes(bytes(data))

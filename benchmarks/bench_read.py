@@ -2,7 +2,8 @@
 
 The checked reading (gzip read to its CRC, byte counts, geometry) must not slow the normal path: both trees
 read the same file in alternating fresh subprocesses (so neither profits from the other's warm imports),
-`--repeat` times each; the median wall time of the read itself is reported, and the arrays are compared.
+`--repeat` times each; the median wall time of the read itself and its CPU time (all threads) are reported,
+and the arrays are compared.
 
     .venv/bin/python benchmarks/bench_read.py --baseline ../main/SegBookCore
 """
@@ -22,10 +23,10 @@ CASE = ROOT.parent / "shared" / "data" / "ct" / "chest_ct_512x512x139.nii.gz"
 CHILD = r"""
 import hashlib, json, sys, time
 from segbook.io import read_image
-t = time.perf_counter()
+t, c = time.perf_counter(), time.process_time()
 array, geometry = read_image(sys.argv[1])
-seconds = time.perf_counter() - t
-print(json.dumps({"seconds": seconds, "shape": list(array.shape), "sha": hashlib.sha1(array.tobytes()).hexdigest(),
+seconds, cpu = time.perf_counter() - t, time.process_time() - c
+print(json.dumps({"seconds": seconds, "cpu": cpu, "shape": list(array.shape), "sha": hashlib.sha1(array.tobytes()).hexdigest(),
                   "spacing": list(geometry.spacing)}))
 """
 
@@ -50,10 +51,12 @@ def main() -> None:
             runs[name].append(read_once(core, args.image))
     same = len({r["sha"] for rs in runs.values() for r in rs}) == 1
     med = {name: statistics.median(r["seconds"] for r in rs) for name, rs in runs.items()}
+    cpu = {name: statistics.median(r["cpu"] for r in rs) for name, rs in runs.items()}
     print(f"image {args.image.name} {runs['this'][0]['shape']}, {args.repeat} reads per tree, alternating")
     for name in trees:
         times = sorted(r["seconds"] for r in runs[name])
-        print(f"  {name:8s} median {med[name]:.3f} s  (min {times[0]:.3f}, max {times[-1]:.3f})  [{trees[name]}]")
+        print(f"  {name:8s} median {med[name]:.3f} s  (min {times[0]:.3f}, max {times[-1]:.3f}), CPU {cpu[name]:.3f} s"
+              f"  [{trees[name]}]")
     print(f"  ratio this/baseline {med['this'] / med['baseline']:.2f}; identical arrays: {same}")
 
 

@@ -168,11 +168,9 @@ def read_dataset(path) -> Dataset:
 def _header(path: Path, case: str, what: str) -> sitk.ImageFileReader:
     if not path.is_file():
         raise InputError(f"case {case}: {what} {path} not found")
-    from .imagefile import inspect_file
+    from .imagefile import check_file
     try:
-        reader, deep = inspect_file(path)   # truncated or damaged files, invalid geometry: refused here
-        if deep is not None:
-            deep()
+        reader = check_file(path)           # truncated or damaged files, invalid geometry: refused here
     except InputError as e:
         raise InputError(f"case {case}: {what} {e}") from None
     except RuntimeError as e:

@@ -31,7 +31,7 @@ import SimpleITK as sitk
 
 from .errors import InputError
 
-__all__ = ["inspect_file", "read_beside", "check_geometry"]
+__all__ = ["inspect_file", "check_file", "read_beside", "check_geometry"]
 
 _CHUNK = 1 << 22
 _REEXPORT = "re-download or re-export it"
@@ -271,6 +271,15 @@ def inspect_file(path: Path) -> tuple[sitk.ImageFileReader, Optional[Callable[[]
         raise
     check_geometry(path, reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
     return reader, deep
+
+
+def check_file(path: Path) -> sitk.ImageFileReader:
+    """Every check of `inspect_file`, the compressed stream's included, for a file read later or elsewhere
+    (fine-tune datasets, Slicer's own reader); returns ITK's reader with the header read."""
+    reader, deep = inspect_file(path)
+    if deep is not None:
+        deep()
+    return reader
 
 
 def read_beside(reader: sitk.ImageFileReader, deep: Optional[Callable[[], None]]) -> sitk.Image:

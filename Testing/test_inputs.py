@@ -203,6 +203,8 @@ def test_dicom_series_in_slice_order_with_its_files_and_uid(tmp_path):
     files = write_series(tmp_path / "s", positions[::-1], uid="1.2.3.4.5", rescale=(2, -1024))
     array, (spacing, origin, direction), series = read_series(tmp_path / "s")
     assert series.uid == "1.2.3.4.5" and series.files == files[::-1]    # z ascending: the array's order
+    assert series.instance_uids == [f"1.2.3.4.5.{k}" for k in range(6, 0, -1)]
+    assert series.study_uid == "1.2.826.0.1.3680043.2.1125.1"
     np.testing.assert_array_equal(array[0], expected_volume(files[::-1]))
     np.testing.assert_allclose(spacing, (0.7, 0.8, 2.5), rtol=1e-6)
     np.testing.assert_allclose(origin, positions[0], atol=1e-4)

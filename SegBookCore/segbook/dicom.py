@@ -13,14 +13,15 @@ What is supported, as scanners write it:
   the slice spacing measured along the slice normal; the label map has that grid, i.e. the geometry ITK and
   Slicer give the volume before Slicer's optional acquisition-geometry regularisation. A warning says so.
 
-The series' files are kept in the array's slice order (`DicomSeries.files`, with `uid`): derived objects (DICOM
-SEG, statistics) reference the source instances through them.
+The series' files are kept in the array's slice order (`DicomSeries.files`, `.instance_uids`, with `.uid` and
+`.study_uid`): derived objects (DICOM SEG, statistics) reference the source instances through them;
+`select_series(folder, uid)` gives them without reading any pixel.
 """
 from __future__ import annotations
 
 import logging
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,9 @@ class DicomSeries:
     description: str
     files: list[Path]           # in the array's slice order (z ascending along the slice normal) once read
     size: tuple[int, int]       # columns, rows
-    sop_class: str = ""
+    sop_class: str = ""         # Media Storage SOP Class UID (file meta)
+    study_uid: str = ""
+    instance_uids: list[str] = field(default_factory=list)    # SOP Instance UIDs, aligned with `files`
 
     def summary(self) -> str:
         uid = self.uid or "(no UID)"
@@ -59,6 +62,7 @@ class _Slice:
     origin: np.ndarray
     direction: np.ndarray       # 3x3, columns: row axis, column axis, normal
     frames: int
+    instance_uid: str = ""
 
 
 def _file_meta_sop_class(path: Path) -> str | None:
@@ -118,9 +122,10 @@ def find_series(folder: Path) -> tuple[dict[str, DicomSeries], dict[str, _Slice]
         frames = int(reader.GetSize()[2]) if reader.GetDimension() > 2 else 1
         direction = np.array(reader.GetDirection(), float).reshape(3, 3)
         slices[str(path)] = _Slice(path, size, tuple(float(s) for s in reader.GetSpacing()[:2]),
-                                   np.array(reader.GetOrigin(), float), direction, frames)
+                                   np.array(reader.GetOrigin(), float), direction, frames,
+                                   _tag(reader, "0008|0018"))
         entry = series.setdefault(uid, DicomSeries(uid, _tag(reader, "0008|103e"), [], size,
-                                                   _file_meta_sop_class(path) or ""))
+                                                   _file_meta_sop_class(path) or "", _tag(reader, "0020|000d")))
         entry.files.append(path)
     return series, slices, unreadable
 
@@ -194,6 +199,7 @@ def select_series(folder: str | Path, uid: str | None = None) -> tuple[DicomSeri
         raise InputError(f"{folder}: {damaged[0].name} cannot be read (damaged or incomplete DICOM file"
                          f"{f', and {len(damaged) - 1} more' if len(damaged) > 1 else ''}): re-export the series")
     headers = [slices[str(p)] for p in chosen.files]
+    chosen.instance_uids = [h.instance_uid for h in headers]
     if any(h.frames > 1 for h in headers):
         if len(headers) > 1:
             raise InputError(f"{folder}: series of {len(headers)} multi-frame files: export it as one file "
@@ -203,6 +209,7 @@ def select_series(folder: str | Path, uid: str | None = None) -> tuple[DicomSeri
         return chosen, headers, float(_header(headers[0].path).GetSpacing()[2])
     order, step = _check_grid(folder, headers, [p for p, _ in unreadable])
     chosen.files = [s.path for s in order]
+    chosen.instance_uids = [s.instance_uid for s in order]
     return chosen, order, step
 
 

@@ -56,10 +56,9 @@ def _pairs(pred: Path, ref: Path) -> list[tuple[str, Path, Path]]:
 def run(args) -> int:
     import numpy as np
     from ..errors import InputError
-    from ..io import read_labels
+    from ..io import check_writable, read_labels
     from ..metrics import evaluate_case
 
-    from ..io import check_writable
     pred_root, ref_root = Path(args.predictions), Path(args.labels)
     out = Path(args.csv) if args.csv else (pred_root if pred_root.is_dir() else pred_root.parent) / "evaluation.csv"
     check_writable(out)                     # before reading any label map

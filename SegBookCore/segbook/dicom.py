@@ -9,9 +9,10 @@ Slicer's DICOMScalarVolumePlugin one: 0.01 mm). A slice file that cannot be read
 What is supported, as scanners write it:
 - Rescale slope/intercept (HU): applied per slice by GDCM, the array is float32.
 - Multi-frame: a series of one multi-frame file is read as GDCM reads it (3D, its own geometry).
-- Gantry tilt (each slice shifted within its plane by the same step): segmented on the slices as acquired, with
-  the slice spacing measured along the slice normal; the label map has that grid, i.e. the geometry ITK and
-  Slicer give the volume before Slicer's optional acquisition-geometry regularisation. A warning says so.
+- Gantry tilt (each slice shifted within its plane by the same step): segmented on the slices as acquired, on
+  the grid ITK's series reader and Slicer's volume loading give it (origin of the first slice, orientation of
+  the slices, slice spacing = distance between slice origins), so the label map overlays the volume Slicer
+  loads; Slicer's optional acquisition-geometry regularisation is not applied. A warning says so.
 
 The series' files are kept in the array's slice order (`DicomSeries.files`, `.instance_uids`, with `.uid` and
 `.study_uid`): derived objects (DICOM SEG, statistics) reference the source instances through them;
@@ -177,11 +178,14 @@ def _check_grid(folder: Path, chosen: list[_Slice], unreadable: list[Path]) -> t
         raise InputError(f"{folder}: slice positions do not lie on one line (e.g. {_fmt(order[1].origin)}): "
                          f"re-export the series")
     tilt = np.degrees(np.arctan2(np.linalg.norm(lateral.mean(0)), step))
+    # as ITK's series reader and Slicer's archetype reader: slice spacing = distance between slice origins
+    distance = float(np.median(np.linalg.norm(shift, axis=1)))
     if tilt > 0.01:
-        log.warning("%s: gantry tilt of %.2f degrees: segmenting the slices as acquired, %.3f mm apart along "
-                    "the slice normal (geometry as ITK/Slicer load it, without acquisition regularisation)",
-                    folder, tilt, step)
-    return order, step
+        log.warning("%s: gantry tilt of %.2f degrees: segmenting the slices as acquired on the grid ITK and "
+                    "Slicer load (slice spacing %.3f mm = distance between slice origins, %.3f mm along the "
+                    "normal; Slicer's acquisition-geometry regularisation is not applied)",
+                    folder, tilt, distance, step)
+    return order, distance
 
 
 def select_series(folder: str | Path, uid: str | None = None) -> tuple[DicomSeries, list[_Slice], float]:

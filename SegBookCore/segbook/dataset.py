@@ -168,10 +168,11 @@ def read_dataset(path) -> Dataset:
 def _header(path: Path, case: str, what: str) -> sitk.ImageFileReader:
     if not path.is_file():
         raise InputError(f"case {case}: {what} {path} not found")
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
+    from .imagefile import check_file
     try:
-        reader.ReadImageInformation()
+        reader = check_file(path)           # truncated or damaged files, invalid geometry: refused here
+    except InputError as e:
+        raise InputError(f"case {case}: {what} {e}") from None
     except RuntimeError as e:
         raise InputError(f"case {case}: cannot read {what} {path} ({str(e).strip().splitlines()[-1]})") from None
     if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:

@@ -17,7 +17,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from .errors import InputError
 from .io import DICOM_SEG_SUFFIX, Geometry, atomic_path
@@ -55,21 +54,16 @@ def _libraries():
 
 def read_source_series(folder, series_uid: str | None = None) -> list:
     """Headers (no pixel data) of the DICOM series in `folder` that the label map will lie on, in the
-    slice order SimpleITK reads them (the label map's z order): the largest series, as `io` reads it, or
-    the one with `series_uid`. InputError, naming the folder and why, when a SEG could not reference it.
+    label map's z order: the series `segbook.dicom` reads (the only one, or the one with `series_uid`).
+    InputError, naming the folder and why, when a SEG could not reference it.
     """
+    from .dicom import select_series
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: DICOM SEG output (.dcm) needs a DICOM series folder as input; "
                          f"write a label map (.nii.gz, .seg.nrrd) for this file")
     _, pydicom = _libraries()
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if series_uid is not None:
-        series = [s for s in series if s == series_uid]
-    if not series:
-        raise InputError(f"{folder}: no DICOM series{f' {series_uid}' if series_uid else ''} here; DICOM SEG "
-                         f"output (.dcm) needs a DICOM series as input")
-    files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), s) for s in series), key=len)
+    files = [str(f) for f in select_series(folder, series_uid)[0].files]
     try:
         datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
     except Exception as e:  # pydicom raises several types for broken files

@@ -29,7 +29,7 @@ from .cpu_fast import optimize_for_cpu
 from .events import Reporter
 from .export import SlabExporter
 from . import dicom_seg
-from .io import DICOM_SEG_SUFFIX, atomic_path, output_format, read_image, sidecar_path, write_labels
+from .io import DICOM_SEG_SUFFIX, atomic_path, check_writable, output_format, read_image, sidecar_path, write_labels
 from .labels import class_table
 from .statistics import csv_path, label_statistics, write_csv
 from .preprocess import preprocess, separate_axis
@@ -294,20 +294,25 @@ class Predictor:
         return pred[0].contiguous()
 
     # ---------------------------------------------------------------- files
-    def predict_file(self, input_path, output_path, *, roi_lps=None, classes=None, statistics=False) -> dict:
+    def predict_file(self, input_path, output_path, *, roi_lps=None, classes=None, statistics=False,
+                     series=None) -> dict:
         """Segment an image file or DICOM folder into `output_path` (label map with the input's geometry,
         or a DICOM SEG of the input series for `.dcm`) plus a sidecar JSON (classes, colours, terminology,
         settings) beside it; returns the sidecar dict.
 
         roi_lps: physical box (x0, y0, z0, x1, y1, z1) in LPS mm, as ITK. statistics: per-structure
         volume and intensities (of the first channel) in the sidecar and in `<name>.statistics.csv`.
+        series: the Series Instance UID when `input_path` is a DICOM folder of several series.
         All files appear only complete.
         """
         t0 = time.perf_counter()
-        fmt = output_format(output_path)          # an unknown output suffix fails before any work
+        fmt = output_format(output_path)          # an unknown or unwritable output fails before any work
+        check_writable(output_path)
+        if Path(output_path).resolve() == Path(input_path).resolve():
+            raise InputError(f"{output_path}: the output would overwrite the input: choose another name")
         # a series a SEG cannot reference is refused before any work too
-        sources = dicom_seg.read_source_series(input_path) if fmt == DICOM_SEG_SUFFIX else None
-        image, geometry = read_image(input_path)
+        sources = dicom_seg.read_source_series(input_path, series) if fmt == DICOM_SEG_SUFFIX else None
+        image, geometry = read_image(input_path, series=series)
         if sources is not None:
             dicom_seg.check_alignment(sources, geometry, input_path)
         roi = geometry.physical_box_to_voxels(roi_lps) if roi_lps is not None else None

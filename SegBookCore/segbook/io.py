@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .dicom import read_series as read_dicom
 from .errors import InputError
 from .labels import terminology_entry
+from .imagefile import check_geometry, inspect_file, read_beside
 
 __all__ = ["Geometry", "read_image", "read_labels", "write_labels", "output_format", "sidecar_path", "atomic_path",
-           "IMAGE_SUFFIXES"]
+           "check_writable", "IMAGE_SUFFIXES"]
 
 log = logging.getLogger(__name__)
 
@@ -80,41 +82,37 @@ def _geometry(image: sitk.Image) -> Geometry:
                     tuple(float(s) for s in image.GetOrigin()[:3]), tuple(float(d) for d in direction.ravel()))
 
 
-def _read_dicom_series(folder: Path) -> sitk.Image:
-    reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
-    if not series:
-        raise InputError(f"{folder}: folder holds no image file and no DICOM series")
-    # A folder with several series: take the one with most slices (the usual axial volume).
-    files = max((reader.GetGDCMSeriesFileNames(str(folder), s) for s in series), key=len)
-    if len(series) > 1:
-        log.warning("%s: %d DICOM series, reading the largest (%d files)", folder, len(series), len(files))
-    reader.SetFileNames(files)
-    return reader.Execute()
-
-
-def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
-    """Read a NIfTI/NRRD/MHA file or a DICOM series folder.
+def read_image(path: str | os.PathLike, series: str | None = None) -> tuple[np.ndarray, Geometry]:
+    """Read a NIfTI/NRRD/MHA file or a DICOM series folder (`series`: its Series Instance UID, needed when
+    the folder holds several).
 
     Returns (array (C, z, y, x) float32, Geometry). A 4D image or a vector image becomes C channels.
-    Raises InputError (message names the path) for missing, unreadable or 2D images.
+    Raises InputError (message names the path and what to do) for missing, damaged, truncated or 2D images,
+    invalid geometry, DICOM slices that do not form one grid (see `imagefile`, `dicom`).
     """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
+    if path.is_dir():
+        array, (spacing, origin, direction), _ = read_dicom(path, series)
+        check_geometry(path, spacing, origin, direction)
+        if not np.isfinite(array).all():
+            raise InputError(f"{path}: image holds NaN or infinite values")
+        return array, Geometry(tuple(int(s) for s in array.shape[:0:-1]), tuple(float(s) for s in spacing),
+                               tuple(float(s) for s in origin), tuple(float(d) for d in direction))
     try:
-        image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
-    except InputError:
-        raise
+        reader, deep = inspect_file(path)
+        dim = reader.GetDimension()
+        if dim < 3 or (dim == 3 and reader.GetSize()[2] == 1):
+            raise InputError(f"{path}: a {dim}D image ({'x'.join(map(str, reader.GetSize()))}); "
+                             f"a 3D volume is needed")
+        if dim > 4:
+            raise InputError(f"{path}: a {dim}D image; a 3D volume (or 4D channels) is needed")
+        image = read_beside(reader, deep)
     except RuntimeError as e:
         msg = str(e).strip().splitlines()
         detail = next((m for m in msg if "ERROR" in m or "Exception" in m or "Unable" in m), msg[-1] if msg else "")
         raise InputError(f"{path}: cannot read as an image ({detail.strip()[:200]})") from None
-    dim = image.GetDimension()
-    if dim < 3 or (dim == 3 and image.GetSize()[2] == 1 and not path.is_dir()):
-        raise InputError(f"{path}: a {dim}D image ({'x'.join(map(str, image.GetSize()))}); a 3D volume is needed")
-    if dim > 4:
-        raise InputError(f"{path}: a {dim}D image; a 3D volume (or 4D channels) is needed")
     geometry = _geometry(image)
     array = sitk.GetArrayViewFromImage(image)
     if image.GetNumberOfComponentsPerPixel() > 1:
@@ -152,6 +150,27 @@ def sidecar_path(output: str | os.PathLike) -> Path:
     """out.nii.gz -> out.json (the sidecar JSON written next to a label map)."""
     output = Path(output)
     return output.with_name(output.name[: -len(output_format(output))] + ".json")
+
+
+def check_writable(path: str | os.PathLike, folder: bool = False) -> None:
+    """InputError unless `path` (an output file, or a folder with `folder`) can be written: not a folder (a
+    file), its nearest existing ancestor a folder where a file can be created. Creates nothing, so a bad
+    output path fails before any image is read or any model loaded."""
+    path = Path(path)
+    if path.is_dir() and not folder:
+        raise InputError(f"{path}: is a folder; give an output file name (e.g. seg.nii.gz)")
+    if path.exists() and folder and not path.is_dir():
+        raise InputError(f"{path}: is a file; an output folder is needed")
+    probe = path if folder else path.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"{path}: cannot create an output there, {probe} is a file: choose another output")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise InputError(f"{path}: cannot write in {probe} ({e.strerror}): choose another output") from None
 
 
 def usual_permissions(path: str | os.PathLike) -> None:

@@ -5,7 +5,8 @@ same model pays no start-up (imports, weight loading). Requests, one JSON object
 
     {"id": "r1", "command": "predict", "input": "in.nrrd", "output": "out.nrrd", "model": "NAME|DIR",
      "checkpoint": null, "device": "auto", "tta": false, "classes": ["liver"], "roi_lps": [x0,y0,z0,x1,y1,z1],
-     "statistics": false}                      (true: per-structure statistics in the result and a CSV;
+     "statistics": false, "series": null}      (statistics: per-structure statistics in the result and a CSV;
+                                                series: the DICOM Series Instance UID, for a folder of several;
                                                 an output ending .dcm: a DICOM SEG of a DICOM series input)
     {"id": "r2", "command": "ping"}
     {"command": "shutdown"}
@@ -128,13 +129,16 @@ class Worker:
         for field in ("input", "output", "model"):
             if not request.get(field):
                 raise SegBookError(f"predict request without '{field}'")
+        from .io import check_writable
+        check_writable(request["output"])   # before loading a model or reading the image
         if dicom_seg.is_seg_output(request["output"]):
-            dicom_seg.read_source_series(request["input"])    # refused before a model is loaded
+            dicom_seg.read_source_series(request["input"], request.get("series") or None)    # refused before a model is loaded
         predictor, reused = self._predictor(request)
         classes = request.get("classes") or None
         roi = request.get("roi_lps") or None
         result = predictor.predict_file(request["input"], request["output"], roi_lps=roi, classes=classes,
-                                        statistics=bool(request.get("statistics", False)))
+                                        statistics=bool(request.get("statistics", False)),
+                                        series=request.get("series") or None)
         return result, reused
 
     # -- loop -----------------------------------------------------------------------------------------

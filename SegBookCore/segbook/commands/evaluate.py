@@ -56,10 +56,12 @@ def _pairs(pred: Path, ref: Path) -> list[tuple[str, Path, Path]]:
 def run(args) -> int:
     import numpy as np
     from ..errors import InputError
-    from ..io import read_labels
+    from ..io import check_writable, read_labels
     from ..metrics import evaluate_case
 
     pred_root, ref_root = Path(args.predictions), Path(args.labels)
+    out = Path(args.csv) if args.csv else (pred_root if pred_root.is_dir() else pred_root.parent) / "evaluation.csv"
+    check_writable(out)                     # before reading any label map
     rows = []
     for case, p, r in _pairs(pred_root, ref_root):
         pred, pred_geo = read_labels(p)
@@ -86,7 +88,6 @@ def run(args) -> int:
     means = {c: (np.nanmean([r["dice"] for r in rows if r["class"] == c]),
                  np.nanmean([r["nsd"] for r in rows if r["class"] == c])) for c in classes}
     print(f"{'mean':<{width}}  " + "  ".join(f"{means[c][0]:8.4f} {means[c][1]:8.4f}" for c in classes))
-    out = Path(args.csv) if args.csv else (pred_root if pred_root.is_dir() else pred_root.parent) / "evaluation.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".evaluation.", suffix=".csv", dir=out.parent)
     with os.fdopen(fd, "w", newline="") as f:

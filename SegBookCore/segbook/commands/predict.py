@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..events import make_reporter
-from ..io import DICOM_SEG_SUFFIX, IMAGE_SUFFIXES, output_format
+from ..io import DICOM_SEG_SUFFIX, IMAGE_SUFFIXES, check_writable, output_format, sidecar_path
 
 HELP = "segment CT/MR images (NIfTI, NRRD, MHA, DICOM folders) with an STU-Net model"
 
@@ -37,6 +37,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--statistics", action="store_true",
                         help="per-structure voxels, volume (ml) and intensity mean/std/min/max, in the sidecar "
                              "JSON and in NAME.statistics.csv beside each output")
+    parser.add_argument("--series", metavar="UID",
+                        help="Series Instance UID to segment when a DICOM folder holds several (they are listed)")
+    parser.add_argument("--skip-existing", action="store_true",
+                        help="skip inputs whose output and sidecar exist (resume an interrupted batch)")
     parser.add_argument("--progress", default="bar", choices=["bar", "json", "none"],
                         help="progress display: bar (stderr), json (one event per line on stdout), none")
 
@@ -68,6 +72,24 @@ def _expand(inputs: list[str]) -> tuple[list[Path], bool]:
     return images, many
 
 
+def _check_targets(images: list[Path], targets: list[Path]) -> None:
+    """Never lose work to a bad path: two inputs must not write one output, an output must not be an input."""
+    seen = {}
+    inputs = {p.resolve() for p in images}
+    for src, dst in zip(images, targets):
+        key = dst.resolve()
+        if key in seen:
+            raise InputError(f"{dst}: both {seen[key]} and {src} would be written there: rename one input")
+        if key in inputs or sidecar_path(dst).resolve() in inputs:
+            raise InputError(f"{dst}: writing it would overwrite the input {src}: choose another output")
+        seen[key] = src
+
+
+def _finished(target: Path) -> bool:
+    """A case is finished when its label map and its sidecar exist: the sidecar is renamed into place last."""
+    return target.is_file() and sidecar_path(target).is_file()
+
+
 def _parse_roi(text: str | None):
     if text is None:
         return None
@@ -94,12 +116,23 @@ def run(args) -> int:
     if many:
         if out.exists() and not out.is_dir():
             raise InputError(f"{out}: several inputs need an output folder, and this is a file")
+        check_writable(out, folder=True)
         targets = [out / (_strip_suffix(p.name) + args.format) for p in images]
     else:
         if output_format(out) == DICOM_SEG_SUFFIX:
             from ..dicom_seg import read_source_series
-            read_source_series(images[0])       # a series a SEG cannot reference: refused before loading
+            read_source_series(images[0], args.series)   # a series a SEG cannot reference: refused before loading
+        check_writable(out)
         targets = [out]
+    _check_targets(images, targets)
+    if args.skip_existing:
+        todo = [(src, dst) for src, dst in zip(images, targets) if not _finished(dst)]
+        if len(todo) < len(images):
+            log.warning("skipping %d of %d inputs whose outputs exist (--skip-existing)",
+                        len(images) - len(todo), len(images))
+        images, targets = [src for src, _ in todo], [dst for _, dst in todo]
+        if not images:
+            return 0
     reporter = make_reporter(args.progress)
     predictor = Predictor(args.model, checkpoint=args.checkpoint, device=args.device, tta=args.tta,
                           step=args.step, reporter=reporter)
@@ -109,7 +142,8 @@ def run(args) -> int:
     for i, (src, dst) in enumerate(zip(images, targets)):
         reporter.emit({"event": "case", "input": str(src), "output": str(dst), "index": i, "total": len(images)})
         try:
-            sidecar = predictor.predict_file(src, dst, roi_lps=roi, classes=classes, statistics=args.statistics)
+            sidecar = predictor.predict_file(src, dst, roi_lps=roi, classes=classes, statistics=args.statistics,
+                                             series=args.series)
         except InputError as e:
             if not many:
                 raise

@@ -1,21 +1,26 @@
 """Headless batch segmentation with the module's own logic.
 
     Slicer --no-main-window --python-script <module folder>/Resources/Scripts/SegBookBatch.py \
-           --input IN --output OUT --model NAME [--device auto|cuda|cpu] [--tta] [--classes a,b] [--checkpoint FILE]
+           --input IN --output OUT --model NAME [--device auto|cuda|cpu] [--tta] [--classes a,b] [--checkpoint FILE] \
+           [--series UID] [--skip-existing]
 
 It lives in a resource folder because Slicer's scripted-module factory imports every `.py` at the top of
 the module folder as a module and expects a class of the file's name.
 
-IN is an image file or a folder of them; OUT is a `.seg.nrrd` file (one input) or a folder that receives
-`<input name>.seg.nrrd` per input. Each output is a Slicer segmentation file with named, coloured,
-terminology-coded segments. Exits with status 0 when every input was segmented, 1 otherwise (also on any
-unexpected error: Slicer must never be left running), 2 for bad arguments. The same file runs with a plain
-Python that has the slicer-core wheel (no application).
+IN is an image file, a folder of them, or a DICOM series folder (`--series UID` picks one when it holds
+several); OUT is a `.seg.nrrd` file (one input) or a folder that receives `<input name>.seg.nrrd` per input.
+Inputs are checked by the core's reader first (truncated or damaged files, DICOM slices that do not form one
+grid are refused, naming the file), the output location before any input is read; outputs appear complete.
+Each output is a Slicer segmentation file with named, coloured, terminology-coded segments. Exits with status
+0 when every input was segmented, 1 otherwise (also on any unexpected error: Slicer must never be left
+running), 2 for bad arguments. The same file runs with a plain Python that has the slicer-core wheel (no
+application).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -36,12 +41,16 @@ def parseArguments(argv):
     parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation")
     parser.add_argument("--classes", help="comma-separated structure subset")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per input (default: none)")
+    parser.add_argument("--series", help="DICOM Series Instance UID, when the input folder holds several")
+    parser.add_argument("--skip-existing", action="store_true", help="skip inputs whose output exists")
     return parser.parse_args(argv)
 
 
 def inputsOf(path: Path) -> list:
+    """The image files of a folder; a folder without any is a DICOM series folder."""
     if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.name.lower().endswith(SUFFIXES) and not p.name.startswith("."))
+        files = sorted(p for p in path.iterdir() if p.name.lower().endswith(SUFFIXES) and not p.name.startswith("."))
+        return files or [path]
     return [path]
 
 
@@ -55,28 +64,54 @@ def stemOf(path: Path) -> str:
 
 def outputFor(source: Path, target: Path, path: Path) -> Path:
     """Where the segmentation of `path` goes: OUT itself for one file and a `.seg.nrrd` OUT, else OUT/<name>.seg.nrrd."""
-    if source.is_file() and target.name.endswith(".seg.nrrd"):
+    if (source.is_file() or path == source) and target.name.endswith(".seg.nrrd"):
         return target
     return target / f"{stemOf(path)}.seg.nrrd"
 
 
-def readVolume(scene, path: Path):
+def checkedFiles(path: Path, series=None) -> list:
+    """The files Slicer reads for `path`, after the core's checks (InputError naming the file): the file
+    itself, or a DICOM series' slice files in order."""
+    if path.is_dir():
+        from segbook.dicom import select_series
+        return select_series(path, series)[0].files
+    from segbook.imagefile import check_file
+    try:
+        check_file(path)
+    except RuntimeError as e:
+        raise RuntimeError(f"{path}: Slicer cannot read this image ({str(e).strip().splitlines()[-1][:150]})") from None
+    return [path]
+
+
+def readVolume(scene, path: Path, series=None):
     import slicer
+    files = checkedFiles(path, series)
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", stemOf(path))
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    storage.SetFileName(str(path))
+    storage.SetFileName(str(files[0]))
+    if len(files) > 1:
+        storage.SetSingleFile(0)
+        for f in files:
+            storage.AddFileName(str(f))
     if not storage.ReadData(node):
         raise RuntimeError(f"{path}: Slicer cannot read this image")
     return node
 
 
 def writeSegmentation(node, path: Path) -> None:
+    """Write under a temporary name, then rename: a finished case is never left half-written."""
     import slicer
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part.seg.nrrd")
     storage = slicer.vtkMRMLSegmentationStorageNode()
-    storage.SetFileName(str(path))
-    if not storage.WriteData(node):
-        raise RuntimeError(f"{path}: cannot write the segmentation")
+    storage.SetFileName(str(tmp))
+    try:
+        if not storage.WriteData(node):
+            raise RuntimeError(f"{path}: cannot write the segmentation")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def run(argv) -> int:
@@ -90,8 +125,12 @@ def run(argv) -> int:
         log.error("%s: no such file or folder", source)
         return 2
     inputs = inputsOf(source)
-    if not inputs:
-        log.error("%s: no image files", source)
+    from segbook.errors import InputError
+    from segbook.io import check_writable
+    try:   # before any input is read
+        check_writable(target, folder=outputFor(source, target, inputs[0]) != target)
+    except InputError as e:
+        log.error("%s", e)
         return 2
     params = SegmentParameters(model=args.model, checkpoint=args.checkpoint, device=args.device, tta=args.tta,
                                classes=[c.strip() for c in (args.classes or "").split(",") if c.strip()])
@@ -101,8 +140,11 @@ def run(argv) -> int:
     try:
         for path in inputs:
             output = outputFor(source, target, path)
+            if args.skip_existing and output.is_file():
+                log.info("%s: %s exists, skipped", path, output)
+                continue
             try:
-                volume = readVolume(scene, path)
+                volume = readVolume(scene, path, args.series)
                 node = logic.segment(scene, volume, params, timeout=args.timeout)
                 writeSegmentation(node, output)
                 log.info("%s -> %s (%d segments)", path, output, node.GetSegmentation().GetNumberOfSegments())

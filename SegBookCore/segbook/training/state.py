@@ -39,8 +39,15 @@ def set_rng_states(states: dict) -> None:
     n = states["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(states["torch"])
-    if states.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    saved = states.get("cuda") or []
+    here = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    # one state per GPU seen at save time; torch.cuda.set_rng_state_all would index GPUs this machine
+    # lacks (a resume on fewer GPUs, or on the CPU): restore those that exist, the others start afresh
+    for index, state in enumerate(saved[:here]):
+        torch.cuda.set_rng_state(state, index)
+    if len(saved) > here:
+        log.info("resume: %d CUDA generator states saved, %d GPUs here; the rest are not restored",
+                 len(saved), here)
 
 
 def save_training_state(path, *, network: torch.nn.Module, optimizer, scheduler, scaler, epoch: int,

@@ -30,14 +30,14 @@ from ..errors import InputError, SegBookError
 from ..events import Reporter
 from ..labels import default_color
 from ..planning import deep_supervision_scales, plan_from_data, pools_for_patch, target_spacing
-from ..zoo import fetch, get_config
+from ..zoo import get_config
 from ..checkpoint import save_weights
 from .cache import cache_dataset
 from .config import FinetuneConfig
 from .curves import append_jsonl, plot_curves
 from .distributed import Dist, setup, teardown
 from .loss import DeepSupervisionLoss
-from .model_init import build_network
+from .model_init import build_network, fetch_base
 from .sampling import BatchDataset, make_loader
 from .state import load_training_state, save_training_state
 
@@ -272,8 +272,8 @@ def _run(cfg, d, device, out, train_dir, reporter, command) -> dict:
     train_cases, val_cases = [by_name[n] for n in split["train"]], [by_name[n] for n in split["validation"]]
     # 2. plan and cache
     plan, pools, cached = _plan(cfg, ds, train_cases, base_config, train_dir / "cache", reporter, d)
-    if not cfg.scratch:   # one rank downloads and converts into the shared cache; the others then read it
-        d.main_first(lambda: fetch(str(cfg.base)), f"getting the base model {cfg.base}")
+    if not cfg.scratch:
+        fetch_base(cfg.base, d)
     # 3. network, optimiser, loss
     torch.manual_seed(cfg.seed)  # the fresh heads (or the whole network from scratch) start reproducibly
     net, base_config, init_info = build_network(cfg.base, ds.class_names, len(ds.cases[0].images), pools,

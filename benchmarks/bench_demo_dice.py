@@ -25,6 +25,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=str(DATA), help="the hippocampus task (nnU-Net raw layout)")
     p.add_argument("--model", default="hippocampus-demo")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--only", choices=["no-tta", "tta"], help="one of the two settings (default: both)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
 
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
     cases = [by_name[n] for n in held_out]
     state = {k: v.float() for k, v in net.state_dict().items()}
     results = {"model": args.model, "data": str(args.data), "cases": held_out, "torch": torch.__version__}
-    for tta in (False, True):
+    for tta in [t for t in (False, True) if args.only in (None, "tta" if t else "no-tta")]:
         t0 = time.monotonic()
         r = validate(state, config, cases, device=args.device, tta=tta)
         key = "tta" if tta else "no_tta"

@@ -120,3 +120,14 @@ def test_resume_on_fewer_gpus_restores_the_generators_that_exist(gpus, monkeypat
     restored.clear()
     training_state.set_rng_states(saved)
     assert restored == []
+
+
+def test_grad_scaler_only_for_cuda_and_on_torch_before_2_3(monkeypatch):
+    import warnings
+    from segbook.devices import grad_scaler
+    assert grad_scaler(torch.device("cpu")) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")      # "CUDA is not available": this machine has no GPU
+        assert isinstance(grad_scaler(torch.device("cuda")), torch.amp.GradScaler)
+        monkeypatch.delattr(torch.amp, "GradScaler")        # torch 2.2 has only torch.cuda.amp.GradScaler
+        assert type(grad_scaler(torch.device("cuda"))).__name__ == "GradScaler"

@@ -11,7 +11,7 @@ import torch
 
 from .errors import InputError
 
-__all__ = ["resolve_device", "autocast", "mps_available", "use_device"]
+__all__ = ["resolve_device", "autocast", "grad_scaler", "mps_available", "use_device"]
 
 
 def mps_available() -> bool:
@@ -58,3 +58,12 @@ def autocast(dev: torch.device, enabled: bool, dtype: torch.dtype | None = None)
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(dev.type, dtype=dtype) if dtype is not None else torch.autocast(dev.type)
+
+
+def grad_scaler(dev: torch.device):
+    """The float16 loss scaler for CUDA training, None elsewhere (torch.amp.GradScaler is torch >= 2.3;
+    torch 2.2 has it as torch.cuda.amp.GradScaler)."""
+    if dev.type != "cuda":
+        return None
+    scaler = getattr(torch.amp, "GradScaler", None)
+    return scaler("cuda") if scaler is not None else torch.cuda.amp.GradScaler()

@@ -25,7 +25,7 @@ import torch
 
 from ..config import ModelConfig, Plan
 from ..dataset import check_dataset, read_dataset
-from ..devices import autocast
+from ..devices import autocast, grad_scaler
 from ..errors import InputError, SegBookError
 from ..events import Reporter
 from ..labels import default_color
@@ -283,7 +283,7 @@ def _run(cfg, d, device, out, train_dir, reporter, command) -> dict:
     net.to(device)
     epochs, its = cfg.total_epochs, cfg.iterations
     opt, sched = make_optimizer(net, cfg.initial_lr, epochs)
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+    scaler = grad_scaler(device)
     model = torch.nn.parallel.DistributedDataParallel(
         net, device_ids=[device.index] if device.type == "cuda" else None) if d.enabled else net
     loss_fn = DeepSupervisionLoss(len(pools))

@@ -67,7 +67,7 @@ def test_the_oldest_run_is_python_3_9_and_part_of_make_test():
 
 def test_amp_scaler_exists_on_every_supported_torch():
     """torch.amp.GradScaler is torch >= 2.3; on 2.2 the CUDA training path needs torch.cuda.amp's."""
-    from segbook.training.state import amp_scaler
+    from segbook.devices import grad_scaler as amp_scaler
     assert amp_scaler(torch.device("cpu")) is None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")          # "CUDA is not available, disabling" on a CPU machine

@@ -2,12 +2,14 @@
 rank 0 alone writes, and a resumed DDP run ends with exactly the weights of an uninterrupted one."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from segbook.checkpoint import load_checkpoint
@@ -15,17 +17,20 @@ from segbook.config import Plan
 from segbook.dataset import read_dataset
 from segbook.planning import deep_supervision_scales, pools_for_patch
 from segbook.training.cache import cache_dataset
+from segbook.training.loss import DeepSupervisionLoss
 from segbook.training.sampling import BatchDataset
+from segbook.training.trainer import make_optimizer, train_step
 
-MINI = Path(__file__).parent / "data" / "hippocampus_mini"
+DATA = Path(__file__).parent / "data"
+MINI = DATA / "hippocampus_mini"
 ARGS = ["--scratch", "--width", "0.25", "--patch-size", "16", "24", "16", "--batch-size", "1",
         "--val-fraction", "0.25", "--iterations-per-epoch", "3", "--val-every", "100", "--num-workers", "0",
         "--threads", "1", "--device", "cpu", "--progress", "none"]
 
 
-def _torchrun(out, *extra):
+def _torchrun(out, *extra, verbose=False):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "segbook", "finetune", str(MINI), "-o", str(out), *ARGS, *extra]
+           "-m", "segbook", *(["-v"] if verbose else []), "finetune", str(MINI), "-o", str(out), *ARGS, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -48,11 +53,27 @@ def test_ranks_sample_their_own_reproducible_batches(tmp_path):
 
 def test_torchrun_two_cpu_processes_train_and_resume_exactly(tmp_path):
     straight = tmp_path / "straight"
-    _torchrun(straight, "--epochs", "2")
+    proc = _torchrun(straight, "--epochs", "2", "--progress", "json", verbose=True)
     log = [json.loads(x) for x in (straight / "training" / "log.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in log] == [1, 2]      # rank 0 alone writes: one line per epoch
+    # rank 0 alone reports: one event stream on stdout (what the Slicer panel reads), nothing twice
+    events = [json.loads(x) for x in proc.stdout.splitlines()]
+    assert [e["done"] for e in events if e.get("stage") == "train"] == list(range(1, 7))
+    assert [e["epoch"] for e in events if e["event"] == "metric"] == [1, 2]
+    assert [e["event"] for e in events].count("done") == 1
+    # the logged loss is the mean over the ranks, each rank's own mean in its INFO line
+    own = {}
+    for line in proc.stderr.splitlines():
+        if " train_loss " in line and line.split("segbook.training.trainer: rank ")[1:]:
+            rank, _, epoch, _, value = line.split("segbook.training.trainer: rank ")[1].split()
+            own[int(rank), int(epoch)] = float(value)
+    assert sorted(own) == [(0, 1), (0, 2), (1, 1), (1, 2)], proc.stderr[-2000:]
+    for x, m in zip(log, [e for e in events if e["event"] == "metric"]):
+        mean = (own[0, x["epoch"]] + own[1, x["epoch"]]) / 2
+        assert x["train_loss"] == pytest.approx(mean, rel=1e-12) and m["train_loss"] == x["train_loss"]
+        assert own[0, x["epoch"]] != own[1, x["epoch"]]
     prov = json.loads((straight / "model.json").read_text())["provenance"]
-    assert prov["processes"] == 2 and prov["command"].startswith("segbook finetune ")
+    assert prov["processes"] == 2 and prov["command"].startswith("segbook -v finetune ")
     assert sorted(p.name for p in straight.iterdir()) == ["model.json", "training", "weights.safetensors"]
     split = tmp_path / "split"
     _torchrun(split, "--epochs", "1")
@@ -130,3 +151,134 @@ def test_a_nan_on_one_rank_stops_every_rank_without_a_hang(tmp_path):
     for r in (0, 1):
         got = torch.load(tmp_path / f"rank{r}.pt")
         assert math.isnan(got["loss"]) and got["unchanged"], (r, got)
+
+
+def _steps_on_rank(rank, batches, out):
+    """3 DDP steps of the real training step on this rank's half of each batch."""
+    from segbook.training.distributed import Dist
+    net = _small_net()
+    model = torch.nn.parallel.DistributedDataParallel(net)
+    opt, _ = make_optimizer(net, 1e-2, 10)
+    loss_fn = DeepSupervisionLoss(3)
+    for b in batches:
+        mine = {"image": b["image"][rank:rank + 1], "target": [t[rank:rank + 1] for t in b["target"]]}
+        train_step(model, mine, loss_fn, opt, None, torch.device("cpu"), Dist(rank, 2, rank))
+    torch.save(net.state_dict(), out / f"rank{rank}.pt")
+
+
+def _small_net():
+    """A 3-stage STU-Net in float64 (see the tolerance below), seeded."""
+    from segbook.network import STUNet
+    torch.manual_seed(0)
+    return STUNet(1, 3, [4, 8, 16], [1, 1, 1], [[2, 2, 2]] * 2, deep_supervision=True).double()
+
+
+def test_ddp_ranks_end_with_the_weights_of_one_process_on_the_combined_batch(tmp_path):
+    """2 ranks x 1 patch == 1 process x 2 patches: DDP's gradient averaging, the batch Dice summed over
+    ranks, clipping and SGD momentum together (instance norm: no statistic crosses the batch)."""
+    g = torch.Generator().manual_seed(1)
+    batches = [{"image": torch.randn(2, 1, 16, 16, 16, generator=g, dtype=torch.float64),
+                "target": [torch.randint(0, 3, (2, 1, 16 // s, 16 // s, 16 // s), generator=g) for s in (1, 2, 4)]}
+               for _ in range(3)]
+    _spawn_two(_steps_on_rank, batches, tmp_path)
+    net = _small_net()
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    opt, _ = make_optimizer(net, 1e-2, 10)
+    for b in batches:
+        train_step(net, b, DeepSupervisionLoss(3), opt, None, torch.device("cpu"))
+    single = net.state_dict()
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)           # DDP keeps the replicas identical
+    for k in single:
+        # float64: the sums run in another order (per rank, then all-reduced); in float32 the instance
+        # norms' mean subtraction amplifies that rounding to ~1% of a step at random init, in float64 to 1e-13
+        torch.testing.assert_close(r0[k], single[k], rtol=1e-9, atol=1e-12, msg=k)
+    assert any(not torch.allclose(start[k], single[k]) for k in single)   # the steps did move the weights
+
+
+def _tiny_hub_entry():
+    from segbook import zoo
+    from segbook.config import Arch, ModelConfig, Plan
+    spec = json.loads((DATA / "tiny_totalseg_pools.json").read_text())
+    names = ["background"] + [f"class_{i}" for i in range(1, spec["num_classes"])]
+    zoo.REGISTRY["tiny-hub"] = ModelConfig(
+        name="tiny-hub", arch=Arch(1, spec["num_classes"], spec["dims"], spec["depth"], spec["pool_op_kernel_sizes"]),
+        plan=Plan([1.5] * 3, [32, 32, 64]), class_names=names, hub_repo="test/tiny", hub_filename="tiny.model")
+    zoo.REGISTRY["tiny-missing"] = dataclasses.replace(zoo.REGISTRY["tiny-hub"], name="tiny-missing",
+                                                        hub_repo="test/missing")
+
+
+def _fetch_on_rank(rank, out):
+    from segbook import zoo
+    from segbook.errors import SegBookError
+    from segbook.training.distributed import Dist
+    from segbook.training.model_init import fetch_base
+    _tiny_hub_entry()
+    real_save = zoo.save_model_folder
+
+    def counted_save(folder, *a, **k):
+        (out / f"converted_by_{rank}").touch()
+        return real_save(folder, *a, **k)
+    zoo.save_model_folder = counted_save
+    d = Dist(rank, 2, rank)
+    try:                      # not downloadable: rank 0 says why, rank 1 stops too instead of waiting
+        fetch_base("tiny-missing", d)
+        result = "no error"
+    except SegBookError as e:
+        result = f"{type(e).__name__}: {e}"
+    fetch_base("tiny-hub", d)
+    loaded = zoo.create_model("tiny-hub").config.name
+    (out / f"rank{rank}.json").write_text(json.dumps({"missing": result, "loaded": loaded}))
+
+
+def test_one_rank_downloads_and_converts_the_base_the_other_waits(tmp_path, monkeypatch):
+    from test_zoo import lay_out_hub_cache
+    hf_home = tmp_path / "hf"
+    monkeypatch.setenv("HF_HOME", str(hf_home))     # the spawned ranks inherit it
+    lay_out_hub_cache(hf_home, "test/tiny", "tiny.model", DATA / "tiny_totalseg_pools.model")
+    _spawn_two(_fetch_on_rank, tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("converted_by_*")) == ["converted_by_0"]
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [g["loaded"] for g in got] == ["tiny-hub", "tiny-hub"]
+    assert got[0]["missing"].startswith("ModelNotFound: tiny-missing: test/missing/tiny.model is not cached")
+    assert got[1]["missing"] == "SegBookError: rank 1: getting the base model tiny-missing failed on another " \
+                                "rank (its message says why)"
+
+
+def _validation_config():
+    from segbook.config import Arch, ModelConfig
+    return ModelConfig(name="v", arch=Arch(1, 3, [4, 8, 16], [1, 1, 1], [[2, 2, 2]] * 2),
+                       plan=Plan([1.0] * 3, [32, 48, 32]), class_names=["background", "anterior", "posterior"])
+
+
+def _validate_on_rank(rank, cases, out):
+    from segbook.events import Reporter
+    from segbook.training import validate
+    from segbook.training.distributed import Dist
+    from segbook.training.trainer import _validate
+
+    class Seen(Reporter):
+        def __init__(self):
+            super().__init__()
+            self.events = []
+
+        def emit(self, event):
+            self.events.append(event)
+    seen = Seen()
+    result = _validate(validate, _small_net(), _validation_config(), cases, torch.device("cpu"), seen,
+                       Dist(rank, 2, rank))
+    torch.save({"result": result, "events": seen.events}, out / f"rank{rank}.pt")
+
+
+def test_validation_is_sharded_over_ranks_and_merged(tmp_path):
+    from segbook.training.validate import validate
+    cases = read_dataset(MINI).cases[:3]
+    _spawn_two(_validate_on_rank, cases, tmp_path)
+    net = _small_net()
+    net.deep_supervision = False
+    state = {k: v for k, v in net.state_dict().items()}
+    expected = validate(state, _validation_config(), cases)
+    for r, share in ((0, 2), (1, 1)):       # cases 0 and 2 on rank 0, case 1 on rank 1
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+        assert got["result"] == expected
+        assert [e["total"] for e in got["events"] if e.get("stage") == "validate"] == [share] * share

@@ -21,7 +21,9 @@ def test_demo_model_is_bundled_small_and_documented():
     assert "half" in cfg.description.lower() and cfg.size is None      # honest about its width
     prov = cfg.provenance
     assert prov["command"].startswith("segbook finetune ")
-    assert min(prov["validation"]["dice"].values()) > 0.8
+    # the held-out figures benchmarks/RESULTS.md documents (reproduced by benchmarks/bench_demo_dice.py)
+    assert prov["validation"]["dice"] == pytest.approx({"anterior": 0.8862, "posterior": 0.8676}, abs=1e-4)
+    assert prov["validation"]["mean_dice"] == pytest.approx(0.8769, abs=1e-4)
     # the shipped cases were held out of training
     assert set(demo.demo_cases()) <= set(prov["data"]["validation_cases"])
     assert len(demo.demo_cases()) == 3
@@ -39,7 +41,9 @@ def test_make_demo_segments_a_shipped_case(tmp_path, capsys):
     assert seg.GetSize() == ref.GetSize() and np.allclose(seg.GetOrigin(), ref.GetOrigin())
     pred, lab = sitk.GetArrayFromImage(seg), sitk.GetArrayFromImage(ref)
     dices = [2 * ((pred == c) & (lab == c)).sum() / ((pred == c).sum() + (lab == c).sum()) for c in (1, 2)]
-    assert np.mean(dices) > 0.8
+    # RESULTS.md: hippocampus_001 anterior 0.9099, posterior 0.8625; float rounding on another CPU or torch
+    # may flip a few border voxels (one voxel moves a Dice by < 0.001 on these 1300- and 1600-voxel structures)
+    assert dices == pytest.approx([0.9099, 0.8625], abs=0.005)
     printed = float(next(l for l in out.splitlines() if "mean Dice" in l).split()[-1])
     assert printed == pytest.approx(np.mean(dices), abs=1e-4)
     png = tmp_path / f"{demo.DEFAULT_CASE}_overlay.png"

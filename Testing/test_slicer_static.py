@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import json
 import re
 import struct
 import subprocess
@@ -87,27 +88,18 @@ def test_ui_file_declares_its_custom_widgets_and_scene_connections():
     assert len(names) == len(set(names)), "widget names are unique"
 
 
-# The PythonQt members of each widget class that the panel may use (properties and slots of the real
-# classes: Qt 5, CTK, Slicer's qMRML widgets). A member outside this table is either a typo or a new use
-# that must be checked against the class's documentation and added here.
-_WIDGET = {"enabled", "visible", "toolTip", "setEnabled", "setVisible"}
-QT_MEMBERS = {
-    "QComboBox": _WIDGET | {"clear", "addItem", "currentData", "currentText", "setCurrentText", "currentIndex",
-                            "setCurrentIndex", "findData", "findText", "blockSignals", "currentIndexChanged",
-                            "count"},
-    "QPushButton": _WIDGET | {"clicked", "text", "setText"},
-    "QLabel": _WIDGET | {"text", "setText"},
-    "QCheckBox": _WIDGET | {"checked", "setChecked", "toggled", "text"},
-    "QListWidget": _WIDGET | {"clear", "addItem", "count", "item", "currentItem", "currentRow"},
-    "QProgressBar": _WIDGET | {"setRange", "value", "setValue", "minimum", "maximum"},
-    "QSpinBox": _WIDGET | {"value", "setValue", "valueChanged"},
-    "QLineEdit": _WIDGET | {"text", "setText", "textChanged"},
-    "ctkPathLineEdit": _WIDGET | {"currentPath", "setCurrentPath", "currentPathChanged"},
-    "ctkCollapsibleButton": _WIDGET | {"collapsed", "text"},
-    "qMRMLNodeComboBox": _WIDGET | {"currentNode", "setCurrentNode", "currentNodeChanged", "setMRMLScene",
-                                     "nodeAddedByUser"},
-    "qMRMLPlotWidget": _WIDGET | {"setMRMLPlotViewNode", "mrmlPlotViewNode", "plotView", "setMRMLScene"},
-}
+# What Python can reach on each widget class of SegBook.ui, generated from real sources by
+# Testing/data/slicer/make_widget_members.py (PyQt5 5.15 for Qt classes; the CTK and Slicer headers'
+# meta-object members for ctk*/qMRML* widgets, which is all PythonQt exposes of them). What this cannot know:
+# argument counts and types (names only); members PyQt5 has but PythonQt's Qt wrappers lack (rare, e.g.
+# PyQt-specific helpers); members reached through another variable than `self.ui.<name>.<member>`.
+WIDGET_MEMBERS = json.loads((ROOT / "Testing" / "data" / "slicer" / "widget_members.json").read_text())["members"]
+
+
+def test_every_widget_class_of_the_ui_file_has_its_members_listed():
+    classes = set(ui_widgets().values()) - {"QGridLayout", "QHBoxLayout", "QVBoxLayout", "QFormLayout"}
+    missing = sorted(classes - set(WIDGET_MEMBERS))
+    assert not missing, f"regenerate Testing/data/slicer/widget_members.json (see its script) for {missing}"
 
 
 def test_every_widget_member_used_exists_on_its_class():
@@ -116,7 +108,7 @@ def test_every_widget_member_used_exists_on_its_class():
     for source in python_sources():
         for name, member in re.findall(r"self\.ui\.(\w+)\.(\w+)", source.read_text()):
             cls = widgets.get(name)
-            if member not in QT_MEMBERS.get(cls, set()):
+            if member not in WIDGET_MEMBERS.get(cls, ()):
                 unknown.append(f"{source.name}: {name}.{member} ({cls})")
     assert not unknown, unknown
 
@@ -140,12 +132,12 @@ class _UiStub:
         if name not in self._names:
             raise AttributeError(f"SegBook.ui has no widget '{name}'")
         if name not in self._widgets:
-            # only the members of the widget's real class (QT_MEMBERS) exist on the stub
-            w = mock.MagicMock(name=name, spec=sorted(QT_MEMBERS[self._classes[name]]))
+            # only the members of the widget's real class (WIDGET_MEMBERS) exist on the stub
+            w = mock.MagicMock(name=name, spec=sorted(WIDGET_MEMBERS[self._classes[name]]))
             defaults = {"currentText": "auto" if "evice" in name else "quick", "currentData": None,
                         "checked": False, "text": "", "value": 0, "count": 0, "currentPath": ""}
             for member, value in defaults.items():
-                if member in QT_MEMBERS[self._classes[name]]:
+                if member in WIDGET_MEMBERS[self._classes[name]]:
                     setattr(w, member, value)
             self._widgets[name] = w
         return self._widgets[name]

@@ -22,12 +22,19 @@ def test_steps_equal_nnunet(step):
         assert compute_steps(size, patch, step) == nn_sw.compute_steps_for_sliding_window(size, patch, step)
 
 
-def test_tile_order_and_count_as_nnunet():
-    # the abdomen case of the benchmark: 27 tiles in z-then-y-then-x order
-    starts = tile_starts((224, 202, 244), (128, 128, 128), 0.5)
-    assert len(starts) == 27
-    assert starts == sorted(starts)
-    assert starts[0] == (0, 0, 0) and starts[-1] == (96, 74, 116)
+@pytest.mark.parametrize("shape", [(224, 202, 244), (128, 300, 129), (191, 128, 160)])
+def test_tile_order_and_count_as_nnunet(shape):
+    """The tiles and their order of nnU-Net's own predictor (`_internal_get_sliding_window_slicers`);
+    (224, 202, 244) is the abdomen case of the benchmark."""
+    from nnunet_reference import nnunet_predictor
+    from segbook.config import Arch, ModelConfig, Plan
+    from segbook.network import STUNet
+    patch = (128, 128, 128)
+    net = STUNet(1, 2, [2, 4], [1, 1], [[2, 2, 2]], deep_supervision=False)
+    net.config = ModelConfig(name="t", arch=Arch(1, 2, [2, 4], [1, 1], [[2, 2, 2]]), plan=Plan([1.0] * 3, list(patch)),
+                             class_names=["background", "a"])
+    slicers = nnunet_predictor(net, step=0.5)._internal_get_sliding_window_slicers(shape)
+    assert tile_starts(shape, patch, 0.5) == [tuple(s.start for s in sl[1:]) for sl in slicers]
 
 
 def test_steps_reject_small_image_and_bad_step():

@@ -60,8 +60,10 @@ def run(args) -> int:
         cfg = FinetuneConfig(**fields)
     except ValueError as e:
         raise InputError(str(e)) from None
-    reporter = make_reporter(args.progress)
-    if args.progress == "json":     # who to signal: a launcher (Slicer's PythonSlicer) may stand between
+    # under torchrun rank 0 alone reports and prints: one event stream on stdout, not one per rank
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    reporter = make_reporter(args.progress if main_rank else "none")
+    if args.progress == "json" and main_rank:   # who to signal: a launcher (Slicer's PythonSlicer) may stand between
         reporter.emit({"event": "started", "pid": os.getpid()})
     # "segbook ..." whatever argv[0] was (a venv path, -m segbook's __main__.py, torchrun's)
     result = finetune(cfg, reporter, command=shlex.join(["segbook", *args.argv]), stop_file=args.stop_file)
@@ -74,7 +76,7 @@ def run(args) -> int:
     if val:
         summary.update(mean_dice=val["mean_dice"], dice=val["dice"], nsd=val["nsd"])
     reporter.done(**summary)
-    if args.progress != "json":
+    if args.progress != "json" and main_rank:
         print(f"model written to {result['model_dir']}" +
               (f"; validation Dice {', '.join(f'{k} {v:.4f}' for k, v in val['dice'].items())} "
                f"(mean {val['mean_dice']:.4f})" if val else ""))

@@ -5,7 +5,7 @@ For logits x (B, K, z, y, x) and a target map t (B, 1, z, y, x) of values 0..K-1
     CE   = mean over voxels of -log softmax(x)[t]
     Dice = -mean over foreground classes k of (2 * sum(p_k * g_k) + s) / max(sum(p_k) + sum(g_k) + s, 1e-8)
 
-with p = softmax(x), g = one-hot(t), s = 1e-5, sums over the batch and all voxels ("batch Dice", nnU-Net's
+with p = softmax(x), g = one-hot(t) (never materialised), s = 1e-5, sums over the batch and all voxels ("batch Dice", nnU-Net's
 3d_fullres default), background excluded. Loss = CE + Dice per output. Deep-supervision output i (full
 resolution first) weighs 1/2^i, the lowest-resolution output 0, weights normalised to sum 1.
 
@@ -25,14 +25,23 @@ SMOOTH = 1e-5
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool = True) -> torch.Tensor:
-    """logits (B, K, *spatial), target (B, 1, *spatial) int64 -> scalar: minus the mean foreground soft Dice."""
-    probs = torch.softmax(logits.float(), dim=1)
-    onehot = torch.zeros_like(probs).scatter_(1, target.long(), 1.0)
-    axes = [0, *range(2, logits.ndim)] if batch_dice else list(range(2, logits.ndim))
+    """logits (B, K, *spatial), target (B, 1, *spatial) int64 -> scalar: minus the mean foreground soft Dice.
+
+    No one-hot is built: sum(p_k * g_k) is the sum of p_t over the voxels of class k (a gather of the
+    true class's probability, added up per class), sum(g_k) a count of the target's values. Sums are in
+    the logits' dtype (DiceCELoss hands float32)."""
+    probs = torch.softmax(logits, dim=1)
+    b, k = probs.shape[:2]
+    index = target.long().reshape(b, -1)                                            # (B, N)
+    picked = probs.reshape(b, k, -1).gather(1, index[:, None]).squeeze(1)          # (B, N): p of the true class
+    intersect = probs.new_zeros(b, k).scatter_add_(1, index, picked)
+    offsets = torch.arange(b, device=index.device)[:, None] * k
+    gt = torch.bincount((index + offsets).reshape(-1), minlength=b * k).reshape(b, k).to(probs.dtype)
+    pred = probs.reshape(b, k, -1).sum(2)
+    if batch_dice:
+        intersect, pred, gt = intersect.sum(0), pred.sum(0), gt.sum(0)
     # background (channel 0) does not enter the Dice: it would dominate and say nothing about the structures
-    probs, onehot = probs[:, 1:], onehot[:, 1:]
-    intersect = (probs * onehot).sum(axes)
-    denominator = probs.sum(axes) + onehot.sum(axes)
+    intersect, denominator = intersect[..., 1:], pred[..., 1:] + gt[..., 1:]
     if batch_dice and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         # the backward all-reduces the gradients too: each rank gets W x dLoss/d(its patches), and DDP's
         # 1/W averaging turns that into the gradient of the global batch Dice
@@ -43,12 +52,17 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool 
 
 
 class DiceCELoss(nn.Module):
+    """CE (on the target's indices) + soft Dice. float16 logits (autocast) are cast to float32 once: the
+    softmax and the log-softmax of CE need the range, and both read that one copy."""
+
     def __init__(self, weight_ce: float = 1.0, weight_dice: float = 1.0, batch_dice: bool = True):
         super().__init__()
         self.weight_ce, self.weight_dice, self.batch_dice = weight_ce, weight_dice, batch_dice
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        ce = nn.functional.cross_entropy(logits.float(), target[:, 0].long())
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        ce = nn.functional.cross_entropy(logits, target[:, 0].long())
         return self.weight_ce * ce + self.weight_dice * soft_dice_loss(logits, target, self.batch_dice)
 
 

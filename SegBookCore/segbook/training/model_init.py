@@ -20,7 +20,7 @@ from ..config import Arch, ModelConfig
 from ..network import STUNet
 from ..zoo import WEIGHTS, fetch, get_config
 
-__all__ = ["he_init", "build_network", "transfer_weights", "FIRST_LAYER_KEYS"]
+__all__ = ["he_init", "build_network", "transfer_weights", "fetch_base", "FIRST_LAYER_KEYS"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,12 @@ def transfer_weights(net: STUNet, base_state: dict[str, torch.Tensor], keep_head
         new_state[key] = own[key]
     net.load_state_dict(new_state)
     return fresh
+
+
+def fetch_base(base: str, d) -> None:
+    """Download and convert a registry base into the shared cache once: rank 0 first, the other ranks
+    after it succeeded (they then only read the folder), so no rank replaces the folder another loads."""
+    d.main_first(lambda: fetch(str(base)), f"getting the base model {base}")
 
 
 def build_network(base: str, class_names: list[str], input_channels: int, pools: list[list[int]], *,

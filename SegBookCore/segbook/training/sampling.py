@@ -124,11 +124,13 @@ def default_workers() -> int:
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
-def make_loader(dataset: BatchDataset, start: int, stop: int, num_workers: int | None = None):
-    """Iterate batches start..stop-1 with `num_workers` processes (0: in this process)."""
+def make_loader(dataset: BatchDataset, start: int, stop: int, num_workers: int | None = None,
+                device: torch.device | None = None):
+    """Iterate batches start..stop-1 with `num_workers` processes (0: in this process) for `device`."""
     workers = default_workers() if num_workers is None else num_workers
+    # pinned (page-locked) batches only serve copies to a CUDA device; for the CPU they cost a copy each
     kwargs = dict(num_workers=workers, worker_init_fn=_worker_init if workers else None,
-                  persistent_workers=False, pin_memory=torch.cuda.is_available())
+                  persistent_workers=False, pin_memory=device is not None and device.type == "cuda")
     if workers:
         kwargs["prefetch_factor"] = 4
     return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, stop), **kwargs)

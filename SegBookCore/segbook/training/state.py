@@ -16,20 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["save_training_state", "load_training_state", "rng_states", "set_rng_states", "amp_scaler"]
+__all__ = ["save_training_state", "load_training_state", "rng_states", "set_rng_states"]
 
 log = logging.getLogger(__name__)
-
-
-def amp_scaler(device: torch.device):
-    """The mixed-precision loss scaler on CUDA (its state is saved with the rest), None elsewhere."""
-    if device.type != "cuda":
-        return None
-    # torch.amp.GradScaler is torch >= 2.3; before it (Slicer on Intel Macs stops at 2.2) only torch.cuda.amp's
-    # exists, which newer torch deprecates in its favour.
-    if hasattr(torch.amp, "GradScaler"):
-        return torch.amp.GradScaler("cuda")
-    return torch.cuda.amp.GradScaler()
 
 
 def rng_states() -> dict:
@@ -50,8 +39,15 @@ def set_rng_states(states: dict) -> None:
     n = states["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(states["torch"])
-    if states.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    saved = states.get("cuda") or []
+    here = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    # one state per GPU seen at save time; torch.cuda.set_rng_state_all would index GPUs this machine
+    # lacks (a resume on fewer GPUs, or on the CPU): restore those that exist, the others start afresh
+    for index, state in enumerate(saved[:here]):
+        torch.cuda.set_rng_state(state, index)
+    if len(saved) > here:
+        log.info("resume: %d CUDA generator states saved, %d GPUs here; the rest are not restored",
+                 len(saved), here)
 
 
 def save_training_state(path, *, network: torch.nn.Module, optimizer, scheduler, scaler, epoch: int,

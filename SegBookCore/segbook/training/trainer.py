@@ -26,6 +26,7 @@ import torch
 
 from ..config import ModelConfig, Plan
 from ..dataset import check_dataset, read_dataset
+from ..devices import autocast, grad_scaler
 from ..errors import InputError, SegBookError
 from ..events import Reporter
 from ..labels import default_color
@@ -37,9 +38,9 @@ from .config import FinetuneConfig
 from .curves import append_jsonl, plot_curves
 from .distributed import Dist, setup, teardown
 from .loss import DeepSupervisionLoss
-from .model_init import build_network
+from .model_init import build_network, fetch_base
 from .sampling import BatchDataset, make_loader
-from .state import amp_scaler, load_training_state, save_training_state
+from .state import load_training_state, save_training_state
 
 __all__ = ["finetune", "TrainingError", "train_step", "make_optimizer", "split_cases"]
 
@@ -72,7 +73,7 @@ def train_step(net, batch, loss_fn, opt, scaler, device, d: Dist = Dist()) -> fl
     image = batch["image"].to(device, non_blocking=True)
     targets = [t.to(device, non_blocking=True) for t in batch["target"]]
     opt.zero_grad(set_to_none=True)
-    with torch.autocast(device.type, enabled=device.type == "cuda"):
+    with autocast(device, enabled=device.type == "cuda"):
         outputs = net(image)
     loss = loss_fn(outputs, targets)
     value = float(loss.detach().item())
@@ -141,11 +142,12 @@ def _prepare_config(cfg: FinetuneConfig, train_dir: Path) -> FinetuneConfig:
     return cfg
 
 
-def _plan(cfg, ds, train_cases, base_config, cache_dir, reporter, is_main, barrier):
+def _plan(cfg, ds, train_cases, base_config, cache_dir, reporter, d: Dist):
     """Plan spacing from the headers, cache the training cases, then fit patch and pools to their shapes
     (or, with `--plan base`, keep the base model's spacing, patch, normalisation and pools).
 
-    Returns (Plan, pools, cached cases). Rank 0 preprocesses; the other ranks then find the cache ready.
+    Returns (Plan, pools, cached cases). Under DDP each rank preprocesses its share of the cases, then
+    every rank reads the whole cache.
     """
     import SimpleITK as sitk
     if cfg.plan == "base":
@@ -163,10 +165,8 @@ def _plan(cfg, ds, train_cases, base_config, cache_dir, reporter, is_main, barri
             spacings.append(r.GetSpacing()[::-1])
         plan = Plan(spacing=target_spacing(np.array(spacings)), patch_size=[0, 0, 0], normalization="zscore",
                     mirror_axes=[0, 1, 2])
-    if is_main:
-        cached = cache_dataset(ds, train_cases, plan, cache_dir, reporter)
-    barrier()
-    if not is_main:
+    cached = d.checked(lambda: cache_dataset(ds, d.shard(train_cases), plan, cache_dir, reporter), "preprocessing")
+    if d.enabled:   # the other ranks' shares are on disk now: every rank reads the whole cache
         cached = cache_dataset(ds, train_cases, plan, cache_dir)
     if cfg.plan == "data":
         shapes = [np.load(c.image_path, mmap_mode="r").shape[1:] for c in cached]
@@ -200,6 +200,12 @@ def finetune(cfg: FinetuneConfig, reporter: Reporter | None = None, command: str
     train_dir = out / "training"
     cfg = _prepare_config(cfg, train_dir)
     d, device = setup(cfg.device)
+    if not d.is_main:   # one rank reports: the Slicer panel reads one JSON stream, not N interleaved ones
+        reporter = Reporter()
+    if device.type == "cuda":
+        # the patch shape is fixed: cuDNN's per-shape algorithm search runs once and pays off (nnU-Net
+        # sets it too); torch caches the choice per input shape, so validation's fixed tiles gain as well
+        torch.backends.cudnn.benchmark = True
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     elif d.enabled and device.type == "cpu":
@@ -276,8 +282,9 @@ def _run(cfg, d, device, out, train_dir, reporter, command, stop_file=None) -> d
     by_name = {c.name: c for c in ds.cases}
     train_cases, val_cases = [by_name[n] for n in split["train"]], [by_name[n] for n in split["validation"]]
     # 2. plan and cache
-    plan, pools, cached = _plan(cfg, ds, train_cases, base_config, train_dir / "cache", reporter, d.is_main,
-                                 d.barrier)
+    plan, pools, cached = _plan(cfg, ds, train_cases, base_config, train_dir / "cache", reporter, d)
+    if not cfg.scratch:
+        fetch_base(cfg.base, d)
     # 3. network, optimiser, loss
     torch.manual_seed(cfg.seed)  # the fresh heads (or the whole network from scratch) start reproducibly
     net, base_config, init_info = build_network(cfg.base, ds.class_names, len(ds.cases[0].images), pools,
@@ -287,11 +294,11 @@ def _run(cfg, d, device, out, train_dir, reporter, command, stop_file=None) -> d
     net.to(device)
     epochs, its = cfg.total_epochs, cfg.iterations
     opt, sched = make_optimizer(net, cfg.initial_lr, epochs)
-    scaler = amp_scaler(device)
+    scaler = grad_scaler(device)
     model = torch.nn.parallel.DistributedDataParallel(
         net, device_ids=[device.index] if device.type == "cuda" else None) if d.enabled else net
     loss_fn = DeepSupervisionLoss(len(pools))
-    validator = _load_validator() if d.is_main and val_cases else None
+    validator = _load_validator() if val_cases else None
     # 4. resume
     ckpt = train_dir / "checkpoint.pt"
     start_epoch, start_it, history = 0, 0, []
@@ -303,7 +310,7 @@ def _run(cfg, d, device, out, train_dir, reporter, command, stop_file=None) -> d
     dataset = BatchDataset(cached, plan.patch_size, deep_supervision_scales(pools), cfg.batch_size,
                            seed=cfg.seed, rank=d.rank, mirror_axes=plan.mirror_axes)
     total = epochs * its
-    loader = iter(make_loader(dataset, start_epoch * its + start_it, total, cfg.num_workers))
+    loader = iter(make_loader(dataset, start_epoch * its + start_it, total, cfg.num_workers, device))
     last_val = next((h["validation"] for h in reversed(history) if h.get("validation")), None)
 
     def save_state(epoch, iteration):
@@ -325,7 +332,7 @@ def _run(cfg, d, device, out, train_dir, reporter, command, stop_file=None) -> d
             net.train()
             t0, losses = time.monotonic(), []
             if epoch == start_epoch and start_it and history and history[-1].get("partial"):
-                losses = list(history.pop()["losses"])
+                losses = _partial_losses(history.pop()["losses"], d.rank)
             for it in range(start_it if epoch == start_epoch else 0, its):
                 loss = train_step(model, next(loader), loss_fn, opt, scaler, device, d)
                 if not math.isfinite(loss):
@@ -336,8 +343,9 @@ def _run(cfg, d, device, out, train_dir, reporter, command, stop_file=None) -> d
                 losses.append(loss)
                 reporter.progress("train", epoch * its + it + 1, total, epoch=epoch + 1)
                 if d.broadcast_flag(stop.requested()):
+                    every_rank = d.gather(losses)   # [rank 0's, rank 1's, ...]
                     if d.is_main:   # the partial epoch's losses travel in the checkpoint, not in the log
-                        history.append({"epoch": epoch + 1, "partial": True, "losses": losses})
+                        history.append({"epoch": epoch + 1, "partial": True, "losses": every_rank})
                         save_state(epoch, it + 1)
                         history.pop()
                     d.barrier()
@@ -346,11 +354,13 @@ def _run(cfg, d, device, out, train_dir, reporter, command, stop_file=None) -> d
                     result.update(stopped=True, signal=stop.signum or signal.SIGTERM, epoch=epoch + 1,
                                   iteration=it + 1, epochs_done=len(history))
                     return result
-            record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": opt.param_groups[0]["lr"],
+            if d.enabled:
+                log.info("rank %d epoch %d train_loss %r", d.rank, epoch + 1, float(np.mean(losses)))
+            record = {"epoch": epoch + 1, "train_loss": d.mean(float(np.mean(losses))), "lr": opt.param_groups[0]["lr"],
                       "seconds": round(time.monotonic() - t0, 2)}
             sched.step()
-            if d.is_main and val_cases and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == epochs):
-                last_val = _validate(validator, net, model_config, val_cases, device, reporter)
+            if val_cases and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == epochs):
+                last_val = _validate(validator, net, model_config, val_cases, device, reporter, d)
                 record["val_dice"] = last_val["dice"] if last_val else None
                 record["validation"] = last_val
             history.append(record)
@@ -370,18 +380,29 @@ def _run(cfg, d, device, out, train_dir, reporter, command, stop_file=None) -> d
     return result
 
 
+def _partial_losses(saved: list, rank: int) -> list:
+    """This rank's losses of a stopped epoch: saved per rank ([[...], [...]]; a flat list: one process)."""
+    per_rank = saved if saved and isinstance(saved[0], list) else [saved]
+    return list(per_rank[rank]) if rank < len(per_rank) else []
+
+
 def _load_validator():
-    """The validation function, imported once at the start so a long run uses the code it started with."""
+    """The validation module, imported once at the start so a long run uses the code it started with."""
     try:
-        from .validate import validate
+        from . import validate
         return validate
     except ImportError as e:  # the predictor module is missing from this installation
         log.warning("no validation: %s", e)
         return None
 
 
-def _validate(validator, net, model_config, val_cases, device, reporter):
+def _validate(validator, net, model_config, val_cases, device, reporter, d: Dist):
+    """Each rank predicts its share of the validation cases (nnU-Net shards validation too); every rank
+    gets the merged result."""
     if validator is None:
         return None
     state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-    return validator(state, model_config, val_cases, device=device, reporter=reporter)
+    mine = d.checked(lambda: validator.predict_cases(state, model_config, d.shard(val_cases), device=device,
+                                                     reporter=reporter), "validation")
+    merged = {k: v for part in d.gather(mine) for k, v in part.items()}
+    return validator.summarise({c.name: merged[c.name] for c in val_cases}, model_config)

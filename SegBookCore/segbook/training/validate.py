@@ -14,7 +14,7 @@ from ..dataset import Case, read_case_arrays
 from ..metrics import evaluate_case
 from ..network import STUNet
 
-__all__ = ["inference_copy", "validate"]
+__all__ = ["inference_copy", "validate", "predict_cases", "summarise"]
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,15 @@ def validate(state: dict, config: ModelConfig, cases: list[Case], device="cpu", 
     `tta`: the predictor's mirroring test-time augmentation (off during training, as nnU-Net's).
     Returns {"dice": {class_name: mean}, "nsd": {...}, "mean_dice": float, "cases": {name: {...}}}.
     """
-    from ..inference import Predictor  # issue 3's predictor: imported here so training works without it loaded
+    return summarise(predict_cases(state, config, cases, device, reporter, tta), config)
+
+
+def predict_cases(state: dict, config: ModelConfig, cases: list[Case], device="cpu", reporter=None,
+                  tta: bool = False) -> dict:
+    """{case name: {class name: {"dice": d, "nsd": n}}} for `cases` (a rank's share under DDP)."""
+    if not cases:
+        return {}
+    from ..inference import Predictor  # imported here so training works without the predictor loaded
     predictor = Predictor(inference_copy(state, config, device), device=device, tta=tta)
     classes = list(range(1, len(config.class_names)))
     per_case = {}
@@ -45,6 +53,11 @@ def validate(state: dict, config: ModelConfig, cases: list[Case], device="cpu", 
         per_case[case.name] = {config.class_names[c]: v for c, v in scores.items()}
         if reporter is not None:
             reporter.progress("validate", i + 1, len(cases))
-    names = [config.class_names[c] for c in classes]
+    return per_case
+
+
+def summarise(per_case: dict, config: ModelConfig) -> dict:
+    """validate()'s result from predict_cases() output (merged over ranks)."""
+    names = config.class_names[1:]
     mean = {m: {n: float(np.nanmean([per_case[k][n][m] for k in per_case])) for n in names} for m in ("dice", "nsd")}
     return {**mean, "mean_dice": float(np.mean(list(mean["dice"].values()))), "cases": per_case}

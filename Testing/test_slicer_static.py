@@ -142,7 +142,7 @@ class _UiStub:
         if name not in self._widgets:
             # only the members of the widget's real class (QT_MEMBERS) exist on the stub
             w = mock.MagicMock(name=name, spec=sorted(QT_MEMBERS[self._classes[name]]))
-            defaults = {"currentText": "auto" if "evice" in name else "quick", "currentData": None,
+            defaults = {"currentText": "auto" if "evice" in name or "recision" in name else "quick", "currentData": None,
                         "checked": False, "text": "", "value": 0, "count": 0, "currentPath": ""}
             for member, value in defaults.items():
                 if member in QT_MEMBERS[self._classes[name]]:
@@ -333,7 +333,7 @@ def installer(installed):
 
 def test_setup_asks_before_installing_and_installs_nothing_when_declined():
     logic, calls = installer({"numpy", "SimpleITK"})
-    assert logic.missing() == ["torch", "huggingface_hub", "safetensors", "scipy"]
+    assert logic.missing() == ["torch", "huggingface_hub", "safetensors", "scipy", "openvino"]
     questions = []
     assert logic.install(lambda q: questions.append(q) or False) is False
     assert calls == []
@@ -344,7 +344,8 @@ def test_setup_installs_torch_through_pytorchutils_then_pip():
     logic, calls = installer({"numpy", "SimpleITK"})
     assert logic.install(lambda q: True) is True
     assert calls[0] == ("torch", "torch>=2.4")
-    assert calls[1][0] == "pip" and {r.split(">")[0] for r in calls[1][1]} == {"huggingface_hub", "safetensors", "scipy"}
+    assert calls[1][0] == "pip" and {r.split(">")[0] for r in calls[1][1]} == {"huggingface_hub", "safetensors", "scipy",
+                                                                                   "openvino"}
     assert logic.isReady()
     # nothing to do, nothing asked
     assert logic.install(lambda q: pytest.fail("asked although ready")) is True
@@ -364,7 +365,8 @@ def test_setup_requirements_match_the_core_dependencies():
 
 
 def test_training_packages_are_asked_for_only_when_fine_tuning():
-    logic, calls = installer({"numpy", "SimpleITK", "torch", "huggingface_hub", "safetensors", "scipy"})
+    logic, calls = installer({"numpy", "SimpleITK", "torch", "huggingface_hub", "safetensors", "scipy",
+                              "openvino"})
     assert logic.isReady() and not logic.isReady(training=True)
     questions = []
     assert logic.install(lambda q: questions.append(q) or True, training=True)

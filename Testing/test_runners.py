@@ -203,9 +203,15 @@ def _spy_release(monkeypatch, runner):
     return seen
 
 
-def test_out_of_memory_retry_runs_after_the_failed_attempt_is_freed(monkeypatch):
-    from test_predict import ct_crop, tiny_net
+def _four_tile_image():
+    from test_predict import ct_crop
     image, _ = ct_crop()
+    return image[:, :20, :24, :40]        # 40 x 48 x 80 at the plan's 1.5 mm: 2 x 1 x 2 tiles of (32, 48, 48)
+
+
+def test_out_of_memory_retry_runs_after_the_failed_attempt_is_freed(monkeypatch):
+    from test_predict import tiny_net
+    image = _four_tile_image()
     net = tiny_net()
     ref = Predictor(net, device="cpu").predict_array(image, (3, 3, 3))
     p = Predictor(net, device="cpu")
@@ -218,8 +224,8 @@ def test_out_of_memory_retry_runs_after_the_failed_attempt_is_freed(monkeypatch)
 
 
 def test_mirror_flips_batch_halves_on_out_of_memory_until_it_fits(monkeypatch):
-    from test_predict import ct_crop, tiny_net
-    image, _ = ct_crop()
+    from test_predict import tiny_net
+    image = _four_tile_image()
     net = tiny_net()
     ref = Predictor(net, device="cpu", tta=True).predict_array(image, (3, 3, 3))
     p = Predictor(net, device="cpu", tta=True)

@@ -31,6 +31,7 @@ def dice(a: np.ndarray, b: np.ndarray, label: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=42, help="how many of the 42 held-out cases")
+    parser.add_argument("--data", default=str(DATA), help="the hippocampus dataset (imagesTr/, labelsTr/)")
     parser.add_argument("--paths", default="torch:fp32,openvino:fp32,openvino:bf16,torch:bf16")
     args = parser.parse_args()
     from segbook.inference import Predictor
@@ -39,13 +40,14 @@ def main() -> int:
     data = get_config("hippocampus-demo").provenance["data"]
     data = ast.literal_eval(data) if isinstance(data, str) else data
     # the cases held out from the demo model's fine-tuning
-    images = [DATA / "imagesTr" / f"{c}.nii.gz" for c in data["validation_cases"][:args.cases]]
+    root = Path(args.data)
+    images = [root / "imagesTr" / f"{c}.nii.gz" for c in data["validation_cases"][:args.cases]]
     paths = [tuple(p.split(":")) for p in args.paths.split(",")]
     predictors = {p: Predictor("hippocampus-demo", device="cpu", backend=p[0], precision=p[1]) for p in paths}
     rows = {p: {"same": [], "dice": [], "s": 0.0} for p in paths}
     for img in images:
         image, geometry = read_image(img)
-        truth, _ = read_labels(DATA / "labelsTr" / img.name)
+        truth, _ = read_labels(root / "labelsTr" / img.name)
         labels = {}
         for p, predictor in predictors.items():
             t0 = time.perf_counter()

@@ -57,6 +57,7 @@ def main() -> int:
         for p in paths:
             rows[p]["same"].append(float((labels[p] == ref).mean()))
             rows[p]["dice"].append(np.mean([dice(labels[p], truth, k) for k in (1, 2)]))
+        print(img.name, " ".join(f"{':'.join(p)} {100 * rows[p]['same'][-1]:.3f}%" for p in paths), flush=True)
     print(f"hippocampus-demo, {len(images)} cases ({images[0].name} .. {images[-1].name}), vs {':'.join(paths[0])}")
     print(f"{'path':>14} {'identical mean':>15} {'min':>9} {'mean Dice':>10} {'seconds':>8}")
     for p in paths:

@@ -19,7 +19,7 @@ PIP_REQUIREMENTS = {
     "huggingface_hub": "huggingface_hub>=0.20",
     "safetensors": "safetensors>=0.4",
     "scipy": "scipy>=1.9",
-    "openvino": "openvino>=2024.0",      # the fast CPU engine (segbook.openvino_engine); torch is the fallback
+    "openvino": "openvino>=2024.6",      # the fast CPU engine (segbook.openvino_engine); torch is the fallback
 }
 # the core's `train` extra: only needed (and only asked for) when the user first fine-tunes
 TRAIN_REQUIREMENTS = {

@@ -28,8 +28,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="network engine: auto (OpenVINO on the CPU when installed, else torch), torch, openvino")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="auto (fp32 on the CPU, fp16 on CUDA), fp32, bf16 (CPU: ~1.8x faster, see "
-                             "benchmarks/RESULTS.md for its fidelity), fp16 (CUDA)")
+                        help="auto (fp32 on the CPU, fp16 on CUDA), fp32, bf16 (faster on CPUs with bf16 units; "
+                             "fidelity in benchmarks/RESULTS.md), fp16 (CUDA)")
     tta = parser.add_mutually_exclusive_group()
     tta.add_argument("--tta", dest="tta", action="store_true", help="mirror test-time augmentation (8 flips)")
     tta.add_argument("--no-tta", dest="tta", action="store_false", help="no test-time augmentation (default)")

@@ -207,3 +207,16 @@ def test_the_panel_runs_the_engine_in_the_chosen_python_with_no_torch_in_slicer(
         assert not any(alive(p) for p in pids)
     finally:
         panel.cleanup()
+
+
+def test_a_requirement_for_another_platform_does_not_apply_here(monkeypatch):
+    """pyproject.toml caps numpy below 2 on Intel Macs only (torch 2.2 there); on Linux numpy 2 is ready."""
+    import platform
+    from SegBookLib.InstallLogic import applies
+    mac_only = "numpy<2; platform_system == 'Darwin' and platform_machine == 'x86_64'"
+    assert mac_only in coreRequirements()["core"]
+    here = platform.system() == "Darwin" and platform.machine() == "x86_64"
+    assert applies(mac_only) is here
+    versions = dict(ready_versions(), numpy="2.1.0")
+    logic = InstallLogic(versions=lambda names: {n: versions.get(n) for n in names})
+    assert ("numpy" in [parseRequirement(r)[0] for r, _ in logic.problems()]) is here

@@ -134,7 +134,7 @@ class _UiStub:
         if name not in self._widgets:
             # only the members of the widget's real class (WIDGET_MEMBERS) exist on the stub
             w = mock.MagicMock(name=name, spec=sorted(WIDGET_MEMBERS[self._classes[name]]))
-            defaults = {"currentText": "auto" if "evice" in name else "quick", "currentData": None,
+            defaults = {"currentText": "auto" if "evice" in name or "recision" in name else "quick", "currentData": None,
                         "checked": False, "text": "", "value": 0, "count": 0, "currentPath": ""}
             for member, value in defaults.items():
                 if member in WIDGET_MEMBERS[self._classes[name]]:

@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .cpu_fast import optimize_for_cpu
 from .events import Reporter
 from .export import SlabExporter
 from . import dicom_seg
@@ -33,6 +32,7 @@ from .io import DICOM_SEG_SUFFIX, atomic_path, check_writable, output_format, re
 from .labels import class_table
 from .statistics import csv_path, label_statistics, write_csv
 from .preprocess import preprocess, separate_axis
+from .runners import make_runner, release_memory
 from .sliding_window import compute_steps, gaussian_weights, mirror_axes_sets, padding_for_patch
 
 __all__ = ["Predictor", "resolve_device", "ROI_CONTEXT"]
@@ -60,10 +60,12 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def _cpu_count() -> int:
+    """This process's share of the cores: under torchrun, the ranks on one machine split them."""
     try:
-        return len(os.sched_getaffinity(0))
+        n = len(os.sched_getaffinity(0))
     except AttributeError:
-        return os.cpu_count() or 1
+        n = os.cpu_count() or 1
+    return max(1, n // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 @contextlib.contextmanager
@@ -93,7 +95,7 @@ class Predictor:
     A module handed in is used as is (its device is kept unless `device` says otherwise)."""
 
     def __init__(self, model, *, checkpoint=None, device="auto", tta: bool = False, step: float = 0.5,
-                 reporter: Reporter | None = None):
+                 reporter: Reporter | None = None, backend: str = "auto", precision: str = "auto"):
         if not 0 < step <= 1:
             raise InputError(f"step must be in (0, 1], got {step}")
         if isinstance(model, nn.Module):
@@ -110,14 +112,13 @@ class Predictor:
         self.network, self.config = net, net.config
         self.device = resolve_device(device)
         self.network.to(self.device)
-        # On the CPU, a network we own runs channels-last with layers that keep that layout (cpu_fast): ~1.7x
-        # faster per tile, same logits up to float rounding. A network handed in (training) is left alone.
-        self.channels_last = self.owns_network and self.device.type == "cpu"
-        if self.channels_last:
-            self.network = optimize_for_cpu(self.network, inplace=True)
         self.tta, self.step = bool(tta), float(step)
         self.reporter = reporter or Reporter()
         self.checkpoint = str(checkpoint) if checkpoint else None
+        # What computes a tile's logits (runners.py); a network handed in (training) stays on torch, as is.
+        self.runner = make_runner(net, self.device, backend=backend, precision=precision,
+                                  owned=self.owns_network, threads=_cpu_count(), reporter=self.reporter)
+        self._batch = self.runner.max_batch      # tiles per runner call; halved when CUDA runs out of memory
 
     # ---------------------------------------------------------------- arrays
     def label_values(self, classes) -> np.ndarray:
@@ -203,11 +204,15 @@ class Predictor:
             modes = ["nearest" if a == axis else "linear" for a in range(3)]
             view = out[tuple(slice(lo, hi) for lo, hi in pre.bbox)]
             try:
-                self._sliding_window(pre.data, view, modes, label_of_channel, self.device)
+                self._sliding_window(pre.data, view, modes, label_of_channel, self.runner.device)
+                return
             except torch.cuda.OutOfMemoryError:
-                log.warning("out of GPU memory for the logits; accumulating them in CPU memory instead")
-                torch.cuda.empty_cache()
-                self._sliding_window(pre.data, view, modes, label_of_channel, torch.device("cpu"))
+                pass
+            # Retried here, outside the except block: while it runs, the traceback pins the failed attempt's
+            # frames (accumulators, activations), and empty_cache() can only return blocks nothing references.
+            log.warning("out of GPU memory for the logits; accumulating them in CPU memory instead")
+            release_memory()
+            self._sliding_window(pre.data, view, modes, label_of_channel, torch.device("cpu"))
 
     def _sliding_window(self, data: np.ndarray, out: np.ndarray, modes, label_of_channel,
                         results_device: torch.device) -> None:
@@ -235,11 +240,13 @@ class Predictor:
                     t0 = time.perf_counter()
                     tile = source[:, z:z + patch[0], y:y + patch[1], x:x + patch[2]]
                     pred = self._predict_tile(tile).to(results_device)
+                    self.runner.synchronize()       # CUDA is asynchronous: time the work, not the launches
                     t1 = time.perf_counter()
                     pred *= gauss
                     _accumulate(acc[:, :, y:y + patch[1], x:x + patch[2]], pred)
                     weight[:, y:y + patch[1], x:x + patch[2]] += gauss
                     del pred
+                    self.runner.synchronize()
                     clock["network"] += t1 - t0
                     clock["accumulate"] += time.perf_counter() - t1
                     done += 1
@@ -250,6 +257,7 @@ class Predictor:
             if final < patch[0]:
                 _shift_left(acc, final)
                 _shift_left(weight, final)
+            self.runner.synchronize()
             clock["export"] += time.perf_counter() - t0
         if not exporter.complete:
             raise RuntimeError("export did not cover the whole output (internal error)")
@@ -271,27 +279,36 @@ class Predictor:
             exporter.feed(c - inner[0].start, logits.float())
 
     def _predict_tile(self, tile: torch.Tensor) -> torch.Tensor:
-        """(C, pz, py, px) -> (K, pz, py, px) float32 logits, averaged over the mirror flips when TTA is on."""
-        x = tile[None].to(self.device, non_blocking=True)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
+        """(C, pz, py, px) -> (K, pz, py, px) float32 logits on the runner's device, averaged over the mirror
+        flips when TTA is on. Flips share a runner call up to `self._batch`, halved on CUDA out-of-memory."""
+        x = tile[None]
         flips = mirror_axes_sets([a + 2 for a in self.config.plan.mirror_axes]) if self.tta else [()]
-        amp = torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else contextlib.nullcontext()
-        with amp:
-            if self.device.type == "cuda" and len(flips) > 1:
-                # One batch of all flips keeps the GPU busy; the CPU gains nothing from batching.
-                batch = torch.cat([torch.flip(x, f) if f else x for f in flips])
-                out = self.network(batch).float()
-                pred = sum(torch.flip(out[i:i + 1], f) if f else out[i:i + 1] for i, f in enumerate(flips))
-            else:
-                pred = None
-                for f in flips:
-                    y = self.network(torch.flip(x, f) if f else x).float()
-                    y = torch.flip(y, f) if f else y
-                    pred = y if pred is None else pred.add_(y)
+        pred, i = None, 0
+        while i < len(flips):
+            group = flips[i:i + self._batch]
+            try:
+                out = self.runner(torch.cat([torch.flip(x, f) if f else x for f in group]))
+            except torch.cuda.OutOfMemoryError:
+                if self._batch == 1:
+                    raise
+                out = None
+            if out is None:             # retried outside the except block, as in _segment
+                self._batch //= 2
+                log.warning("out of GPU memory for %d mirror flips at once; now %d", len(group), self._batch)
+                release_memory()
+                continue
+            for j, f in enumerate(group):
+                y = out[j:j + 1].float()        # one flip at a time: no float32 copy of the whole batch
+                if f:
+                    y = torch.flip(y, f)
+                elif len(flips) > 1:
+                    y = y.clone()               # the runner may reuse its output buffer on the next call
+                pred = y if pred is None else pred.add_(y)
+            del out
+            i += len(group)
         if len(flips) > 1:
             pred /= len(flips)
-        return pred[0].contiguous()
+        return pred[0]
 
     # ---------------------------------------------------------------- files
     def predict_file(self, input_path, output_path, *, roi_lps=None, classes=None, statistics=False,
@@ -326,7 +343,8 @@ class Predictor:
             "input": str(input_path), "output": str(output_path),
             "model": self.config.name, "checkpoint": self.checkpoint,
             "labels": table,
-            "settings": {"device": str(self.device), "tta": self.tta, "step": self.step,
+            "settings": {"device": str(self.device), "backend": self.runner.name,
+                         "precision": self.runner.precision, "tta": self.tta, "step": self.step,
                          "classes": list(classes) if classes else None,
                          "roi_lps": [float(v) for v in roi_lps] if roi_lps is not None else None,
                          "roi_voxels_zyx": list(roi) if roi else None,

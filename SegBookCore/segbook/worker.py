@@ -5,7 +5,8 @@ same model pays no start-up (imports, weight loading). Requests, one JSON object
 
     {"id": "r1", "command": "predict", "input": "in.nrrd", "output": "out.nrrd", "model": "NAME|DIR",
      "checkpoint": null, "device": "auto", "tta": false, "classes": ["liver"], "roi_lps": [x0,y0,z0,x1,y1,z1],
-     "statistics": false, "series": null}      (statistics: per-structure statistics in the result and a CSV;
+     "statistics": false, "series": null, "backend": "auto", "precision": "auto"}
+                                               (statistics: per-structure statistics in the result and a CSV;
                                                 series: the DICOM Series Instance UID, for a folder of several;
                                                 an output ending .dcm: a DICOM SEG of a DICOM series input)
     {"id": "r2", "command": "ping"}
@@ -75,7 +76,7 @@ class Worker:
 
     def __init__(self, out_stream):
         self.reporter = _TaggedReporter(out_stream)
-        self._key = None                # (model, checkpoint, device) of the loaded Predictor
+        self._key = None                # (model, checkpoint, device, backend, precision) of the loaded Predictor
         self._predictor_obj = None
 
     # -- requests -------------------------------------------------------------------------------------
@@ -105,19 +106,26 @@ class Worker:
             self.reporter.send({"event": "error", "request": rid, "message": f"{type(e).__name__}: {first}"})
         finally:
             self.reporter.request = None
+            if "torch" in sys.modules:      # torch is imported with the first model, not for a ping
+                # Slicer renders on the same GPU: hand the request's cached blocks back (the model stays).
+                from .runners import release_memory
+                release_memory()
         return True
 
     def _predictor(self, request: dict):
-        """The Predictor for (model, checkpoint, device), loaded once; TTA is a per-request setting."""
+        """The Predictor for (model, checkpoint, device, backend, precision), loaded once; TTA is a per-request
+        setting."""
         from .inference import Predictor
 
         model, checkpoint = str(request["model"]), request.get("checkpoint") or None
-        key = (model, checkpoint, request.get("device") or "auto")
+        key = (model, checkpoint, request.get("device") or "auto", request.get("backend") or "auto",
+               request.get("precision") or "auto")
         reused = self._key == key
         if not reused:
             self._predictor_obj, self._key = None, None     # one model in memory at a time
             t0 = time.monotonic()
-            self._predictor_obj = Predictor(model, checkpoint=checkpoint, device=key[2], reporter=self.reporter)
+            self._predictor_obj = Predictor(model, checkpoint=checkpoint, device=key[2], reporter=self.reporter,
+                                            backend=key[3], precision=key[4])
             self._key = key
             self.reporter.emit({"event": "loaded", "model": model, "reused": False,
                                 "device": str(self._predictor_obj.device),

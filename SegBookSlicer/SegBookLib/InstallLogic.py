@@ -63,6 +63,18 @@ def parseRequirement(text: str):
     return name, bounds
 
 
+def applies(requirement: str) -> bool:
+    """Whether a requirement's environment marker ("numpy<2; platform_system == 'Darwin' and ...") holds for
+    this Python and platform: a requirement for Intel Macs alone must not hold back numpy on Linux."""
+    if ";" not in requirement:
+        return True
+    try:
+        from packaging.markers import Marker
+    except ImportError:   # pip vendors it, and Slicer's Python always has pip
+        from pip._vendor.packaging.markers import Marker
+    return Marker(requirement.split(";", 1)[1]).evaluate()
+
+
 def versionTuple(version: str) -> tuple:
     """"2.2.2+cpu" -> (2, 2, 2); "2.5.0rc1" -> (2, 5, 0): the release numbers."""
     parts = []
@@ -155,7 +167,7 @@ class InstallLogic:
 
     def requirements(self, training: bool = False) -> list:
         reqs = self._requirements or coreRequirements()
-        return list(reqs["core"]) + (list(reqs["train"]) if training else [])
+        return [r for r in list(reqs["core"]) + (list(reqs["train"]) if training else []) if applies(r)]
 
     def problems(self, training: bool = False) -> list:
         """[(requirement, installed version or None)] for every requirement not met, torch first."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 DEVICES = ("auto", "cuda", "cpu")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")   # segbook.runners: auto = fp32 on the CPU, fp16 on CUDA
 PRESETS = ("quick", "standard", "segbook")
 
 
@@ -22,16 +23,20 @@ class SegmentParameters:
     tta: bool = False
     classes: list = field(default_factory=list)   # structure subset by name; empty = all
     statistics: bool = True                 # per-structure volume/intensity table after Segment
+    precision: str = "auto"
 
     def __post_init__(self):
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, not '{self.device}'")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not '{self.precision}'")
 
     def request(self, requestId: str, inputPath: str, outputPath: str, roiLps=None) -> dict:
         """The worker's predict request (see segbook.worker)."""
         return {"id": requestId, "command": "predict", "input": str(inputPath), "output": str(outputPath),
                 "model": self.model, "checkpoint": self.checkpoint, "device": self.device, "tta": self.tta,
-                "classes": list(self.classes) or None, "roi_lps": roiLps, "statistics": bool(self.statistics)}
+                "classes": list(self.classes) or None, "roi_lps": roiLps, "statistics": bool(self.statistics),
+                "precision": self.precision}
 
 
 @dataclass

@@ -15,7 +15,7 @@ from . import NodeIO
 from .FineTuneLogic import FineTuneLogic
 from .InstallLogic import InstallLogic, pythonSetting, setPythonSetting
 from .ModelCatalog import ModelCatalog, userDirectory
-from .Parameters import DEVICES, PRESETS, FineTuneParameters, SegmentParameters, loadFromNode, saveToNode
+from .Parameters import DEVICES, PRECISIONS, PRESETS, FineTuneParameters, SegmentParameters, loadFromNode, saveToNode
 from .ProcessRunner import ProcessRunner, coreEnvironment, pythonExecutable
 from .SegmentationLogic import SegmentationError, SegmentationLogic
 from .TrainingChart import TrainingChart
@@ -53,6 +53,9 @@ class Widget(qt.QWidget):
             combo.clear()
             for device in DEVICES:
                 combo.addItem(device)
+        self.ui.precisionComboBox.clear()
+        for precision in PRECISIONS:
+            self.ui.precisionComboBox.addItem(precision)
         self.ui.presetComboBox.clear()
         for preset in PRESETS:
             self.ui.presetComboBox.addItem(preset)
@@ -217,12 +220,14 @@ class Widget(qt.QWidget):
         checked = [it.text() for it in items if it.checkState() == qt.Qt.Checked]
         return SegmentParameters(model=self.ui.modelComboBox.currentData, device=self.ui.deviceComboBox.currentText,
                                  tta=self.ui.ttaCheckBox.checked, classes=checked,
+                                 precision=self.ui.precisionComboBox.currentText,
                                  checkpoint=self.ui.checkpointPathLineEdit.currentPath or None)
 
     def setSegmentRunning(self, running: bool) -> None:
         self.ui.segmentButton.text = "Cancel" if running else "Segment"
         for w in (self.ui.modelComboBox, self.ui.inputVolumeSelector, self.ui.outputSegmentationSelector,
-                  self.ui.roiSelector, self.ui.classesListWidget, self.ui.deviceComboBox, self.ui.ttaCheckBox):
+                  self.ui.roiSelector, self.ui.classesListWidget, self.ui.deviceComboBox, self.ui.ttaCheckBox,
+                  self.ui.precisionComboBox):
             w.enabled = not running
         if not running:
             self.ui.segmentProgressBar.setRange(0, 100)
@@ -419,6 +424,7 @@ class Widget(qt.QWidget):
         params = loadFromNode(SegmentParameters, node, "Segment")
         self.ui.deviceComboBox.setCurrentText(params.device)
         self.ui.ttaCheckBox.checked = params.tta
+        self.ui.precisionComboBox.setCurrentText(params.precision)
 
     def cleanup(self) -> None:
         self.timer.stop()

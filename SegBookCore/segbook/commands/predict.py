@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
 from ..errors import InputError
 from ..events import make_reporter
 from ..io import DICOM_SEG_SUFFIX, IMAGE_SUFFIXES, check_writable, output_format, sidecar_path
+from ..runners import BACKENDS, PRECISIONS
 
 HELP = "segment CT/MR images (NIfTI, NRRD, MHA, DICOM folders) with an STU-Net model"
 
@@ -24,6 +26,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint", help="weights file to use with the named model's plan "
                                              "(e.g. a hand-downloaded base_ep4k.model)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="network engine: auto (OpenVINO on the CPU when installed, else torch), torch, openvino")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="auto (fp32 on the CPU, fp16 on CUDA), fp32, bf16 (faster on CPUs with bf16 units; "
+                             "fidelity in benchmarks/RESULTS.md), fp16 (CUDA)")
     tta = parser.add_mutually_exclusive_group()
     tta.add_argument("--tta", dest="tta", action="store_true", help="mirror test-time augmentation (8 flips)")
     tta.add_argument("--no-tta", dest="tta", action="store_false", help="no test-time augmentation (default)")
@@ -102,6 +109,19 @@ def _parse_roi(text: str | None):
     return values
 
 
+def _shard(images: list, targets: list, device: str):
+    """Under torchrun (RANK/WORLD_SIZE set), rank r of n predicts inputs r, r+n, ... on its own GPU
+    (LOCAL_RANK) or its share of the CPU cores (inference._cpu_count). No process group is needed."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return images, targets, device
+    if device == "auto":
+        import torch
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    log.info("rank %d of %d: %d of %d inputs on %s", rank, world, len(images[rank::world]), len(images), device)
+    return images[rank::world], targets[rank::world], device
+
+
 def run(args) -> int:
     import os
     # Transparent huge pages for PyTorch's large CPU buffers (read at the first large allocation): each
@@ -133,9 +153,10 @@ def run(args) -> int:
         images, targets = [src for src, _ in todo], [dst for _, dst in todo]
         if not images:
             return 0
+    images, targets, device = _shard(images, targets, args.device)
     reporter = make_reporter(args.progress)
-    predictor = Predictor(args.model, checkpoint=args.checkpoint, device=args.device, tta=args.tta,
-                          step=args.step, reporter=reporter)
+    predictor = Predictor(args.model, checkpoint=args.checkpoint, device=device, tta=args.tta,
+                          step=args.step, reporter=reporter, backend=args.backend, precision=args.precision)
     if classes:
         predictor.label_values(classes)     # an unknown class name fails before any image is read
     failed = 0

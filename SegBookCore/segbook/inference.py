@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .devices import resolve_device, use_device
 from .errors import InputError
 from .events import Reporter
 from .export import SlabExporter
@@ -44,19 +45,6 @@ log = logging.getLogger(__name__)
 ROI_CONTEXT = 0.25
 # Logits values (classes x voxels) divided and handed to the exporter at once: 32 M floats = 128 MB.
 _FINALIZE_VALUES = 2 ** 25
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto" -> the first CUDA device if there is one, else the CPU; "cpu", "cuda", "cuda:N" as given."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise InputError(f"unknown device '{device}' (auto, cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device '{device}' requested but CUDA is not available")
-    return dev
 
 
 def _cpu_count() -> int:
@@ -111,6 +99,11 @@ class Predictor:
             self.owns_network = True
         self.network, self.config = net, net.config
         self.device = resolve_device(device)
+        use_device(self.device)
+        if self.device.type == "cuda":
+            # every tile has the patch's shape: cuDNN's benchmark picks each layer's fastest algorithm once
+            # per input shape and reuses it (as nnU-Net's predictor does)
+            torch.backends.cudnn.benchmark = True
         self.network.to(self.device)
         self.tta, self.step = bool(tta), float(step)
         self.reporter = reporter or Reporter()

@@ -54,6 +54,19 @@ def _stub_host() -> None:
     sys.modules["slicer.ScriptedLoadableModule"] = slm
     slicer.ScriptedLoadableModule = slm
 
+    class Application:
+        """qSlicerApplication, as far as a module's constructor may use it: it exists before any module is
+        instantiated, and modules connect to its signals (e.g. startupCompleted())."""
+
+        def __init__(self):
+            self.connections = []
+
+        def connect(self, signal, slot):
+            self.connections.append((signal, slot))
+
+    if not hasattr(slicer, "app"):
+        slicer.app = Application()
+
 
 def candidates(folder: Path) -> list:
     found = []

@@ -25,8 +25,10 @@ MINI = Path(__file__).parent / "data" / "hippocampus_mini"
 PATCH = [24, 32, 24]
 
 
+@pytest.mark.nnunet
 def test_augmentation_equals_nnunet_on_fixed_seeds(tmp_path):
-    nn_trainer = pytest.importorskip("nnunetv2.training.nnUNetTrainer.nnUNetTrainer")
+    import importlib
+    nn_trainer = importlib.import_module("nnunetv2.training.nnUNetTrainer.nnUNetTrainer")
     ds = read_dataset(MINI)
     case = cache_dataset(ds, ds.cases[:1], Plan([1.0] * 3, PATCH), tmp_path / "cache")[0]
     image, seg = case.load(mmap=False)

@@ -7,6 +7,7 @@ import gc
 import io
 import json
 import platform
+import subprocess
 import sys
 import weakref
 from pathlib import Path
@@ -82,8 +83,20 @@ def test_bf16_hint_reaches_the_compiled_model(tmp_path):
 
 
 @needs_openvino
-def test_conversion_is_cached_per_weights_patch_and_engine_version(tmp_path, monkeypatch):
+def test_conversion_is_cached_per_weights_patch_and_engine_version(tmp_path):
+    # In its own process: after this check ran inside the pytest process, a later in-process conversion
+    # (test_training's model-folder test) crashed that process with SIGSEGV and no Python traceback; not
+    # reproduced in plain scripts that convert, reload from the cache and convert another network
+    # (noted in issue 11). The check itself is unchanged.
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_runners; " \
+           f"test_runners._check_conversion_cache({str(tmp_path)!r})"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def _check_conversion_cache(tmp):
     import openvino as ov
+    tmp_path = Path(tmp)
     net, x, _ = fixture_net("tiny_totalseg_pools")
     first = openvino_engine.OpenVINORunner(net, cache_root=tmp_path)
     ref = first(x).numpy().copy()
@@ -95,20 +108,20 @@ def test_conversion_is_cached_per_weights_patch_and_engine_version(tmp_path, mon
 
     def no_conversion(*a, **k):
         raise AssertionError("converted again although the conversion is cached")
-    monkeypatch.setattr(ov, "convert_model", no_conversion)
+    convert, ov.convert_model = ov.convert_model, no_conversion
     second = openvino_engine.OpenVINORunner(net, cache_root=tmp_path)
     np.testing.assert_array_equal(second(x).numpy(), ref)
     assert not second.converted and second.folder == first.folder
-    monkeypatch.undo()
+    ov.convert_model = convert
 
     key = openvino_engine.cache_key(net, net.config.plan.patch_size)
     assert openvino_engine.cache_key(net, [32, 32, 32]) != key                 # another patch shape
-    monkeypatch.setattr(openvino_engine, "ENGINE_VERSION", openvino_engine.ENGINE_VERSION + 1)
+    openvino_engine.ENGINE_VERSION += 1
     assert openvino_engine.cache_key(net, net.config.plan.patch_size) != key   # another engine version
-    monkeypatch.undo()
-    monkeypatch.setattr(ov, "__version__", "0.0.0")
+    openvino_engine.ENGINE_VERSION -= 1
+    version, ov.__version__ = ov.__version__, "0.0.0"
     assert openvino_engine.cache_key(net, net.config.plan.patch_size) != key   # another OpenVINO
-    monkeypatch.undo()
+    ov.__version__ = version
     with torch.no_grad():
         net.seg_outputs[-1].bias.add_(1)
     assert openvino_engine.cache_key(net, net.config.plan.patch_size) != key   # other weights (fine-tuned)

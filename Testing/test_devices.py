@@ -16,7 +16,7 @@ from segbook.cli import main
 from segbook.devices import autocast, resolve_device
 from segbook.errors import InputError
 from segbook.training import state as training_state
-from segbook.training.distributed import setup
+from segbook.training import distributed  # not `import setup`: pytest < 8 runs a module-level setup() as nose-style set-up
 from segbook.training.sampling import make_loader
 
 MINI = Path(__file__).parent / "data" / "hippocampus_mini"
@@ -54,7 +54,7 @@ def test_finetune_on_a_missing_gpu_is_one_line_not_a_traceback(tmp_path, capsys)
 
 def test_single_process_cuda_n_makes_it_the_current_device(gpus):
     calls = gpus(2)
-    d, dev = setup("cuda:1")
+    d, dev = distributed.setup("cuda:1")
     assert not d.enabled and dev == torch.device("cuda:1")
     assert calls == [torch.device("cuda:1")]
 

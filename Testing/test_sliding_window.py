@@ -22,6 +22,7 @@ def test_steps_equal_nnunet(step):
         assert compute_steps(size, patch, step) == nn_sw.compute_steps_for_sliding_window(size, patch, step)
 
 
+@pytest.mark.nnunet
 @pytest.mark.parametrize("shape", [(224, 202, 244), (128, 300, 129), (191, 128, 160)])
 def test_tile_order_and_count_as_nnunet(shape):
     """The tiles and their order of nnU-Net's own predictor (`_internal_get_sliding_window_slicers`);

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ from .loss import DeepSupervisionLoss
 from .model_init import build_network, fetch_base
 from .sampling import BatchDataset, make_loader
 from .state import load_training_state, save_training_state
+from .stop import StopRequest
 
 __all__ = ["finetune", "TrainingError", "train_step", "make_optimizer", "split_cases"]
 
@@ -90,37 +90,6 @@ def train_step(net, batch, loss_fn, opt, scaler, device, d: Dist = Dist()) -> fl
         torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
         opt.step()
     return value
-
-
-class _StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next iteration and returns.
-
-    A stop file does the same where no signal can be sent (Windows, or through a launcher that forwards
-    none, like Slicer's PythonSlicer): the loop stops once the file exists.
-    """
-
-    def __init__(self, stop_file=None):
-        self.signum = 0
-        self.stop_file = stop_file
-        self._old = {}
-
-    def requested(self) -> bool:
-        return self.signum != 0 or (self.stop_file is not None and os.path.exists(self.stop_file))
-
-    def __enter__(self):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread (e.g. a Slicer worker thread): no handlers
-                pass
-        return self
-
-    def _handle(self, signum, _frame):
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
 
 
 def _prepare_config(cfg: FinetuneConfig, train_dir: Path) -> FinetuneConfig:
@@ -327,7 +296,7 @@ def _run(cfg, d, device, out, train_dir, reporter, command, stop_file=None) -> d
 
     # 5. the loop
     result = {"model_dir": str(out), "stopped": False}
-    with _StopRequest(stop_file) as stop:
+    with StopRequest(stop_file) as stop:
         for epoch in range(start_epoch, epochs):
             net.train()
             t0, losses = time.monotonic(), []

@@ -7,14 +7,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import pytest
 import SimpleITK as sitk
-
-# SimpleITK < 2.5 (the GDCM inside it) neither decodes the real JPEG 2000 series ("Failed to change to Implicit
-# Transfer Syntax": the reader then refuses it with that one line) nor notices a truncated slice file; seen in
-# the oldest-versions run with 2.2.0, 2.3.1 and 2.4.0, fine with 2.5.7. strict: these must fail there.
-OLD_GDCM = pytest.mark.xfail(tuple(int(v) for v in sitk.Version_VersionString().split(".")[:2]) < (2, 5),
-                             reason="SimpleITK < 2.5: its GDCM misreads JPEG 2000 and truncated DICOM", strict=True)
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 

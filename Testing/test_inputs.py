@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from dicom_fixtures import AXIAL, OLD_GDCM, expected_volume, write_series
+from dicom_fixtures import AXIAL, expected_volume, write_series
 from segbook.dicom import read_series
 from segbook.errors import InputError
 from segbook.io import read_image
@@ -264,12 +264,19 @@ def test_slices_that_do_not_form_one_grid_are_refused(tmp_path, kind, message):
     assert str(tmp_path / "s") in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("damage", [pytest.param("truncated", marks=OLD_GDCM), "garbage .dcm", "empty .dcm"])
+@pytest.mark.parametrize("damage", ["truncated", "last byte lost", "cut in the pixel data header", "garbage .dcm",
+                                    "empty .dcm"])
 def test_a_damaged_slice_is_named(tmp_path, damage):
+    """Every version of SimpleITK: its GDCM before 2.5 reads a cut slice file as if whole (zeros for the rest)."""
     files = write_series(tmp_path / "s")
     bad = files[3]
+    pixels = 24 * 20 * 2
     if damage == "truncated":
         _cut(bad, -200)
+    elif damage == "last byte lost":
+        _cut(bad, -1)
+    elif damage == "cut in the pixel data header":
+        _cut(bad, len(bad.read_bytes()) - pixels - 6)
     elif damage == "garbage .dcm":
         bad.write_bytes(b"\x00garbage" * 100)
     else:
@@ -315,15 +322,56 @@ def test_multi_frame_file(tmp_path):
     np.testing.assert_allclose(geometry.origin, img.GetOrigin(), atol=1e-4)
 
 
-@OLD_GDCM
-def test_real_jpeg2000_series_and_a_cut_slice_of_it(tmp_path):
+def test_real_jpeg2000_series():
     """Three slices of a real scanner series (JPEG 2000, HU rescale, empty Series UID after anonymisation)."""
     array, geometry = read_image(REAL_DICOM)
     assert array.shape == (1, 3, 512, 512)
     assert -1100 < array.min() < -900 and array.max() > 500             # HU: rescale intercept -1024 applied
     np.testing.assert_allclose(geometry.spacing, (0.9765625, 0.9765625, 2.0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9, -8, -1])
+def test_a_cut_compressed_slice_is_named(tmp_path, keep):
+    """Encapsulated (JPEG 2000) pixel data: its fragments must run to the sequence delimiter; the last 8 bytes
+    are that delimiter, so even -1 loses it."""
     shutil.copytree(REAL_DICOM, tmp_path / "s")
     victim = sorted((tmp_path / "s").iterdir())[1]
-    _cut(victim, 0.5)
+    _cut(victim, keep)
     with pytest.raises(InputError, match=f"{victim.name} cannot be read"):
         read_image(tmp_path / "s")
+
+
+def _element(tag, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element (DICOM PS3.5 7.1.2)."""
+    head = struct.pack("<HH", *tag) + vr
+    if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT"):
+        return head + b"\0\0" + struct.pack("<I", len(value)) + value
+    return head + struct.pack("<H", len(value)) + value
+
+
+def test_pixel_data_check_reads_each_syntax_and_ignores_look_alike_bytes(tmp_path):
+    """The check finds the Pixel Data element in implicit and explicit little endian, whole files pass, and
+    the element's bytes inside an earlier value (claiming more bytes than the file has) do not fail a whole
+    file, nor hide the cut of a damaged one."""
+    from segbook.dicom import _pixel_data_complete
+    img = sitk.Cast(_volume(np.uint8, shape=(1, 20, 24)), sitk.sitkInt16)
+    writer = sitk.ImageFileWriter()
+    whole = 24 * 20 * 2
+    for syntax in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1"):
+        path = tmp_path / f"{syntax}.dcm"
+        img.SetMetaData("0002|0010", syntax)
+        writer.SetFileName(str(path))
+        writer.Execute(img)
+        assert _pixel_data_complete(path, whole), syntax
+        assert not _pixel_data_complete(path, whole + 2), syntax     # a header promising more than the file has
+        _cut(path, -2)
+        assert not _pixel_data_complete(path, whole), syntax
+    fake = struct.pack("<HH", 0x7FE0, 0x0010) + b"OW\0\0" + struct.pack("<I", 10 ** 6)
+    pixels = bytes(range(256)) * 4
+    data = (b"\0" * 128 + b"DICM" + _element((2, 0x10), b"UI", b"1.2.840.10008.1.2.1\0")
+            + _element((8, 0x103E), b"LO", fake) + _element((0x7FE0, 0x10), b"OW", pixels))
+    path = tmp_path / "look-alike.dcm"
+    path.write_bytes(data)
+    assert _pixel_data_complete(path, len(pixels))
+    path.write_bytes(data[:-1])
+    assert not _pixel_data_complete(path, len(pixels))

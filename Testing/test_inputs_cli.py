@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import run_cli
-from dicom_fixtures import OLD_GDCM, expected_volume, write_series
+from dicom_fixtures import expected_volume, write_series
 from test_predict_cli import model_dir  # noqa: F401  (the tiny CLI model fixture)
 
 DATA = Path(__file__).parent / "data"
@@ -95,7 +95,7 @@ def _bad(tmp: Path, kind: str) -> tuple[Path, list, str]:
     raise KeyError(kind)
 
 
-BAD = ["nii.gz truncated", "nii.gz corrupt", "mha zlib corrupt", "nii truncated", "zero spacing", "two series", "missing slice", pytest.param("corrupt slice", marks=OLD_GDCM),
+BAD = ["nii.gz truncated", "nii.gz corrupt", "mha zlib corrupt", "nii truncated", "zero spacing", "two series", "missing slice", "corrupt slice",
        "unknown series"]
 
 

@@ -4,7 +4,8 @@ A folder holding several series is refused with the list of them (UID, descripti
 one is chosen (`series=UID`). The slices of a series must form one regular grid: same size, pixel spacing and
 orientation, one slice per position, equal steps. A missing slice (a step about twice the others), a duplicate
 position, mixed sizes or orientations, or unequal steps are refused with the positions named (the tolerance is
-Slicer's DICOMScalarVolumePlugin one: 0.01 mm). A slice file that cannot be read is named.
+Slicer's DICOMScalarVolumePlugin one: 0.01 mm). A slice file that cannot be read, or whose pixel data is cut
+short (checked from the file's bytes: SimpleITK's GDCM before 2.5 reads such a file without an error), is named.
 
 What is supported, as scanners write it:
 - Rescale slope/intercept (HU): applied per slice by GDCM, the array is float32.
@@ -64,19 +65,21 @@ class _Slice:
     direction: np.ndarray       # 3x3, columns: row axis, column axis, normal
     frames: int
     instance_uid: str = ""
+    pixel_bytes: int = 0        # what the header promises: rows x columns x frames x samples x bits / 8
 
 
-def _file_meta_sop_class(path: Path) -> str | None:
-    """Media Storage SOP Class UID from the file meta group (before any dataset byte: survives truncation);
-    None when the file has no DICOM preamble."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4096)
-    except OSError:
-        return None
+def _file_meta(path: Path, head: bytes | None = None) -> dict[int, str] | None:
+    """The file meta group's text elements by element number (2: Media Storage SOP Class UID, 0x10: Transfer
+    Syntax UID); it precedes every dataset byte, so it survives truncation. None without a DICOM preamble."""
+    if head is None:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4096)
+        except OSError:
+            return None
     if head[128:132] != b"DICM":
         return None
-    pos = 132
+    meta, pos = {}, 132
     while pos + 8 <= len(head):
         group, element = struct.unpack("<HH", head[pos:pos + 4])
         if group != 2:
@@ -86,10 +89,67 @@ def _file_meta_sop_class(path: Path) -> str | None:
             (length,), start = struct.unpack("<I", head[pos + 8:pos + 12]), pos + 12
         else:
             (length,), start = struct.unpack("<H", head[pos + 6:pos + 8]), pos + 8
-        if element == 2:
-            return head[start:start + length].decode("ascii", "replace").strip("\x00 ")
+        meta[element] = head[start:start + length].decode("ascii", "replace").strip("\x00 ")
         pos = start + length
-    return ""
+    return meta
+
+
+def _file_meta_sop_class(path: Path) -> str | None:
+    """Media Storage SOP Class UID ("" unknown, None when the file has no DICOM preamble)."""
+    meta = _file_meta(path)
+    return None if meta is None else meta.get(2, "")
+
+
+_IMPLICIT_LE, _EXPLICIT_BE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"
+# Pixel Data, Float Pixel Data, Double Float Pixel Data
+_PIXEL_TAGS = ((0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009))
+_PIXEL_VRS = (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN")
+_UNDEFINED = 0xFFFFFFFF
+
+
+def _pixel_data_complete(path: Path, expected: int) -> bool:
+    """Whether the file holds all of its pixel data: a Pixel Data element whose value (at least `expected`
+    bytes, Rows x Columns x frames x samples x BitsAllocated / 8) lies inside the file, or, encapsulated
+    (compressed), whose fragments run to the sequence delimiter. GDCM before SimpleITK 2.5 reads a slice file
+    cut short without an error and fills the rest with zeros, so this is checked here, from the bytes. Any
+    candidate that fits counts: the tag's bytes inside an earlier value must not make a whole file damaged."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    preamble = data[128:132] == b"DICM"
+    syntax = (_file_meta(path, data[:4096]) or {}).get(0x10, "") if preamble else _IMPLICIT_LE
+    end = ">" if syntax == _EXPLICIT_BE else "<"
+    for group, element in _PIXEL_TAGS:
+        tag = struct.pack(end + "HH", group, element)
+        p = data.find(tag, 132 if preamble else 0)
+        while p >= 0:
+            if syntax == _IMPLICIT_LE:
+                start = p + 8
+            elif data[p + 4:p + 6] in _PIXEL_VRS and data[p + 6:p + 8] == b"\0\0":
+                start = p + 12
+            else:
+                start = None
+            if start is not None and start <= len(data):
+                (length,) = struct.unpack(end + "I", data[start - 4:start])
+                if length == _UNDEFINED and _fragments_complete(data, start, end):
+                    return True
+                if expected <= length != _UNDEFINED and start + length <= len(data):
+                    return True
+            p = data.find(tag, p + 1)
+    return False
+
+
+def _fragments_complete(data: bytes, pos: int, end: str) -> bool:
+    """Encapsulated pixel data: items (FFFE,E000) of stated lengths, then the delimiter (FFFE,E0DD)."""
+    while pos + 8 <= len(data):
+        group, element, length = struct.unpack(end + "HHI", data[pos:pos + 8])
+        if (group, element) == (0xFFFE, 0xE0DD):
+            return True
+        if (group, element) != (0xFFFE, 0xE000) or pos + 8 + length > len(data):
+            return False
+        pos += 8 + length
+    return False
 
 
 def _header(path: Path):
@@ -122,9 +182,10 @@ def find_series(folder: Path) -> tuple[dict[str, DicomSeries], dict[str, _Slice]
         size = tuple(int(s) for s in reader.GetSize()[:2])
         frames = int(reader.GetSize()[2]) if reader.GetDimension() > 2 else 1
         direction = np.array(reader.GetDirection(), float).reshape(3, 3)
+        bits = int(_tag(reader, "0028|0100") or 0) * int(_tag(reader, "0028|0002") or 1)
         slices[str(path)] = _Slice(path, size, tuple(float(s) for s in reader.GetSpacing()[:2]),
                                    np.array(reader.GetOrigin(), float), direction, frames,
-                                   _tag(reader, "0008|0018"))
+                                   _tag(reader, "0008|0018"), -(-size[0] * size[1] * frames * bits // 8))
         entry = series.setdefault(uid, DicomSeries(uid, _tag(reader, "0008|103e"), [], size,
                                                    _file_meta_sop_class(path) or "", _tag(reader, "0020|000d")))
         entry.files.append(path)
@@ -196,9 +257,11 @@ def select_series(folder: str | Path, uid: str | None = None) -> tuple[DicomSeri
     if not series:
         raise InputError(f"{folder}: folder holds no image file and no DICOM series")
     chosen = _choose(folder, series, uid)
-    # a file that does not read but is DICOM of this series' kind is a damaged slice of it
+    # a file that does not read but is DICOM of this series' kind is a damaged slice of it, and so is a slice
+    # whose pixel data is cut short
     damaged = [p for p, sop in unreadable if sop is None and p.suffix.lower() in (".dcm", ".dicom", ".ima")
                or sop and sop == chosen.sop_class]
+    damaged += [p for p in chosen.files if not _pixel_data_complete(p, slices[str(p)].pixel_bytes)]
     if damaged:
         raise InputError(f"{folder}: {damaged[0].name} cannot be read (damaged or incomplete DICOM file"
                          f"{f', and {len(damaged) - 1} more' if len(damaged) > 1 else ''}): re-export the series")

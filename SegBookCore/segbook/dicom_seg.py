@@ -21,7 +21,8 @@ import numpy as np
 from .errors import InputError
 from .io import DICOM_SEG_SUFFIX, Geometry, atomic_path
 
-__all__ = ["SUFFIX", "is_seg_output", "read_source_series", "check_alignment", "write_seg", "model_version", "rgb_to_cielab"]
+__all__ = ["SUFFIX", "is_seg_output", "read_source_series", "read_source_files", "check_alignment", "write_seg",
+           "write_seg_of_label_file", "model_version", "rgb_to_cielab"]
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +63,27 @@ def read_source_series(folder, series_uid: str | None = None) -> list:
     if not folder.is_dir():
         raise InputError(f"{folder}: DICOM SEG output (.dcm) needs a DICOM series folder as input; "
                          f"write a label map (.nii.gz, .seg.nrrd) for this file")
-    _, pydicom = _libraries()
     files = [str(f) for f in select_series(folder, series_uid)[0].files]
+    return _referenceable(_headers(files, folder), folder)
+
+
+def read_source_files(files, where) -> list:
+    """Headers of the source instances `files` (e.g. the ones Slicer loaded a volume from, in any order);
+    InputError when a SEG could not reference them."""
+    if not files:
+        raise InputError(f"{where}: no source DICOM instances to reference")
+    return _referenceable(_headers([str(f) for f in files], where), where)
+
+
+def _headers(files: list, where) -> list:
+    _, pydicom = _libraries()
     try:
-        datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-    except Exception as e:  # pydicom raises several types for broken files
-        raise InputError(f"{folder}: cannot read the DICOM headers ({type(e).__name__}: {e})") from None
+        return [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    except Exception as e:  # pydicom raises several types for broken or missing files
+        raise InputError(f"{where}: cannot read the DICOM headers ({type(e).__name__}: {e})") from None
+
+
+def _referenceable(datasets: list, where) -> list:
     problems = []
     for key in _UIDS + _GEOMETRY:
         lacking = sum(1 for ds in datasets if ds.get(key) in (None, "") or str(ds.get(key)).strip() == "")
@@ -79,7 +95,7 @@ def read_source_series(folder, series_uid: str | None = None) -> list:
     if len({str(ds.get("SOPInstanceUID", "")) for ds in datasets}) < len(datasets) and not problems:
         problems.append("SOPInstanceUID repeats")
     if problems:
-        raise InputError(f"{folder}: a DICOM SEG cannot reference this series ({'; '.join(problems)}; "
+        raise InputError(f"{where}: a DICOM SEG cannot reference this series ({'; '.join(problems)}; "
                          f"anonymised?); write a label map (.nii.gz, .seg.nrrd) instead")
     return datasets
 
@@ -188,3 +204,20 @@ def write_seg(labels: np.ndarray, sources: list, class_table: list, path, *, mod
         seg.save_as(str(tmp))
     log.info("%s: DICOM SEG, %d segments, %d frames", path, len(present), int(seg.NumberOfFrames))
     return path
+
+
+def write_seg_of_label_file(labels_path, source_files, class_table: list, path, *, model: str,
+                            version: str) -> dict:
+    """A DICOM SEG of an existing label map (e.g. a segmentation corrected in Slicer) on the grid of the
+    source instances `source_files`: checked to lie slice for slice on them, then written as `write_seg` does.
+    Returns {"output", "segments"}."""
+    from .io import check_writable, read_labels
+    check_writable(path)
+    sources = read_source_files(source_files, labels_path)
+    labels, geometry = read_labels(labels_path)
+    k_axis = np.array(geometry.direction).reshape(3, 3)[:, 2]       # slice k of the label map is the k-th along it
+    sources.sort(key=lambda ds: float(np.array([float(v) for v in ds.ImagePositionPatient]) @ k_axis))
+    check_alignment(sources, geometry, labels_path)
+    write_seg(labels, sources, class_table, path, model=model, version=version)
+    present = {int(v) for v in np.unique(labels) if v}
+    return {"output": str(path), "segments": len(present)}

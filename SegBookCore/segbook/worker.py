@@ -9,7 +9,11 @@ same model pays no start-up (imports, weight loading). Requests, one JSON object
                                                (statistics: per-structure statistics in the result and a CSV;
                                                 series: the DICOM Series Instance UID, for a folder of several;
                                                 an output ending .dcm: a DICOM SEG of a DICOM series input)
-    {"id": "r2", "command": "ping"}
+    {"id": "r2", "command": "dicom_seg", "labels": "labels.nrrd", "sources": ["1.dcm", ...],
+     "output": "seg.dcm", "classes": [{"value", "name", "color", "terminology"}], "model": "...",
+     "version": "..."}                         (a DICOM SEG of an existing label map, e.g. one corrected in
+                                                Slicer, referencing the instances it lies on; no model loaded)
+    {"id": "r3", "command": "ping"}
     {"command": "shutdown"}
 
 Events, one JSON object per line on stdout (the core's progress protocol, see `segbook.events`), each
@@ -92,12 +96,16 @@ class Worker:
             if command == "ping":
                 self.reporter.send({"event": "done", "request": rid, "result": {"pid": os.getpid()},
                                     "seconds": 0.0})
+            elif command == "dicom_seg":
+                result = self._dicom_seg(request)
+                self.reporter.send({"event": "done", "request": rid, "result": result,
+                                    "seconds": round(time.monotonic() - t0, 3)})
             elif command == "predict":
                 result, reused = self._predict(request)
                 self.reporter.send({"event": "done", "request": rid, "result": result, "reused": reused,
                                     "seconds": round(time.monotonic() - t0, 3)})
             else:
-                raise SegBookError(f"unknown command '{command}' (predict, ping or shutdown)")
+                raise SegBookError(f"unknown command '{command}' (predict, dicom_seg, ping or shutdown)")
         except SegBookError as e:
             self.reporter.send({"event": "error", "request": rid, "message": str(e)})
         except Exception as e:  # a bug or an unexpected library error: report it, keep serving
@@ -148,6 +156,17 @@ class Worker:
                                         statistics=bool(request.get("statistics", False)),
                                         series=request.get("series") or None)
         return result, reused
+
+    @staticmethod
+    def _dicom_seg(request: dict) -> dict:
+        for field in ("labels", "sources", "output", "classes", "model"):
+            if not request.get(field):
+                raise SegBookError(f"dicom_seg request without '{field}'")
+        if not dicom_seg.is_seg_output(request["output"]):
+            raise SegBookError(f"{request['output']}: a DICOM SEG file name ends in {dicom_seg.SUFFIX}")
+        return dicom_seg.write_seg_of_label_file(request["labels"], request["sources"], request["classes"],
+                                                 request["output"], model=str(request["model"]),
+                                                 version=str(request.get("version") or request["model"]))
 
     # -- loop -----------------------------------------------------------------------------------------
     def serve(self, in_stream) -> None:

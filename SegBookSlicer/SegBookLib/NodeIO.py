@@ -176,6 +176,20 @@ def terminologyString(terminology: Optional[dict]) -> Optional[str]:
                      ANATOMIC_CONTEXT, code("region"), code("region_modifier")])
 
 
+def parseTerminology(entry: Optional[str]) -> Optional[dict]:
+    """The codes of a Slicer terminology entry string (the format `terminologyString` writes, whatever the
+    context names): {"category", "type", "type_modifier", "region", "region_modifier"} as
+    (scheme, value, meaning) triples, absent ones left out; None when there is no category and type."""
+    parts = (entry or "").split("~")
+    keys = {1: "category", 2: "type", 3: "type_modifier", 5: "region", 6: "region_modifier"}
+    codes = {}
+    for index, key in keys.items():
+        triple = parts[index].split("^") if index < len(parts) else []
+        if len(triple) == 3 and triple[0] and triple[1]:
+            codes[key] = tuple(triple)
+    return codes if "category" in codes and "type" in codes else None
+
+
 def loadTerminologyContexts(terminologiesLogic, folder) -> list:
     """Load SegBook's context files (every `*.term.json` of `folder`) into Slicer's terminologies logic.
 
@@ -290,6 +304,25 @@ def segmentationToLabels(segmentationNode, referenceVolumeNode, nameToValue: dic
         mask = segmentMask(segmentationNode, segmentId, referenceVolumeNode)
         labels[mask > 0] = nameToValue[name]
     return labels
+
+
+def segmentsToLabels(segmentationNode, referenceVolumeNode) -> tuple:
+    """(labels (z, y, x) on the reference grid, class table): segment n (in the node's order) gets value n,
+    with its name, colour (0-255) and terminology codes, as the user sees them now (corrections included).
+    Where segments overlap, the later one wins: a label map holds one structure per voxel."""
+    segmentation = segmentationNode.GetSegmentation()
+    count = segmentation.GetNumberOfSegments()
+    import slicer
+    labels = np.zeros(slicer.util.arrayFromVolume(referenceVolumeNode).shape, np.uint8 if count < 256 else np.uint16)
+    table = []
+    for index in range(count):
+        segmentId = segmentation.GetNthSegmentID(index)
+        segment = segmentation.GetSegment(segmentId)
+        labels[segmentMask(segmentationNode, segmentId, referenceVolumeNode) > 0] = index + 1
+        table.append({"value": index + 1, "name": segment.GetName(),
+                      "color": [int(round(255 * c)) for c in segment.GetColor()],
+                      "terminology": parseTerminology(segmentTerminology(segment))})
+    return labels, table
 
 
 def writeLabels(labels: np.ndarray, referenceVolumeNode, path) -> Path:

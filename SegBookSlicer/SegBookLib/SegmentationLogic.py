@@ -6,9 +6,10 @@ writes become a segmentation node: one segment per structure found, named, colou
 with the input volume as reference geometry, and (statistics on) a table node of per-structure volumes and
 intensities. The worker stays alive between clicks with the model loaded.
 
-DICOM SEG is not written here: a segmentation node with the DICOM volume as reference geometry and
-terminology-coded segments is what Slicer's own DICOM export (Data module, "Export to DICOM...") turns
-into a SEG that references the loaded series; `segbook predict -o seg.dcm` does it headlessly.
+DICOM SEG: `startDicomSeg` sends the segmentation as it is now (corrections included) to the worker, which
+writes a SEG referencing the DICOM instances the volume was loaded from (Slicer's DICOM database knows their
+files); `segbook predict -o seg.dcm` does it headlessly. Slicer's own DICOM export (with QuantitativeReporting)
+works on the same node too: reference geometry = the volume, terminology-coded segments.
 
 The scene is only touched when a result is applied, so Cancel (which kills the worker) leaves it as it
 was. The logic takes the scene and nodes as arguments and has no Qt: the widget drains events from a
@@ -75,22 +76,73 @@ class SegmentationLogic:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         requestId = f"seg{next(self._ids)}"
+        self._send(requestId, params.request(requestId, inputPath, tmp / "labels.nrrd", roi), tmp, volumeNode,
+                   kind="segment", output=tmp / "labels.nrrd")
+        log.info("request %s sent (%s, roi %s)", requestId, params.model, roi)
+        return requestId
+
+    def startDicomSeg(self, volumeNode, segmentationNode, outputPath, model: str, version: str = "",
+                      fileForInstance: Optional[Callable[[str], str]] = None) -> str:
+        """Send the segmentation, as it is now, to be written as a DICOM SEG at `outputPath` referencing the
+        DICOM instances `volumeNode` was loaded from (its "DICOM.instanceUIDs", resolved to files by
+        `fileForInstance`, default: Slicer's DICOM database). Returns the request id; `finishDicomSeg` ends it."""
+        if self.isBusy():
+            raise SegmentationError("a segmentation is already running")
+        if volumeNode is None or segmentationNode is None:
+            raise SegmentationError("select the input volume and the segmentation to export")
+        uids = (volumeNode.GetAttribute("DICOM.instanceUIDs") or "").split()
+        if not uids:
+            raise SegmentationError(f"volume '{volumeNode.GetName()}' was not loaded from DICOM: a DICOM SEG must "
+                                    f"reference the images it lies on (load the series with the DICOM module)")
+        if not str(outputPath).lower().endswith(".dcm"):
+            raise SegmentationError(f"{outputPath}: a DICOM SEG file name ends in .dcm")
+        if fileForInstance is None:
+            import slicer
+            fileForInstance = slicer.dicomDatabase.fileForInstance
+        files = [fileForInstance(uid) for uid in uids]
+        if not all(files):
+            raise SegmentationError(f"{files.count('') + files.count(None)} of the {len(uids)} DICOM instances of "
+                                    f"'{volumeNode.GetName()}' are no longer in the DICOM database")
+        labels, table = NodeIO.segmentsToLabels(segmentationNode, volumeNode)
+        if not labels.any():
+            raise SegmentationError(f"'{segmentationNode.GetName()}' is empty: nothing to export")
+        tmp = Path(tempfile.mkdtemp(prefix="segbook-"))
+        try:
+            labelsPath = NodeIO.writeLabels(labels, volumeNode, tmp / "labels.nrrd")
+        except Exception:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        requestId = f"dicomseg{next(self._ids)}"
+        request = {"id": requestId, "command": "dicom_seg", "labels": str(labelsPath), "sources": files,
+                   "output": str(outputPath), "classes": table, "model": model, "version": version or model}
+        self._send(requestId, request, tmp, volumeNode, kind="dicom_seg", output=Path(outputPath))
+        return requestId
+
+    def finishDicomSeg(self) -> dict:
+        """The finished DICOM SEG job's result ({"output", "segments"}); SegmentationError if it failed."""
+        if self.job is None or self.job["final"] is None or self.job["kind"] != "dicom_seg":
+            raise SegmentationError("no finished DICOM SEG export")
+        final = self.job["final"]
+        self._forgetJob()
+        if final.get("event") != "done":
+            raise SegmentationError(final.get("message", "DICOM SEG export failed"))
+        return final.get("result") or {}
+
+    def _send(self, requestId: str, request: dict, tmp: Path, volumeNode, kind: str, output: Path) -> None:
         if self.worker is not None and self.worker.killed and not self.worker.wait(2.0):
             shutil.rmtree(tmp, ignore_errors=True)    # never two workers (and two models in GPU memory)
             raise SegmentationError("the cancelled segmentation is still stopping; try again in a moment")
         if self.worker is None or not self.worker.isRunning():
             self.worker = self._workerFactory()
             self.worker.start()
-        self.job = {"id": requestId, "tmp": tmp, "output": tmp / "labels.nrrd", "t0": time.monotonic(),
+        self.job = {"id": requestId, "kind": kind, "tmp": tmp, "output": output, "t0": time.monotonic(),
                     "volumeID": volumeNode.GetID(), "final": None}
         self.lastEvent = None
         try:
-            self.worker.send(params.request(requestId, inputPath, self.job["output"], roi))
+            self.worker.send(request)
         except (RuntimeError, OSError) as e:
             # the worker died on start-up; its exit event (with its last words) ends the job
             log.warning("could not send request %s: %s", requestId, e)
-        log.info("request %s sent (%s, roi %s)", requestId, params.model, roi)
-        return requestId
 
     def _accept(self, event: dict) -> bool:
         """Keep the events of the running job; record its final event."""
@@ -160,7 +212,7 @@ class SegmentationLogic:
         the scene while the job ran (deleted, or the scene closed): nothing is added then. An output node
         that left the scene is replaced by a new one. The temporary files are removed either way.
         """
-        if self.job is None or self.job["final"] is None:
+        if self.job is None or self.job["final"] is None or self.job["kind"] != "segment":
             raise SegmentationError("no finished segmentation to apply")
         final = self.job["final"]
         try:
@@ -186,6 +238,7 @@ class SegmentationLogic:
             if result.get("statistics") is not None:
                 updateStatisticsTable(scene, segmentationNode, result["statistics"])
             segmentationNode.SetAttribute("SegBook.Elapsed", str(final.get("elapsed")))
+            segmentationNode.SetAttribute("SegBook.Model", str(result.get("model") or ""))   # for a DICOM SEG
             return segmentationNode
         finally:
             self._forgetJob()

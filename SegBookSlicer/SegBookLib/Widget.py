@@ -70,6 +70,7 @@ class Widget(qt.QWidget):
         self.ui.segmentButton.clicked.connect(self.onSegmentOrCancel)
         self.ui.roiSelector.nodeAddedByUser.connect(self.onRoiAdded)
         self.ui.show3DButton.clicked.connect(self.onShow3D)
+        self.ui.exportDicomSegButton.clicked.connect(self.onExportDicomSeg)
         self.ui.addCaseButton.clicked.connect(self.onAddCase)
         self.ui.addFolderButton.clicked.connect(self.onAddFolder)
         self.ui.removeCaseButton.clicked.connect(self.onRemoveCase)
@@ -227,7 +228,7 @@ class Widget(qt.QWidget):
         self.ui.segmentButton.text = "Cancel" if running else "Segment"
         for w in (self.ui.modelComboBox, self.ui.inputVolumeSelector, self.ui.outputSegmentationSelector,
                   self.ui.roiSelector, self.ui.classesListWidget, self.ui.deviceComboBox, self.ui.ttaCheckBox,
-                  self.ui.precisionComboBox):
+                  self.ui.precisionComboBox, self.ui.exportDicomSegButton):
             w.enabled = not running
         if not running:
             self.ui.segmentProgressBar.setRange(0, 100)
@@ -271,6 +272,16 @@ class Widget(qt.QWidget):
         if job is None or job["final"] is None:
             return
         self.setSegmentRunning(False)
+        if job["kind"] == "dicom_seg":
+            try:
+                result = self.segmentation.finishDicomSeg()
+            except SegmentationError as e:
+                self.showStatus(f"DICOM SEG not written: {e}")
+                slicer.util.errorDisplay(f"DICOM SEG not written: {e}", windowTitle="SegBook")
+                return
+            self.ui.segmentProgressBar.value = 100
+            self.showStatus(f"DICOM SEG of {result.get('segments')} segments written to {result.get('output')}")
+            return
         volume = slicer.mrmlScene.GetNodeByID(job["volumeID"])     # the volume the job was started on
         with slicer.util.tryWithErrorDisplay("Segmentation failed"):
             try:
@@ -290,6 +301,22 @@ class Widget(qt.QWidget):
     def onRoiAdded(self, roiNode) -> None:
         """'Create new ROI' makes a zero-size box: start from the input volume's extent instead."""
         NodeIO.initializeRoi(roiNode, self.ui.inputVolumeSelector.currentNode())
+
+    def onExportDicomSeg(self) -> None:
+        node = self.ui.outputSegmentationSelector.currentNode()
+        if node is None:
+            self.showStatus("Segment first, or select the segmentation to export.")
+            return
+        path = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), "Export DICOM SEG", f"{node.GetName()}.dcm",
+                                              "DICOM SEG (*.dcm)")
+        if not path or not self.ensureInstalled():
+            return
+        with slicer.util.tryWithErrorDisplay("Cannot export the DICOM SEG"):
+            self.segmentation.startDicomSeg(self.ui.inputVolumeSelector.currentNode(), node, path,
+                                            node.GetAttribute("SegBook.Model") or "SegBook")
+            self.setSegmentRunning(True)
+            self.showStatus("Writing the DICOM SEG...")
+            self.timer.start()
 
     def onShow3D(self) -> None:
         node = self.ui.outputSegmentationSelector.currentNode()

@@ -89,6 +89,32 @@ def test_slab_export_equals_nnunet_resampling_and_argmax(case):
         np.testing.assert_allclose(ours.numpy(), ref32, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("modes,keep", [(["linear"] * 3, (7, 19)), (["nearest", "linear", "linear"], (0, 5)),
+                                        (["linear"] * 3, (38, 40)), (["linear"] * 3, (0, 40))])
+def test_exporter_keeps_only_the_asked_slices_from_the_slabs_they_need(modes, keep):
+    """An ROI's export: the kept slices equal the whole export's, only the source slices they interpolate are
+    fed (ragged slabs), and nothing else is written."""
+    rng = np.random.default_rng(1)
+    src, dst = (23, 17, 19), (40, 30, 9)
+    logits = torch.from_numpy(rng.normal(size=(6, *src)).astype(np.float32))
+    whole = np.zeros(dst, np.uint8)
+    full = SlabExporter(src, whole, modes, np.arange(6))
+    full.feed(0, logits)
+    part = np.full(dst, 255, np.uint8)
+    exporter = SlabExporter(src, part, modes, np.arange(6), keep_z=keep)
+    lo, hi = exporter.source_range
+    assert 0 <= lo < hi <= src[0] and (keep == (0, 40) or hi - lo < src[0])
+    z = lo
+    for n in [1, 3, 2, 100]:
+        if z < hi:
+            exporter.feed(z, logits[:, z:min(z + n, hi)])
+            z = min(z + n, hi)
+    assert exporter.complete
+    np.testing.assert_array_equal(part[keep[0]:keep[1]], whole[keep[0]:keep[1]])
+    assert (np.delete(part, np.s_[keep[0]:keep[1]], axis=0) == 255).all()
+
+
 # ------------------------------------------------------------------ whole prediction
 @pytest.mark.nnunet
 @pytest.mark.parametrize("spacing,tta", [((3.0, 3.0, 3.0), False), ((3.3, 1.0, 1.0), True)])

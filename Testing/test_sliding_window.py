@@ -78,3 +78,23 @@ def test_mirror_sets_are_all_eight_flips_in_nnunet_order():
     sets = mirror_axes_sets([2, 3, 4])
     assert len(sets) == 8 and sets[0] == ()
     assert sets[1:] == [c for i in range(3) for c in itertools.combinations([2, 3, 4], i + 1)]
+
+
+@pytest.mark.parametrize("shape", [(7, 20, 24, 24), (3, 13, 9, 31)])   # depths that are and are not multiples of 8
+def test_accumulation_rounds_exactly_as_nnunet(shape):
+    """The blocked float16 accumulation equals nnU-Net's `prediction *= gaussian; logits[sl] += prediction` bit
+    for bit, on a strided window of a larger accumulator (as the Predictor uses it), over several adds."""
+    from segbook.inference import _accumulate
+    g = torch.Generator().manual_seed(0)
+    k, z, y, x = shape
+    gauss = torch.from_numpy(gaussian_weights((z, y, x))).float()
+    ours = (torch.randn((k, z, y + 5, x + 3), generator=g) * 30).half()
+    ref = ours.clone()
+    window = (slice(None), slice(None), slice(2, 2 + y), slice(1, 1 + x))
+    for _ in range(3):
+        pred = torch.randn((k, z, y, x), generator=g) * 30
+        _accumulate(ours[window], pred.clone(), gauss)
+        nn_pred = pred.clone()
+        nn_pred *= gauss
+        ref[window] += nn_pred
+    assert torch.equal(ours, ref)

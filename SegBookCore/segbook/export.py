@@ -73,11 +73,13 @@ class SlabExporter:
     view of the un-cropped label map); modes: "linear"/"nearest" per axis; label_of_channel: the label value
     written for each class channel (0 to drop a class). Each output z-slice is emitted once all source slices
     it interpolates are fed, in chunks of at most `chunk_voxels` K*z*y*x values. With `float16_ties` the
-    interpolated logits are rounded to float16 before the argmax, as nnU-Net v2 does.
+    interpolated logits are rounded to float16 before the argmax, as nnU-Net v2 does. `keep_z` = (start, stop)
+    restricts the output to those z-slices (an ROI: the rest is context, never exported); `source_range` says
+    which source slices they need, and only those need feeding.
     """
 
     def __init__(self, src_shape, out: np.ndarray, modes, label_of_channel: np.ndarray,
-                 chunk_voxels: int = 2 ** 26, float16_ties: bool = True):
+                 chunk_voxels: int = 2 ** 26, float16_ties: bool = True, keep_z=None):
         self.src_shape, self.out, self.modes = tuple(src_shape), out, tuple(modes)
         dst_z = out.shape[0]
         if self.modes[0] == "nearest":
@@ -88,7 +90,10 @@ class SlabExporter:
         self.label_of_channel = torch.as_tensor(label_of_channel)
         self.chunk_voxels = chunk_voxels
         self.float16_ties = float16_ties
-        self.next_out = 0            # first output slice not yet written
+        self.first_out, self.stop_out = (0, dst_z) if keep_z is None else (int(keep_z[0]), int(keep_z[1]))
+        if not 0 <= self.first_out < self.stop_out <= dst_z:
+            raise ValueError(f"keep_z {keep_z} outside 0..{dst_z}")
+        self.next_out = self.first_out   # first output slice not yet written
         self.buffer = None           # source slices still needed: (K, n, y, x), starting at buffer_z0
         self.buffer_z0 = 0
 
@@ -102,12 +107,13 @@ class SlabExporter:
             self.buffer = torch.cat((self.buffer, slab), 1)
         end = self.buffer_z0 + self.buffer.shape[1]
         stop = self.next_out
-        while stop < len(self.i1) and self.i1[stop] < end:
+        while stop < self.stop_out and self.i1[stop] < end:
             stop += 1
-        self._emit(self.next_out, stop)
+        if stop > self.next_out:
+            self._emit(self.next_out, stop)
         self.next_out = stop
         # Keep only the source slices later outputs still need.
-        keep_from = min(int(self.i0[stop]), end) if stop < len(self.i0) else end
+        keep_from = min(int(self.i0[stop]), end) if stop < self.stop_out else end
         if keep_from > self.buffer_z0:
             self.buffer = self.buffer[:, keep_from - self.buffer_z0:].clone()
             self.buffer_z0 = keep_from
@@ -133,5 +139,10 @@ class SlabExporter:
             self.out[a:b] = labels.cpu().numpy()
 
     @property
+    def source_range(self) -> tuple[int, int]:
+        """The source slices [start, stop) the kept output slices interpolate."""
+        return int(self.i0[self.first_out]), int(self.i1[self.stop_out - 1]) + 1
+
+    @property
     def complete(self) -> bool:
-        return self.next_out == self.out.shape[0]
+        return self.next_out == self.stop_out

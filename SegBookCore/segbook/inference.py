@@ -167,7 +167,9 @@ class Predictor:
         ctx = [(max(box[a] - margin[a], 0), min(box[a + 3] + margin[a], shape[a])) for a in range(3)]
         crop = tuple(slice(a, b) for a, b in ctx)
         part = np.zeros(tuple(b - a for a, b in ctx), dtype=out.dtype)
-        self._segment(image[(slice(None), *crop)], spacing, label_of_channel, part)
+        # only the box's slices are exported (along z, where that is exact): the rest is context
+        self._segment(image[(slice(None), *crop)], spacing, label_of_channel, part,
+                      keep_z=(box[0] - ctx[0][0], box[3] - ctx[0][0]))
         inner = tuple(slice(box[a] - ctx[a][0], box[a + 3] - ctx[a][0]) for a in range(3))
         out[tuple(slice(box[a], box[a + 3]) for a in range(3))] = part[inner]
         return out
@@ -183,8 +185,9 @@ class Predictor:
             raise InputError(f"ROI {box} (voxels z, y, x) lies outside the image {tuple(shape)}")
         return lo + hi
 
-    def _segment(self, image: np.ndarray, spacing, label_of_channel, out: np.ndarray) -> None:
-        """Fill `out` (z, y, x) with the labels of `image` (C, z, y, x)."""
+    def _segment(self, image: np.ndarray, spacing, label_of_channel, out: np.ndarray, keep_z=None) -> None:
+        """Fill `out` (z, y, x) with the labels of `image` (C, z, y, x); only slices keep_z = (start, stop)
+        of it if given."""
         plan = self.config.plan
         threads = _cpu_count() if self.device.type == "cpu" else None
         self.reporter.progress("preprocess", 0, 1)
@@ -196,8 +199,13 @@ class Predictor:
             axis = separate_axis(plan.spacing, spacing)   # export: nnU-Net checks the plan spacing first
             modes = ["nearest" if a == axis else "linear" for a in range(3)]
             view = out[tuple(slice(lo, hi) for lo, hi in pre.bbox)]
+            if keep_z is not None:     # in the view's slices (the crop to the non-zero box moved them)
+                start = pre.bbox[0][0]
+                keep_z = (max(keep_z[0] - start, 0), min(keep_z[1] - start, view.shape[0]))
+                if keep_z[0] >= keep_z[1]:
+                    return             # the box lies outside the image's non-zero region: background
             try:
-                self._sliding_window(pre.data, view, modes, label_of_channel, self.runner.device)
+                self._sliding_window(pre.data, view, modes, label_of_channel, self.runner.device, keep_z)
                 return
             except torch.cuda.OutOfMemoryError:
                 pass
@@ -205,10 +213,10 @@ class Predictor:
             # frames (accumulators, activations), and empty_cache() can only return blocks nothing references.
             log.warning("out of GPU memory for the logits; accumulating them in CPU memory instead")
             release_memory()
-            self._sliding_window(pre.data, view, modes, label_of_channel, torch.device("cpu"))
+            self._sliding_window(pre.data, view, modes, label_of_channel, torch.device("cpu"), keep_z)
 
     def _sliding_window(self, data: np.ndarray, out: np.ndarray, modes, label_of_channel,
-                        results_device: torch.device) -> None:
+                        results_device: torch.device, keep_z=None) -> None:
         """Tiles over `data` (C, z, y, x) at the plan spacing; labels into `out` (cropped original grid)."""
         patch = tuple(int(p) for p in self.config.plan.patch_size)
         pads = padding_for_patch(data.shape[1:], patch)
@@ -219,7 +227,7 @@ class Predictor:
         total = len(steps[0]) * len(steps[1]) * len(steps[2])
         k = self.config.arch.num_classes
         inner = [slice(lo, s - hi) for (lo, hi), s in zip(pads, padded)]
-        exporter = SlabExporter([s.stop - s.start for s in inner], out, modes, label_of_channel)
+        exporter = SlabExporter([s.stop - s.start for s in inner], out, modes, label_of_channel, keep_z=keep_z)
         gauss = torch.from_numpy(gaussian_weights(patch)).to(results_device)
         # The logits window spans one patch along z; slices before the next tile row are final.
         acc = torch.zeros((k, patch[0], *padded[1:]), dtype=torch.float16, device=results_device)
@@ -235,8 +243,7 @@ class Predictor:
                     pred = self._predict_tile(tile).to(results_device)
                     self.runner.synchronize()       # CUDA is asynchronous: time the work, not the launches
                     t1 = time.perf_counter()
-                    pred *= gauss
-                    _accumulate(acc[:, :, y:y + patch[1], x:x + patch[2]], pred)
+                    _accumulate(acc[:, :, y:y + patch[1], x:x + patch[2]], pred, gauss)
                     weight[:, y:y + patch[1], x:x + patch[2]] += gauss
                     del pred
                     self.runner.synchronize()
@@ -259,7 +266,8 @@ class Predictor:
     @staticmethod
     def _finalize(acc, weight, z, n, inner, exporter) -> None:
         """Pass window slices [0, n) (global z .. z+n) inside the unpadded region to the exporter."""
-        a, b = max(z, inner[0].start), min(z + n, inner[0].stop)
+        lo, hi = exporter.source_range
+        a, b = max(z, inner[0].start + lo), min(z + n, inner[0].start + hi)
         if a >= b:
             return
         k, plane = acc.shape[0], acc.shape[-2] * acc.shape[-1]
@@ -365,13 +373,27 @@ class Predictor:
         return sidecar
 
 
-def _accumulate(acc: torch.Tensor, pred: torch.Tensor, chunk: int = 16) -> None:
-    """acc (float16) += pred (float32), rounding once per element as `acc += pred` does, but some 8x faster
-    on the CPU, where PyTorch's mixed-dtype in-place add is not vectorised (nnU-Net loses ~6 s per 128^3
-    tile with 105 classes there). Chunks of classes bound the float32 temporary."""
-    for c in range(0, acc.shape[0], chunk):
-        part = acc[c:c + chunk]
-        part.copy_(part.float().add_(pred[c:c + chunk]))
+def _accumulate(acc: torch.Tensor, pred: torch.Tensor, gauss: torch.Tensor, slices: int = 8) -> None:
+    """acc (float16) += pred (float32) * gauss (float32), rounded as nnU-Net's `pred *= gauss; acc += pred`
+    (float32 product, float32 sum, one rounding to float16 per element), but several times faster on
+    the CPU: PyTorch's mixed-dtype in-place add is not vectorised (nnU-Net loses seconds per 128^3 tile with
+    105 classes there), and one class times a few z-slices at a time (512 KB at 128^2) stays in the cache
+    instead of streaming three tile-sized float32 temporaries through memory."""
+    if acc.device.type != "cpu":     # one kernel each on a GPU; 1,700 small ones would cost more in launches
+        acc += pred * gauss
+        return
+    k, depth = pred.shape[:2]
+    product = torch.empty((1, slices, *pred.shape[2:]), dtype=torch.float32, device=pred.device)
+    total = torch.empty_like(product)
+    for z in range(0, depth, slices):
+        g = gauss[z:z + slices]
+        n = g.shape[0]
+        for c in range(k):
+            part = acc[c:c + 1, z:z + n]
+            p = torch.mul(pred[c:c + 1, z:z + n], g, out=product[:, :n])
+            t = total[:, :n]
+            t.copy_(part)
+            part.copy_(t.add_(p))
 
 
 def _shift_left(t: torch.Tensor, n: int) -> None:

@@ -23,24 +23,11 @@ pytestmark = [pytest.mark.slicer, pytest.mark.dicom]
 from dicom_fixtures import run_tool, tool, write_ct_series  # noqa: E402
 from slicer_fixtures import load_volume  # noqa: E402
 from test_predict_cli import CT, model_dir  # noqa: E402,F401  (fixture: a tiny model with TotalSegmentator names)
+from test_slicer_logic import logic, scene  # noqa: E402,F401  (fixtures: one worker for the module, a scene)
 from test_slicer_static import gui_stubs  # noqa: E402,F401  (fixture: Qt and the application stubbed)
 from SegBookLib import NodeIO  # noqa: E402
 from SegBookLib.Parameters import SegmentParameters  # noqa: E402
-from SegBookLib.SegmentationLogic import SegmentationError, SegmentationLogic  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def logic():
-    lg = SegmentationLogic()
-    yield lg
-    lg.shutdown()
-
-
-@pytest.fixture
-def scene():
-    s = slicer.vtkMRMLScene()
-    yield s
-    s.Clear(1)
+from SegBookLib.SegmentationLogic import SegmentationError  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -118,6 +119,42 @@ KINDS = ["nii.gz cut in half", "nii.gz without its last bytes", "nii.gz corrupt"
          "nhdr data missing", "nhdr gzip cut", "nrrd cut", "nrrd gzip corrupt", "nrrd zero spacing", "mha cut",
          "mha zlib cut", "mha zlib corrupt", "mhd raw cut", "mhd zraw corrupt", "mha zero spacing",
          "mha NaN spacing", "mha NaN direction", "mha singular direction"]
+
+
+def _nifti_field(path: Path, offset: int, fmt: str, value) -> Path:
+    data = bytearray(path.read_bytes())
+    struct.pack_into(fmt, data, offset, value)
+    path.write_bytes(bytes(data))
+    return path
+
+
+# (header byte offset, struct format, value) of NIfTI-1 fields a damaged header gets wrong
+HEADER_DAMAGE = {"negative size": (42, "<h", -5, "size -5 along axis 1"),
+                 "zero slices": (46, "<h", 0, "size 0 along axis 3"),
+                 "dim[0] = 9": (40, "<h", 9, "dim[0] = 9"),
+                 "bitpix 0": (72, "<h", 0, "bitpix 0")}
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("kind", HEADER_DAMAGE)
+def test_a_damaged_nifti_header_is_one_line_and_nothing_on_stderr(tmp_path, capfd, kind, gz):
+    """ITK's NIfTI library prints its own "** ERROR" to stderr before failing: refused before it reads."""
+    offset, fmt, value, message = HEADER_DAMAGE[kind]
+    path = _nifti_field(_write(_volume(), tmp_path / "a.nii", False), offset, fmt, value)
+    if gz:
+        path = _gz(path)
+    capfd.readouterr()
+    with pytest.raises(InputError, match=f"damaged header .*{re.escape(message)}") as err:
+        read_image(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    assert capfd.readouterr().err == ""
+
+
+def test_a_file_that_is_no_image_says_what_itk_said(tmp_path):
+    path = tmp_path / "scan.nii"
+    path.write_bytes(b"\0" * 400)
+    with pytest.raises(InputError, match="cannot read as an image .*Unable to determine ImageIO reader"):
+        read_image(path)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -72,6 +72,12 @@ def _bad(tmp: Path, kind: str) -> tuple[Path, list, str]:
         return path, [], "damaged compressed data"
     if kind == "nii truncated":
         return _cut(_ct(tmp, "ct.nii", False), 0.7), [], "truncated"
+    if kind == "negative size":         # ITK's NIfTI library would print its own error line to stderr
+        path = _ct(tmp, "ct.nii", False)
+        data = bytearray(path.read_bytes())
+        struct.pack_into("<h", data, 44, -3)
+        path.write_bytes(bytes(data))
+        return path, [], "damaged header (size -3 along axis 2)"
     if kind == "zero spacing":
         path = _ct(tmp, "ct.nii", False)
         data = bytearray(path.read_bytes())
@@ -95,7 +101,7 @@ def _bad(tmp: Path, kind: str) -> tuple[Path, list, str]:
     raise KeyError(kind)
 
 
-BAD = ["nii.gz truncated", "nii.gz corrupt", "mha zlib corrupt", "nii truncated", "zero spacing", "two series", "missing slice", "corrupt slice",
+BAD = ["nii.gz truncated", "nii.gz corrupt", "mha zlib corrupt", "nii truncated", "negative size", "zero spacing", "two series", "missing slice", "corrupt slice",
        "unknown series"]
 
 

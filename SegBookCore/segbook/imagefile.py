@@ -125,9 +125,18 @@ def _first_bytes(path: Path, gz: bool, n: int = 540) -> bytes:
 def _check_nifti(path: Path, gz: bool) -> Optional[Callable[[], None]]:
     """Check a NIfTI header and, uncompressed, its byte count; returns the check of the gzip stream, if any."""
     header = _nifti_header(_first_bytes(path, gz), path)
-    if header is None or header["pair"] or not 1 <= header["dim"][0] <= 7:
+    if header is None or header["pair"]:
         return None         # not NIfTI after all, or an .hdr/.img pair: ITK decides
     dim, pixdim = header["dim"], header["pixdim"]
+    # refused here, in one line: the NIfTI library inside ITK would print its own complaint to stderr first
+    if not 1 <= dim[0] <= 7:
+        raise InputError(f"{path}: damaged header (dim[0] = {dim[0]}, the number of dimensions, must be 1 to 7): "
+                         f"{_REEXPORT}")
+    for axis in range(1, dim[0] + 1):
+        if dim[axis] < 1:
+            raise InputError(f"{path}: damaged header (size {dim[axis]} along axis {axis}): {_REEXPORT}")
+    if header["bitpix"] not in (8, 16, 24, 32, 64, 128, 256):
+        raise InputError(f"{path}: damaged header (bitpix {header['bitpix']}, bits per voxel): {_REEXPORT}")
     for axis in range(1, min(dim[0], 3) + 1):
         if not (math.isfinite(pixdim[axis]) and pixdim[axis] > 0):
             raise InputError(f"{path}: header gives voxel size {pixdim[axis]:g} along axis {axis} "

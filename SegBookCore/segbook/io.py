@@ -111,7 +111,8 @@ def read_image(path: str | os.PathLike, series: str | None = None) -> tuple[np.n
         image = read_beside(reader, deep)
     except RuntimeError as e:
         msg = str(e).strip().splitlines()
-        detail = next((m for m in msg if "ERROR" in m or "Exception" in m or "Unable" in m), msg[-1] if msg else "")
+        # ITK's own words (a "sitk::ERROR: ..." or "Unable to ..." line) over the source location it starts with
+        detail = next((m for key in ("ERROR", "Unable", "Exception") for m in msg if key in m), msg[-1] if msg else "")
         raise InputError(f"{path}: cannot read as an image ({detail.strip()[:200]})") from None
     geometry = _geometry(image)
     array = sitk.GetArrayViewFromImage(image)

@@ -97,6 +97,10 @@ def _damaged(tmp: Path, kind: str) -> tuple[Path, str]:
                                              b"TransformMatrix = nan 0 0"), "direction"),
         "mha singular direction": lambda: (_patch(_write(img, tmp / "a.mha", False), b"TransformMatrix = 1 0 0 0 1 0",
                                                   b"TransformMatrix = 1 0 0 1 0 0"), "direction"),
+        "mha negative size": lambda: (_patch(_write(img, tmp / "a.mha", False), b"DimSize = 20 16 12",
+                                             b"DimSize = 20 -16 12"), "damaged header (DimSize '20 -16 12')"),
+        "nrrd zero size": lambda: (_patch(_write(img, tmp / "a.nrrd", False), b"sizes: 20 16 12",
+                                          b"sizes: 20 16 0"), "damaged header (sizes '20 16 0')"),
     }
     return cases[kind]()
 
@@ -118,7 +122,7 @@ KINDS = ["nii.gz cut in half", "nii.gz without its last bytes", "nii.gz corrupt"
          "nii.gz zero spacing", "nii negative spacing", "nii NaN spacing", "nii inf spacing", "nhdr raw cut",
          "nhdr data missing", "nhdr gzip cut", "nrrd cut", "nrrd gzip corrupt", "nrrd zero spacing", "mha cut",
          "mha zlib cut", "mha zlib corrupt", "mhd raw cut", "mhd zraw corrupt", "mha zero spacing",
-         "mha NaN spacing", "mha NaN direction", "mha singular direction"]
+         "mha NaN spacing", "mha NaN direction", "mha singular direction", "mha negative size", "nrrd zero size"]
 
 
 def _nifti_field(path: Path, offset: int, fmt: str, value) -> Path:

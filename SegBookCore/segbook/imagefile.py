@@ -182,8 +182,20 @@ def _check_raw_bytes(path: Path, data: Path, start: int, needs: int) -> None:
         raise _truncated(data if data != path else path, max(holds, 0), needs)
 
 
+def _check_sizes(path: Path, text: str, field: str) -> None:
+    """A header's sizes must be whole numbers >= 1 (ITK would try to allocate a negative or empty image)."""
+    try:
+        sizes = [int(v) for v in text.split()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise InputError(f"{path}: damaged header ({field} '{text}'): {_REEXPORT}")
+
+
 def _check_nrrd(path: Path) -> None:
     fields, offset = _text_header(path, lambda key, line: line.strip() == "")
+    if "sizes" in fields:
+        _check_sizes(path, fields["sizes"], "sizes")
     try:
         count = int(np.prod([int(s) for s in fields["sizes"].split()], dtype=np.int64))
         needs = count * _NRRD_SIZE[fields["type"].lower()]
@@ -204,6 +216,8 @@ def _check_nrrd(path: Path) -> None:
 
 def _check_metaimage(path: Path) -> Optional[Callable[[], None]]:
     fields, offset = _text_header(path, lambda key, line: key == "elementdatafile")
+    if "dimsize" in fields:
+        _check_sizes(path, fields["dimsize"], "DimSize")
     try:
         count = int(np.prod([int(s) for s in fields["dimsize"].split()], dtype=np.int64))
         needs = count * _MET_SIZE[fields["elementtype"].upper()] * int(fields.get("elementnumberofchannels", "1"))

@@ -224,3 +224,15 @@ def test_cpu_fast_layers_give_the_same_logits():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(also, ref, rtol=1e-4, atol=1e-4)
     assert isinstance(net.conv_blocks_context[0][0].norm1, torch.nn.InstanceNorm3d)   # original untouched
+
+
+def test_float16_overflow_of_the_logits_is_an_error_not_a_label_map():
+    """As nnU-Net: logits beyond float16's range (65504) in the accumulator stop the prediction."""
+    net = tiny_net()
+    image, _ = ct_crop()
+    with torch.no_grad():
+        for layer in net.seg_outputs:
+            layer.weight.mul_(1e7)
+            layer.bias.fill_(1e5)
+    with pytest.raises(RuntimeError, match="float16 overflow"):
+        Predictor(net, device="cpu").predict_array(image, (3.0, 3.0, 3.0))

@@ -275,7 +275,8 @@ class Predictor:
         for c in range(a, b, step):
             region = (slice(c - z, min(c + step, b) - z), inner[1], inner[2])
             logits = torch.div(acc[(slice(None), *region)], weight[region])   # float16, as nnU-Net
-            if torch.isinf(logits).any():
+            # nnU-Net's overflow check; one min/max pass instead of a boolean tensor the size of the logits
+            if not all(torch.isfinite(v).item() for v in torch.aminmax(logits)):
                 raise RuntimeError("float16 overflow in the accumulated logits")
             exporter.feed(c - inner[0].start, logits.float())
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from segbook.sliding_window import (compute_steps, gaussian_weights, mirror_axes_sets, padding_for_patch,
+from segbook.sliding_window import (accumulate, compute_steps, gaussian_weights, mirror_axes_sets, padding_for_patch,
                                     tile_starts)
 
 try:
@@ -84,7 +84,6 @@ def test_mirror_sets_are_all_eight_flips_in_nnunet_order():
 def test_accumulation_rounds_exactly_as_nnunet(shape):
     """The blocked float16 accumulation equals nnU-Net's `prediction *= gaussian; logits[sl] += prediction` bit
     for bit, on a strided window of a larger accumulator (as the Predictor uses it), over several adds."""
-    from segbook.inference import _accumulate
     g = torch.Generator().manual_seed(0)
     k, z, y, x = shape
     gauss = torch.from_numpy(gaussian_weights((z, y, x))).float()
@@ -93,7 +92,7 @@ def test_accumulation_rounds_exactly_as_nnunet(shape):
     window = (slice(None), slice(None), slice(2, 2 + y), slice(1, 1 + x))
     for _ in range(3):
         pred = torch.randn((k, z, y, x), generator=g) * 30
-        _accumulate(ours[window], pred.clone(), gauss)
+        accumulate(ours[window], pred.clone(), gauss)
         nn_pred = pred.clone()
         nn_pred *= gauss
         ref[window] += nn_pred

@@ -34,7 +34,8 @@ from .labels import class_table
 from .statistics import csv_path, label_statistics, write_csv
 from .preprocess import preprocess, separate_axis
 from .runners import make_runner, release_memory
-from .sliding_window import compute_steps, gaussian_weights, mirror_axes_sets, padding_for_patch
+from .sliding_window import (accumulate, compute_steps, gaussian_weights, mirror_axes_sets, padding_for_patch,
+                             shift_left)
 
 __all__ = ["Predictor", "resolve_device", "ROI_CONTEXT"]
 
@@ -243,7 +244,7 @@ class Predictor:
                     pred = self._predict_tile(tile).to(results_device)
                     self.runner.synchronize()       # CUDA is asynchronous: time the work, not the launches
                     t1 = time.perf_counter()
-                    _accumulate(acc[:, :, y:y + patch[1], x:x + patch[2]], pred, gauss)
+                    accumulate(acc[:, :, y:y + patch[1], x:x + patch[2]], pred, gauss)
                     weight[:, y:y + patch[1], x:x + patch[2]] += gauss
                     del pred
                     self.runner.synchronize()
@@ -255,8 +256,8 @@ class Predictor:
             final = steps[0][zi + 1] - z if zi + 1 < len(steps[0]) else patch[0]
             self._finalize(acc, weight, z, final, inner, exporter)
             if final < patch[0]:
-                _shift_left(acc, final)
-                _shift_left(weight, final)
+                shift_left(acc, final)
+                shift_left(weight, final)
             self.runner.synchronize()
             clock["export"] += time.perf_counter() - t0
         if not exporter.complete:
@@ -372,36 +373,3 @@ class Predictor:
         self.reporter.progress("write", 1, 1)
         log.info("%s -> %s in %.1f s", input_path, output_path, time.perf_counter() - t0)
         return sidecar
-
-
-def _accumulate(acc: torch.Tensor, pred: torch.Tensor, gauss: torch.Tensor, slices: int = 8) -> None:
-    """acc (float16) += pred (float32) * gauss (float32), rounded as nnU-Net's `pred *= gauss; acc += pred`
-    (float32 product, float32 sum, one rounding to float16 per element), but several times faster on
-    the CPU: PyTorch's mixed-dtype in-place add is not vectorised (nnU-Net loses seconds per 128^3 tile with
-    105 classes there), and one class times a few z-slices at a time (512 KB at 128^2) stays in the cache
-    instead of streaming three tile-sized float32 temporaries through memory."""
-    if acc.device.type != "cpu":     # one kernel each on a GPU; 1,700 small ones would cost more in launches
-        acc += pred * gauss
-        return
-    k, depth = pred.shape[:2]
-    product = torch.empty((1, slices, *pred.shape[2:]), dtype=torch.float32, device=pred.device)
-    total = torch.empty_like(product)
-    for z in range(0, depth, slices):
-        g = gauss[z:z + slices]
-        n = g.shape[0]
-        for c in range(k):
-            part = acc[c:c + 1, z:z + n]
-            p = torch.mul(pred[c:c + 1, z:z + n], g, out=product[:, :n])
-            t = total[:, :n]
-            t.copy_(part)
-            part.copy_(t.add_(p))
-
-
-def _shift_left(t: torch.Tensor, n: int) -> None:
-    """Move the window along z by n slices in place (z is dim -3) and zero the freed tail, copying in
-    blocks of n so that no block reads what an earlier one wrote."""
-    depth = t.shape[-3]
-    for a in range(0, depth - n, n):
-        b = min(a + n, depth - n)
-        t[..., a:b, :, :] = t[..., a + n:b + n, :, :]
-    t[..., depth - n:, :, :] = 0

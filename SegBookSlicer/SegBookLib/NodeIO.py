@@ -286,24 +286,29 @@ def segmentMask(segmentationNode, segmentId: str, referenceVolumeNode) -> np.nda
         scene.RemoveNode(labelmapNode)
 
 
+def _paintSegments(segmentationNode, referenceVolumeNode, valueOf, dtype) -> np.ndarray:
+    """A (z, y, x) label array on the reference grid: segment n (in the node's order) painted with
+    valueOf(n, segment) where that is not None; later segments overwrite earlier ones where they overlap."""
+    import slicer
+    labels = np.zeros(slicer.util.arrayFromVolume(referenceVolumeNode).shape, dtype=dtype)
+    segmentation = segmentationNode.GetSegmentation()
+    for index in range(segmentation.GetNumberOfSegments()):
+        segmentId = segmentation.GetNthSegmentID(index)
+        value = valueOf(index, segmentation.GetSegment(segmentId))
+        if value is not None:
+            labels[segmentMask(segmentationNode, segmentId, referenceVolumeNode) > 0] = value
+    return labels
+
+
 def segmentationToLabels(segmentationNode, referenceVolumeNode, nameToValue: dict) -> np.ndarray:
     """A (z, y, x) label array on the reference volume's grid: each segment's voxels get its class value.
 
     `nameToValue` maps segment names to label values; segments not in it are ignored (the caller decides
     whether that is an error). Later segments overwrite earlier ones where they overlap.
     """
-    import slicer
-    shape = slicer.util.arrayFromVolume(referenceVolumeNode).shape
-    labels = np.zeros(shape, dtype=np.uint8 if max(nameToValue.values(), default=0) < 256 else np.uint16)
-    segmentation = segmentationNode.GetSegmentation()
-    for index in range(segmentation.GetNumberOfSegments()):
-        segmentId = segmentation.GetNthSegmentID(index)
-        name = segmentation.GetSegment(segmentId).GetName()
-        if name not in nameToValue:
-            continue
-        mask = segmentMask(segmentationNode, segmentId, referenceVolumeNode)
-        labels[mask > 0] = nameToValue[name]
-    return labels
+    dtype = np.uint8 if max(nameToValue.values(), default=0) < 256 else np.uint16
+    return _paintSegments(segmentationNode, referenceVolumeNode,
+                          lambda index, segment: nameToValue.get(segment.GetName()), dtype)
 
 
 def segmentsToLabels(segmentationNode, referenceVolumeNode) -> tuple:
@@ -312,16 +317,14 @@ def segmentsToLabels(segmentationNode, referenceVolumeNode) -> tuple:
     Where segments overlap, the later one wins: a label map holds one structure per voxel."""
     segmentation = segmentationNode.GetSegmentation()
     count = segmentation.GetNumberOfSegments()
-    import slicer
-    labels = np.zeros(slicer.util.arrayFromVolume(referenceVolumeNode).shape, np.uint8 if count < 256 else np.uint16)
     table = []
     for index in range(count):
-        segmentId = segmentation.GetNthSegmentID(index)
-        segment = segmentation.GetSegment(segmentId)
-        labels[segmentMask(segmentationNode, segmentId, referenceVolumeNode) > 0] = index + 1
+        segment = segmentation.GetNthSegment(index)
         table.append({"value": index + 1, "name": segment.GetName(),
                       "color": [int(round(255 * c)) for c in segment.GetColor()],
                       "terminology": parseTerminology(segmentTerminology(segment))})
+    labels = _paintSegments(segmentationNode, referenceVolumeNode, lambda index, segment: index + 1,
+                            np.uint8 if count < 256 else np.uint16)
     return labels, table
 
 

@@ -22,7 +22,7 @@ from segbook import inference, openvino_engine, runners
 from segbook.config import Arch, ModelConfig, Plan
 from segbook.errors import InputError
 from segbook.inference import Predictor
-from segbook.runners import TorchRunner, make_runner, resolve_backend, resolve_precision
+from segbook.runners import TorchRunner, make_runner, resolve_backend, resolve_precision, tile_logits
 from segbook.zoo import save_model_folder
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -52,7 +52,11 @@ def fixture_net(name: str):
 def test_openvino_logits_equal_the_official_network_in_fp32(name, tmp_path):
     net, x, official = fixture_net(name)
     runner = openvino_engine.OpenVINORunner(net, precision="fp32", cache_root=tmp_path)
-    out = runner(x).numpy().copy()
+    out = tile_logits(runner, x).numpy()
+    # the engine runs the body; its features are the final head's input and the head is the network's own
+    features = runner(x)
+    assert features.shape == (1, net.seg_outputs[-1].in_channels, *x.shape[2:])
+    assert torch.equal(runner.head[0], net.seg_outputs[-1].weight.reshape(runner.head[0].shape))
     with torch.no_grad():
         ours = net(x).numpy()
     # fp32 throughout: only the order of the sums differs (oneDNN's kernels vs PyTorch's), so the logits agree
@@ -75,7 +79,7 @@ def test_openvino_logits_equal_the_official_network_in_fp32(name, tmp_path):
 def test_bf16_hint_reaches_the_compiled_model(tmp_path):
     net, x, official = fixture_net("tiny_totalseg_pools")
     runner = openvino_engine.OpenVINORunner(net, precision="bf16", cache_root=tmp_path)
-    out = runner(x).numpy()
+    out = tile_logits(runner, x).numpy()
     assert str(runner.compiled.get_property("INFERENCE_PRECISION_HINT")) in ("<Type: 'bfloat16'>", "bf16")
     # bf16 keeps 8 bits of mantissa: the logits move visibly (which is why fp32 is the default) but stay close
     scale = float(np.abs(official).max())
@@ -102,8 +106,9 @@ def _check_conversion_cache(tmp):
     ref = first(x).numpy().copy()
     assert first.converted and (first.folder / "model.xml").is_file() and (first.folder / "model.bin").is_file()
     # the weights are saved as fp32 (4 bytes each; save_model would halve them to fp16 by default); the
-    # deep-supervision heads, unused at inference, are not in the graph
-    n_params = sum(p.numel() for p in net.parameters())
+    # heads (deep supervision, unused at inference, and the final one, applied while accumulating) are not
+    # in the graph
+    n_params = sum(p.numel() for p in net.parameters()) - sum(p.numel() for p in net.seg_outputs.parameters())
     assert (first.folder / "model.bin").stat().st_size > 3.9 * n_params
 
     def no_conversion(*a, **k):
@@ -188,6 +193,7 @@ class OutOfMemoryAt:
     def __init__(self, inner, fail_calls=(), max_ok_batch=None, max_batch=1):
         self.inner, self.fail_calls, self.max_ok_batch = inner, set(fail_calls), max_ok_batch
         self.name, self.precision, self.device, self.max_batch = "oom", inner.precision, inner.device, max_batch
+        self.head = inner.head
         self.calls, self.inputs, self.batches = 0, [], []
 
     def __call__(self, x):

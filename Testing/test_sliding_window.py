@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from segbook.sliding_window import (accumulate, compute_steps, gaussian_weights, mirror_axes_sets, padding_for_patch,
+from segbook.sliding_window import (apply_head, accumulate, compute_steps, gaussian_weights, mirror_axes_sets, padding_for_patch,
                                     tile_starts)
 
 try:
@@ -96,4 +96,27 @@ def test_accumulation_rounds_exactly_as_nnunet(shape):
         nn_pred = pred.clone()
         nn_pred *= gauss
         ref[window] += nn_pred
+    assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("shape", [(7, 4, 9, 6), (105, 3, 16, 16)])
+def test_accumulation_through_the_head_equals_accumulating_its_logits(shape):
+    """With a runner's head the logits are computed slice by slice inside the accumulation: the result is
+    bit for bit that of accumulating the head's logits of the whole tile as nnU-Net does."""
+    g = torch.Generator().manual_seed(1)
+    k, z, y, x = shape
+    f = 16
+    gauss = torch.from_numpy(gaussian_weights((z, y, x))).float()
+    head = (torch.randn((k, f), generator=g), torch.randn(k, generator=g))
+    ours = (torch.randn((k, z, y + 5, x + 3), generator=g) * 30).half()
+    ref = ours.clone()
+    window = (slice(None), slice(None), slice(2, 2 + y), slice(1, 1 + x))
+    for _ in range(2):
+        features = torch.randn((f, z, y, x), generator=g) * 3
+        accumulate(ours[window], features, gauss, head)
+        logits = apply_head(features, head)
+        assert torch.allclose(logits, torch.einsum("kf,fzyx->kzyx", head[0], features) + head[1][:, None, None, None],
+                              atol=1e-4, rtol=1e-5)
+        logits *= gauss
+        ref[window] += logits
     assert torch.equal(ours, ref)

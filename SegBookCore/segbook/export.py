@@ -94,42 +94,58 @@ class SlabExporter:
         if not 0 <= self.first_out < self.stop_out <= dst_z:
             raise ValueError(f"keep_z {keep_z} outside 0..{dst_z}")
         self.next_out = self.first_out   # first output slice not yet written
-        self.buffer = None           # source slices still needed: (K, n, y, x), starting at buffer_z0
-        self.buffer_z0 = 0
+        self.parts = []              # fed slabs still needed, consecutive, the first starting at source slice z0
+        self.z0 = 0
+        self.chunk = None            # the z-interpolated slices of one emit chunk, reused
 
     def feed(self, z0: int, slab: torch.Tensor) -> None:
         """Add source slices [z0, z0 + slab.shape[1]) (float logits); they must follow the previous ones."""
-        if self.buffer is not None and z0 != self.buffer_z0 + self.buffer.shape[1]:
+        if self.parts and z0 != self._end:
             raise ValueError(f"slab at z={z0} does not follow the previous one")
-        if self.buffer is None:
-            self.buffer, self.buffer_z0 = slab, z0
-        else:
-            self.buffer = torch.cat((self.buffer, slab), 1)
-        end = self.buffer_z0 + self.buffer.shape[1]
+        if not self.parts:
+            self.z0 = z0
+        self.parts.append(slab)
+        end = self._end
         stop = self.next_out
         while stop < self.stop_out and self.i1[stop] < end:
             stop += 1
         if stop > self.next_out:
             self._emit(self.next_out, stop)
         self.next_out = stop
-        # Keep only the source slices later outputs still need.
+        # Drop the slabs later outputs no longer need (slabs, not slices: no copies).
         keep_from = min(int(self.i0[stop]), end) if stop < self.stop_out else end
-        if keep_from > self.buffer_z0:
-            self.buffer = self.buffer[:, keep_from - self.buffer_z0:].clone()
-            self.buffer_z0 = keep_from
+        while self.parts and self.z0 + self.parts[0].shape[1] <= keep_from:
+            self.z0 += self.parts.pop(0).shape[1]
+
+    @property
+    def _end(self) -> int:
+        return self.z0 + sum(p.shape[1] for p in self.parts)
+
+    def _source(self, z: int) -> torch.Tensor:
+        """Source slice z (K, y, x), a view into the slab that holds it."""
+        z -= self.z0
+        for part in self.parts:
+            if z < part.shape[1]:
+                return part[:, z]
+            z -= part.shape[1]
+        raise IndexError(z)
 
     def _emit(self, start: int, stop: int) -> None:
-        k, _, sy, sx = self.buffer.shape
+        k, _, sy, sx = self.parts[0].shape
         per_slice = k * max(sy * sx, self.out.shape[1] * self.out.shape[2])
-        chunk = max(1, self.chunk_voxels // per_slice)
-        for a in range(start, stop, chunk):
-            b = min(a + chunk, stop)
-            i0 = torch.from_numpy(self.i0[a:b] - self.buffer_z0).to(self.buffer.device)
-            lo = self.buffer.index_select(1, i0)
-            if self.modes[0] == "linear" and np.any(self.w[a:b] != 0):
-                i1 = torch.from_numpy(self.i1[a:b] - self.buffer_z0).to(self.buffer.device)
-                w = torch.from_numpy(self.w[a:b]).to(lo.device, lo.dtype).view(1, -1, 1, 1)
-                lo = torch.lerp(lo, self.buffer.index_select(1, i1), w)
+        step = max(1, self.chunk_voxels // per_slice)
+        if self.chunk is None or self.chunk.shape[1] < min(step, stop - start):
+            self.chunk = torch.empty((k, min(step, self.stop_out - self.first_out), sy, sx),
+                                     dtype=self.parts[0].dtype, device=self.parts[0].device)
+        for a in range(start, stop, step):
+            b = min(a + step, stop)
+            lo = self.chunk[:, :b - a]
+            # along z from views of the slabs: no gathered copies of the source slices
+            for j, o in enumerate(range(a, b)):
+                if self.modes[0] == "linear" and self.w[o] != 0:
+                    torch.lerp(self._source(self.i0[o]), self._source(self.i1[o]), float(self.w[o]), out=lo[:, j])
+                else:
+                    lo[:, j].copy_(self._source(self.i0[o]))
             logits = resample_plane(lo, self.out.shape[1:], self.modes[1:])
             if self.float16_ties:
                 # nnU-Net v2 stores the resampled logits in their float16 input dtype before the argmax, so

@@ -244,7 +244,7 @@ class Predictor:
                     pred = self._predict_tile(tile).to(results_device)
                     self.runner.synchronize()       # CUDA is asynchronous: time the work, not the launches
                     t1 = time.perf_counter()
-                    accumulate(acc[:, :, y:y + patch[1], x:x + patch[2]], pred, gauss)
+                    accumulate(acc[:, :, y:y + patch[1], x:x + patch[2]], pred, gauss, self.runner.head)
                     weight[:, y:y + patch[1], x:x + patch[2]] += gauss
                     del pred
                     self.runner.synchronize()
@@ -282,8 +282,9 @@ class Predictor:
             exporter.feed(c - inner[0].start, logits.float())
 
     def _predict_tile(self, tile: torch.Tensor) -> torch.Tensor:
-        """(C, pz, py, px) -> (K, pz, py, px) float32 logits on the runner's device, averaged over the mirror
-        flips when TTA is on. Flips share a runner call up to `self._batch`, halved on CUDA out-of-memory."""
+        """(C, pz, py, px) -> (K, pz, py, px) float32 logits (or the runner's features, runners.py) on the
+        runner's device, averaged over the mirror flips when TTA is on. Flips share a runner call up to
+        `self._batch`, halved on CUDA out-of-memory."""
         x = tile[None]
         flips = mirror_axes_sets([a + 2 for a in self.config.plan.mirror_axes]) if self.tta else [()]
         pred, i = None, 0

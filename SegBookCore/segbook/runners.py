@@ -1,7 +1,10 @@
 """Network runners: what computes a tile's logits for the Predictor's window loop.
 
 A runner is called with a batch of tiles (N, C, pz, py, px) float32 on the CPU and returns their logits
-(N, K, pz, py, px) on `runner.device`, in float32 or (reduced precision) float16/bfloat16. The returned
+(N, K, pz, py, px) on `runner.device`, in float32 or (reduced precision) float16/bfloat16; or, when
+`runner.head` is a (weight (K, F), bias (K)) pair, the F features the network's final 1x1x1 convolution
+turns into those logits (the Predictor applies the head as it accumulates: it is linear and per voxel, so
+mirror flips and their average commute with it). `tile_logits` gives the logits either way. The returned
 tensor is only valid until the next call (the OpenVINO runner hands out its output buffer). `max_batch` is
 how many tiles one call may take; `synchronize()` waits for queued device work (for honest stage timings).
 
@@ -22,9 +25,10 @@ import torch
 from torch import nn
 
 from .errors import InputError
+from .sliding_window import apply_head
 
 __all__ = ["BACKENDS", "PRECISIONS", "TorchRunner", "make_runner", "resolve_backend", "resolve_precision",
-           "openvino_available", "release_memory"]
+           "openvino_available", "release_memory", "tile_logits"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +87,7 @@ class TorchRunner:
     a network the Predictor owns). Reduced precision runs under autocast, as nnU-Net does on CUDA."""
 
     name = "torch"
+    head = None        # returns logits
 
     def __init__(self, net: nn.Module, device: torch.device, precision: str, fast_cpu: bool = False):
         self.device, self.precision = device, precision
@@ -110,6 +115,12 @@ class TorchRunner:
         # GPU-only: not testable here. The cost is one pipeline stall per tile, small beside a tile's forward.
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def tile_logits(runner, x: torch.Tensor) -> torch.Tensor:
+    """The logits of tiles `x` (N, C, pz, py, px) from `runner`, its head applied if it has one."""
+    out = runner(x)
+    return out if runner.head is None else torch.stack([apply_head(o, runner.head) for o in out])
 
 
 def make_runner(net: nn.Module, device: torch.device, *, backend: str = "auto", precision: str = "auto",

@@ -12,7 +12,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 __all__ = ["compute_steps", "tile_starts", "gaussian_weights", "padding_for_patch", "mirror_axes_sets", "accumulate",
-           "shift_left"]
+           "apply_head", "shift_left"]
 
 
 def compute_steps(image_size, patch_size, step: float) -> list[list[int]]:
@@ -80,14 +80,34 @@ def mirror_axes_sets(axes) -> list[tuple[int, ...]]:
     return [()] + [c for r in range(1, len(axes) + 1) for c in itertools.combinations(axes, r)]
 
 
-def accumulate(acc: torch.Tensor, pred: torch.Tensor, gauss: torch.Tensor, slices: int = 8) -> None:
-    """acc (float16) += pred (float32) * gauss (float32), rounded as nnU-Net's `pred *= gauss; acc += pred`
+def apply_head(features: torch.Tensor, head) -> torch.Tensor:
+    """(F, z, y, x) features -> (K, z, y, x) float32 logits through a 1x1x1 head (weight (K, F), bias (K))."""
+    w, b = (t.to(features.device) for t in head)
+    return torch.addmm(b[:, None], w, features.float().reshape(features.shape[0], -1)).view(-1, *features.shape[1:])
+
+
+def accumulate(acc: torch.Tensor, pred: torch.Tensor, gauss: torch.Tensor, head=None, slices: int = 8) -> None:
+    """acc (float16) += logits (float32) * gauss (float32), rounded as nnU-Net's `pred *= gauss; acc += pred`
     (float32 product, float32 sum, one rounding to float16 per element), but several times faster on
     the CPU: PyTorch's mixed-dtype in-place add is not vectorised (nnU-Net loses seconds per 128^3 tile with
-    105 classes there), and one class times a few z-slices at a time (512 KB at 128^2) stays in the cache
-    instead of streaming three tile-sized float32 temporaries through memory."""
+    105 classes there), and a few z-slices of one class at a time (512 KB at 128^2) stay in the cache
+    instead of streaming three tile-sized float32 temporaries through memory. The logits are `pred`, or
+    with `head` (runners.py) the head applied to the features `pred`, one z-slice of all classes at a time
+    (7 MB at 128^2 and 105 classes), so that no tile of logits is ever held."""
     if acc.device.type != "cpu":     # one kernel each on a GPU; 1,700 small ones would cost more in launches
-        acc += pred * gauss
+        acc += (pred if head is None else apply_head(pred, head)) * gauss
+        return
+    if head is not None:
+        w, b = head
+        plane = pred.shape[-2:]
+        logits = torch.empty((w.shape[0], plane.numel()), dtype=torch.float32)
+        total = torch.empty_like(logits)
+        for z in range(pred.shape[1]):
+            torch.addmm(b[:, None], w, pred[:, z].reshape(pred.shape[0], -1), out=logits)
+            logits.mul_(gauss[z].reshape(1, -1))
+            part, t = acc[:, z], total.view(-1, *plane)
+            t.copy_(part)
+            part.copy_(t.add_(logits.view(-1, *plane)))
         return
     k, depth = pred.shape[:2]
     product = torch.empty((1, slices, *pred.shape[2:]), dtype=torch.float32, device=pred.device)

@@ -234,6 +234,10 @@ class Predictor:
         acc = torch.zeros((k, patch[0], *padded[1:]), dtype=torch.float16, device=results_device)
         weight = torch.zeros((patch[0], *padded[1:]), dtype=torch.float16, device=results_device)
         source = torch.from_numpy(data)
+        # Only what is exported is accumulated: not the padding, nor an ROI's context slices (four fifths of an
+        # ROI click's tile); the network still sees whole tiles.
+        lo, hi = exporter.source_range
+        needed = [(inner[0].start + lo, inner[0].start + hi)] + [(s.start, s.stop) for s in inner[1:]]
         done, clock = 0, {"network": 0.0, "accumulate": 0.0, "export": 0.0}
         self.reporter.progress("predict", 0, total)
         for zi, z in enumerate(steps[0]):
@@ -244,8 +248,13 @@ class Predictor:
                     pred = self._predict_tile(tile).to(results_device)
                     self.runner.synchronize()       # CUDA is asynchronous: time the work, not the launches
                     t1 = time.perf_counter()
-                    accumulate(acc[:, :, y:y + patch[1], x:x + patch[2]], pred, gauss, self.runner.head)
-                    weight[:, y:y + patch[1], x:x + patch[2]] += gauss
+                    part = tuple(slice(max(a - t, 0), min(b - t, p))
+                                 for (a, b), t, p in zip(needed, (z, y, x), patch))
+                    window = (part[0], slice(y + part[1].start, y + part[1].stop),
+                              slice(x + part[2].start, x + part[2].stop))
+                    accumulate(acc[(slice(None), *window)], pred[(slice(None), *part)], gauss[part],
+                               self.runner.head)
+                    weight[window] += gauss[part]
                     del pred
                     self.runner.synchronize()
                     clock["network"] += t1 - t0

@@ -9,7 +9,7 @@ import torch
 
 from segbook.config import Arch, ModelConfig, Plan
 from segbook.errors import InputError
-from segbook.export import SlabExporter, resample_plane
+from segbook.export import SlabExporter, first_argmax, resample_plane
 from segbook.inference import Predictor
 from segbook.zoo import create_model, save_model_folder
 
@@ -88,6 +88,17 @@ def test_slab_export_equals_nnunet_resampling_and_argmax(case):
                                                     force_separate_z=None)
         np.testing.assert_allclose(ours.numpy(), ref32, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_first_argmax_is_torch_argmax_with_ties_to_the_first_class(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 4, (9, 3, 17, 5), generator=g).to(dtype)     # many ties among few values
+    x[:, 0, 0, 0] = 2                                                  # every class tied: class 0
+    x[5, 1, 2, 3], x[7, 1, 2, 3] = 9, 9                                # two tied maxima: the first, 5
+    ours = first_argmax(x)
+    assert torch.equal(ours.long(), x.argmax(0))
+    assert ours[0, 0, 0] == 0 and ours[1, 2, 3] == 5
 
 
 @pytest.mark.parametrize("modes,keep", [(["linear"] * 3, (7, 19)), (["nearest", "linear", "linear"], (0, 5)),

@@ -9,7 +9,7 @@ Facts this code relies on (measured on 2 Zen 4 cores, STU-Net-S, 128^3 tile; see
 
 The converted model is the network without its final 1x1x1 head: it returns the last decoder features (16
 channels for STU-Net-S) and `runner.head` holds the head's weights, which the Predictor applies while it
-accumulates, a few thousand voxels at a time in the cache. The CPU plugin spends ~30 % of a 128^3 tile on the
+accumulates, one z-slice of all classes at a time. The CPU plugin spends ~30 % of a 128^3 tile on the
 head and on reordering its 105-channel output out of the blocked layout (1.4-1.5 s without vs 1.9-2.0 s with,
 measured); the output buffer shrinks from 880 MB to 134 MB, and the logits are the same (the head's 16-term
 sums round alike: equal to the last bit on the bench tile).

@@ -182,7 +182,8 @@ class OpenVINORunner:
         """Convert (if not cached) and compile; done at the first tile, so that a bad input fails first."""
         import openvino as ov
         from .zoo import cache_dir
-        self.folder = Path(self.cache_root or cache_dir()) / "openvino" / cache_key(self.network, self.patch, self.precision)
+        key = cache_key(self.network, self.patch, self.precision)
+        self.folder = Path(self.cache_root or cache_dir()) / "openvino" / key
         self.head = network_head(self.network)     # taken with the key: the weights the conversion hashed
         xml = self.folder / "model.xml"
         self.converted = not xml.is_file()

@@ -24,8 +24,9 @@ convolutions were already as exact as PyTorch's). bf16 keeps MVN: its error is t
 and the decomposition costs 10 % of its tile.
 
 The converted model lives under `cache_dir()/openvino/<key>/` beside the model folders; the key hashes the
-weights, the architecture, the patch shape and the engine versions, so a fine-tuned model or another
-OpenVINO gets its own conversion, and a second load only reads and compiles (0.2-0.6 s).
+weights, the architecture, the patch shape, the graph (fp32's norms or MVN) and the engine versions, so a
+fine-tuned model or another OpenVINO gets its own conversion, and a second load only reads and compiles
+(0.2-0.6 s).
 """
 from __future__ import annotations
 

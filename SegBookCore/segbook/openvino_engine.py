@@ -18,8 +18,8 @@ In fp32 the network's instance norms are converted as the decomposition `_ExactI
 plugin's MVN: on the blocked channel layout MVN keeps one running fp32 sum per channel over the whole
 tile (2M voxels at 128^3), 2.8e-4 relative error after the first conv where PyTorch, which accumulates the
 statistics in double, has 3e-7. Through the network that made the logits differ from PyTorch's by 1.4e-3
-(PyTorch vs float64: 7e-6) and 0.04 % of a tile's labels. With short sums the logits are within 1.1e-5
-of float64 and 99.9998 % of the labels equal PyTorch's, for ~0.1 s more per 128^3 tile (measured; the
+(PyTorch vs float64: 7e-6) and 0.04 % of a tile's labels. With short sums the logits are within 1.0e-5
+of float64 and 99.9997 % of the labels equal PyTorch's, for ~0.06 s more per 128^3 tile (measured; the
 convolutions were already as exact as PyTorch's). bf16 keeps MVN: its error is the bf16 convolutions',
 and the decomposition costs 10 % of its tile.
 

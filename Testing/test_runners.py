@@ -149,7 +149,7 @@ def _check_conversion_cache(tmp):
 
     key = openvino_engine.cache_key(net, net.config.plan.patch_size)
     assert openvino_engine.cache_key(net, [32, 32, 32]) != key                 # another patch shape
-    assert openvino_engine.cache_key(net, net.config.plan.patch_size, "bf16") != key   # bf16 keeps MVN
+    assert openvino_engine.cache_key(net, net.config.plan.patch_size, exact_norm=False) != key  # bf16: MVN
     openvino_engine.ENGINE_VERSION += 1
     assert openvino_engine.cache_key(net, net.config.plan.patch_size) != key   # another engine version
     openvino_engine.ENGINE_VERSION -= 1

@@ -53,13 +53,13 @@ ENGINE_VERSION = 4
 _HINT = {"fp32": "f32", "bf16": "bf16"}
 
 
-def cache_key(net: nn.Module, patch, precision: str = "fp32") -> str:
-    """Hash of the weights, architecture, patch (z, y, x), graph (per precision) and engine versions."""
+def cache_key(net: nn.Module, patch, exact_norm: bool = True) -> str:
+    """Hash of the weights, architecture, patch (z, y, x), graph (which norms) and engine versions."""
     import openvino as ov
     h = hashlib.sha256()
     cfg = net.config
     h.update(json.dumps({"arch": cfg.arch.__dict__, "patch": [int(p) for p in patch], "engine": ENGINE_VERSION,
-                         "exact_norm": precision == "fp32",
+                         "exact_norm": exact_norm,
                          "openvino": ov.__version__, "torch": torch.__version__.split("+")[0]},
                         sort_keys=True, default=str).encode())
     for name, t in net.state_dict().items():
@@ -98,26 +98,24 @@ class _ExactInstanceNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xc = x - _spatial_mean(x)
-        scale = torch.rsqrt(_spatial_mean(xc, squares=True) + self.norm.eps)
-        if self.norm.weight is None:
-            return xc * scale
-        scale = scale * self.norm.weight.view(1, -1, 1, 1, 1)
+        scale = torch.rsqrt(_spatial_mean(xc, squares=True) + self.norm.eps) * self.norm.weight.view(1, -1, 1, 1, 1)
         return xc * scale + self.norm.bias.view(1, -1, 1, 1, 1)
 
 
 def _graph_swaps(net: nn.Module, exact_norm: bool) -> list[tuple[nn.Module, str, nn.Module]]:
     """(parent, attribute, replacement) for what the converted graph computes otherwise: the final head is
-    left out (applied while accumulating), and in fp32 the instance norms use short sums."""
+    left out (applied while accumulating), and with exact_norm (fp32) STU-Net's instance norms (affine, batch
+    statistics) use short sums."""
     swaps = [(net.seg_outputs, str(len(net.seg_outputs) - 1), nn.Identity())]
     if exact_norm:
         for parent in net.modules():
             for name, child in parent.named_children():
-                if isinstance(child, nn.InstanceNorm3d) and not child.track_running_stats:
+                if isinstance(child, nn.InstanceNorm3d) and child.affine and not child.track_running_stats:
                     swaps.append((parent, name, _ExactInstanceNorm(child)))
     return swaps
 
 
-def _convert(net: nn.Module, patch, precision: str, folder: Path, reporter) -> Path:
+def _convert(net: nn.Module, patch, exact_norm: bool, folder: Path, reporter) -> Path:
     import openvino as ov
     message = f"converting {net.config.name} to OpenVINO for patch {list(patch)} (once per model; a few seconds)"
     log.info("%s into %s", message, folder)
@@ -125,7 +123,7 @@ def _convert(net: nn.Module, patch, precision: str, folder: Path, reporter) -> P
         reporter.progress("convert", 0, 1, message=message)
     t0 = time.perf_counter()
     was_training, ds = net.training, getattr(net, "deep_supervision", None)
-    swaps = _graph_swaps(net, exact_norm=precision == "fp32")
+    swaps = _graph_swaps(net, exact_norm)
     originals = [(parent, name, getattr(parent, name)) for parent, name, _ in swaps]
     net.eval()
     if ds is not None:
@@ -190,13 +188,14 @@ class OpenVINORunner:
         """Convert (if not cached) and compile; done at the first tile, so that a bad input fails first."""
         import openvino as ov
         from .zoo import cache_dir
-        key = cache_key(self.network, self.patch, self.precision)
+        exact_norm = self.precision == "fp32"      # bf16 keeps MVN (module docstring)
+        key = cache_key(self.network, self.patch, exact_norm)
         self.folder = Path(self.cache_root or cache_dir()) / "openvino" / key
         self.head = network_head(self.network)     # taken with the key: the weights the conversion hashed
         xml = self.folder / "model.xml"
         self.converted = not xml.is_file()
         if self.converted:
-            _convert(self.network, self.patch, self.precision, self.folder, self.reporter)
+            _convert(self.network, self.patch, exact_norm, self.folder, self.reporter)
         config = {"INFERENCE_PRECISION_HINT": _HINT[self.precision], "PERFORMANCE_HINT": "LATENCY"}
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = int(self.threads)

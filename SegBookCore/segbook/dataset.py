@@ -9,6 +9,8 @@ Two layouts are read:
                            or {"modality": {"0": "MRI"}, "labels": {"0": "background", "1": "a"},
                                "training": [{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}]}
                                                                 (Decathlon)
+                           "labels" may also name an "ignore" label (nnU-Net v2's sparse annotation:
+                           {"background": 0, "a": 1, "ignore": 2}); it must be the highest value
        DATASET/imagesTr/CASE_0000.nii.gz, CASE_0001.nii.gz ...  (one file per channel), or CASE.nii.gz
        DATASET/labelsTr/CASE.nii.gz
 
@@ -16,13 +18,16 @@ Two layouts are read:
 
        {"class_names": ["background", "liver", "tumor"],      # index = label value, 0 is background
         "channel_names": ["CT"],                               # optional; default from the first case
+        "ignore": 3,                                           # optional: unannotated voxels (= len(class_names))
         "cases": [{"name": "case1",                            # optional; default: label file stem
                    "image": "case1.nrrd",                      # or a list of files, one per channel
                    "label": "case1_seg.nrrd"}, ...]}
 
    Relative paths are relative to the JSON file.
 
-Label values must be 0..N-1 (index into the class names). `check_dataset` reads every header and label
+Label values must be 0..N-1 (index into the class names), plus the ignore value N where one is named:
+voxels holding it are not annotated and count in no loss and no metric (the network has N outputs, no
+"ignore" class). `check_dataset` reads every header and label
 and raises InputError with one line naming the case and the problem.
 """
 from __future__ import annotations
@@ -60,6 +65,7 @@ class Dataset:
     cases: list[Case]
     source: str = ""
     extra: dict = field(default_factory=dict)
+    ignore_label: int | None = None     # value of unannotated voxels (== num_classes), None: all annotated
 
     @property
     def num_classes(self) -> int:
@@ -73,18 +79,35 @@ def _strip_ending(name: str) -> str:
     return Path(name).stem
 
 
-def _class_names_from_labels(labels: dict, where: str) -> list[str]:
-    """nnU-Net v2 `{name: value}` or Decathlon `{"value": name}` -> names indexed by value."""
+def _class_names_from_labels(labels: dict, where: str) -> tuple[list[str], int | None]:
+    """nnU-Net v2 `{name: value}` or Decathlon `{"value": name}` -> (names indexed by value, ignore value).
+
+    An entry named "ignore" is not a class: its value must be an integer one above the highest class
+    value, as nnU-Net's LabelManager requires."""
+    decathlon = all(str(k).lstrip("-").isdigit() for k in labels)
+    pairs = [(v, k) for k, v in labels.items()] if decathlon else list(labels.items())   # (name, value)
+    ignore = [v for n, v in pairs if str(n) == "ignore"]
     try:
-        if all(str(k).lstrip("-").isdigit() for k in labels):
-            by_value = {int(k): str(v) for k, v in labels.items()}
-        else:
-            by_value = {int(v): str(k) for k, v in labels.items()}
+        by_value = {int(v): str(n) for n, v in pairs if str(n) != "ignore"}
     except (TypeError, ValueError):
         raise InputError(f"{where}: 'labels' must map names to integer values (regions are not supported)") from None
     if sorted(by_value) != list(range(len(by_value))):
         raise InputError(f"{where}: label values must be 0..{len(by_value) - 1}, got {sorted(by_value)}")
-    return [by_value[i] for i in range(len(by_value))]
+    if decathlon and ignore:
+        ignore = [int(ignore[0])]
+    return [by_value[i] for i in range(len(by_value))], _ignore_value(ignore[0] if ignore else None,
+                                                                      len(by_value), where)
+
+
+def _ignore_value(value, num_classes: int, where: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{where}: 'ignore' must be an integer label value, got {value!r}")
+    if value != num_classes:
+        raise InputError(f"{where}: the 'ignore' label must be the highest value, {num_classes} (one above the "
+                         f"classes 0..{num_classes - 1}), got {value}")
+    return value
 
 
 def _read_raw_folder(folder: Path) -> Dataset:
@@ -95,7 +118,7 @@ def _read_raw_folder(folder: Path) -> Dataset:
         raise InputError(f"{meta_path}: cannot read ({e})") from None
     if "labels" not in meta:
         raise InputError(f"{meta_path}: no 'labels'")
-    class_names = _class_names_from_labels(meta["labels"], str(meta_path))
+    class_names, ignore = _class_names_from_labels(meta["labels"], str(meta_path))
     channels = meta.get("channel_names") or meta.get("modality") or {"0": "image"}
     channel_names = [str(channels[k]) for k in sorted(channels, key=int)]
     images_dir, labels_dir = folder / "imagesTr", folder / "labelsTr"
@@ -120,7 +143,8 @@ def _read_raw_folder(folder: Path) -> Dataset:
             raise InputError(f"case {name}: label {label.name} has no image ({missing.name} or {plain.name} "
                              f"not found in {images_dir})")
         cases.append(Case(name, images, label))
-    return Dataset(str(meta.get("name", folder.name)), class_names, channel_names, cases, source=str(folder))
+    return Dataset(str(meta.get("name", folder.name)), class_names, channel_names, cases, source=str(folder),
+                   ignore_label=ignore)
 
 
 def _read_list(path: Path) -> Dataset:
@@ -131,6 +155,7 @@ def _read_list(path: Path) -> Dataset:
     if not isinstance(meta, dict) or "cases" not in meta or "class_names" not in meta:
         raise InputError(f"{path}: expected {{\"class_names\": [...], \"cases\": [{{\"image\", \"label\"}}...]}}")
     class_names = [str(c) for c in meta["class_names"]]
+    ignore = _ignore_value(meta.get("ignore"), len(class_names), str(path))
     cases = []
     for i, entry in enumerate(meta["cases"]):
         if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
@@ -142,7 +167,8 @@ def _read_list(path: Path) -> Dataset:
         cases.append(Case(name, images, label))
     n_channels = len(cases[0].images) if cases else 1
     channel_names = [str(c) for c in meta.get("channel_names", [f"channel {i}" for i in range(n_channels)])]
-    return Dataset(str(meta.get("name", path.stem)), class_names, channel_names, cases, source=str(path))
+    return Dataset(str(meta.get("name", path.stem)), class_names, channel_names, cases, source=str(path),
+                   ignore_label=ignore)
 
 
 def read_dataset(path) -> Dataset:
@@ -198,7 +224,8 @@ def check_dataset(ds: Dataset, expected_channels: int | None = None, min_cases: 
 
     Problems: fewer than `min_cases` cases, a missing or unreadable image, a channel count that differs
     from `expected_channels` (the base model's), a label whose geometry differs from its image, label
-    values outside 0..num_classes-1, an empty (all background) label.
+    values outside 0..num_classes-1 (and the ignore value), a label with every voxel "ignore", an empty
+    (all background) label.
     """
     if len(ds.cases) < min_cases:
         raise InputError(f"{ds.source}: {len(ds.cases)} case(s); fine-tuning needs at least {min_cases}")
@@ -222,10 +249,15 @@ def check_label_values(seg: np.ndarray, ds: Dataset, case: str) -> None:
         if not np.all(np.mod(seg, 1) == 0):
             raise InputError(f"case {case}: label map has non-integer values")
     values = np.unique(seg)
-    bad = [int(v) for v in values if v < 0 or v >= ds.num_classes]
+    allowed = ds.num_classes + (ds.ignore_label is not None)
+    bad = [int(v) for v in values if v < 0 or v >= allowed]
     if bad:
-        raise InputError(f"case {case}: label values {bad} not in the class list "
-                         f"(0..{ds.num_classes - 1}: {', '.join(ds.class_names)})")
+        names = ", ".join(ds.class_names + (["ignore"] if ds.ignore_label is not None else []))
+        raise InputError(f"case {case}: label values {bad} not in the class list (0..{allowed - 1}: {names})")
+    if ds.ignore_label is not None:
+        if values.tolist() == [ds.ignore_label]:
+            raise InputError(f"case {case}: every voxel is 'ignore' (value {ds.ignore_label}): nothing is annotated")
+        values = values[values != ds.ignore_label]
     if values.max(initial=0) == 0:
         raise InputError(f"case {case}: empty label map (background only)")
 

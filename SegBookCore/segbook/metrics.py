@@ -8,13 +8,17 @@ Label maps are (z, y, x) integer arrays on the same grid; spacing is (z, y, x) m
   voxels of each mask (the mask minus its 6-connected erosion) are counted; NSD = (border voxels of P
   within tau of G's border + border voxels of G within tau of P's border) / (all border voxels of P and G).
   Distances are Euclidean in mm between voxel centres. 1 when both are empty, 0 when one is.
+
+A reference with unannotated voxels (nnU-Net v2's "ignore" label, `ignore_label`): Dice counts only the
+annotated voxels, as nnU-Net's evaluation does (prediction and reference both masked). NSD is NaN there: a
+structure's surface is unknown where its neighbourhood is not annotated.
 """
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["dice", "surface_dice", "evaluate_case"]
+__all__ = ["dice", "surface_dice", "evaluate_case", "mean_defined"]
 
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
@@ -48,12 +52,25 @@ def surface_dice(pred: np.ndarray, ref: np.ndarray, spacing, tolerance_mm: float
 
 
 def evaluate_case(pred: np.ndarray, ref: np.ndarray, classes, spacing=(1.0, 1.0, 1.0),
-                  tolerance_mm: float = 1.0) -> dict[int, dict[str, float]]:
-    """{class value: {"dice": ..., "nsd": ...}} for each value in `classes`."""
+                  tolerance_mm: float = 1.0, ignore_label: int | None = None) -> dict[int, dict[str, float]]:
+    """{class value: {"dice": ..., "nsd": ...}} for each value in `classes`; voxels of `ignore_label` in
+    `ref` count in neither (module docstring)."""
     if pred.shape != ref.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from reference {ref.shape}")
+    annotated = None if ignore_label is None else ref != ignore_label
+    if annotated is not None and annotated.all():
+        annotated = None                      # fully annotated after all: every metric is defined
     out = {}
     for c in classes:
         p, r = pred == c, ref == c
-        out[int(c)] = {"dice": dice(p, r), "nsd": surface_dice(p, r, spacing, tolerance_mm)}
+        if annotated is None:
+            out[int(c)] = {"dice": dice(p, r), "nsd": surface_dice(p, r, spacing, tolerance_mm)}
+        else:
+            out[int(c)] = {"dice": dice(p & annotated, r), "nsd": float("nan")}
     return out
+
+
+def mean_defined(values) -> float:
+    """Mean of the values that are not NaN; NaN, without numpy's warning, when none is."""
+    values = [v for v in values if not np.isnan(v)]
+    return float(np.mean(values)) if values else float("nan")

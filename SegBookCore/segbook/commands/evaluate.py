@@ -2,6 +2,10 @@
 
 PREDICTIONS and LABELS are two label-map files, or two folders whose files are matched by name
 (`case.nii.gz` in both; a `_seg`/`_pred` suffix on the prediction is ignored).
+
+Partly annotated references (nnU-Net v2's "ignore" label): the voxels of `--ignore-label`, by default the
+"ignore" value named in a dataset.json beside the LABELS folder (`labelsTr/../dataset.json`), count in no
+metric; Dice is computed on the annotated voxels and NSD is not defined there (NaN).
 """
 from __future__ import annotations
 
@@ -20,6 +24,9 @@ def add_arguments(p) -> None:
     p.add_argument("labels", help="reference label map file or folder (matched by file name)")
     p.add_argument("--classes", type=int, nargs="+", default=None,
                    help="label values to score (default: every non-zero value in the references)")
+    p.add_argument("--ignore-label", type=int, default=None,
+                   help="reference value of unannotated voxels, scored nowhere (default: the 'ignore' of a "
+                        "dataset.json beside the LABELS folder, else none)")
     p.add_argument("--tolerance", type=float, default=1.0, help="NSD tolerance in mm (default 1)")
     p.add_argument("--csv", default=None,
                    help="CSV to write (default: evaluation.csv in the predictions folder, or beside the file)")
@@ -53,15 +60,25 @@ def _pairs(pred: Path, ref: Path) -> list[tuple[str, Path, Path]]:
     return [(k, preds[k], refs[k]) for k in common]
 
 
+def _dataset_ignore_label(ref: Path) -> int | None:
+    """The "ignore" value of the nnU-Net raw folder holding the LABELS folder, if it names one."""
+    meta = ref.parent / "dataset.json"
+    if not (ref.is_dir() and meta.is_file()):
+        return None
+    from ..dataset import read_dataset
+    return read_dataset(ref.parent).ignore_label
+
+
 def run(args) -> int:
     import numpy as np
     from ..errors import InputError
     from ..io import check_writable, read_labels
-    from ..metrics import evaluate_case
+    from ..metrics import evaluate_case, mean_defined
 
     pred_root, ref_root = Path(args.predictions), Path(args.labels)
     out = Path(args.csv) if args.csv else (pred_root if pred_root.is_dir() else pred_root.parent) / "evaluation.csv"
     check_writable(out)                     # before reading any label map
+    ignore = args.ignore_label if args.ignore_label is not None else _dataset_ignore_label(ref_root)
     rows = []
     for case, p, r in _pairs(pred_root, ref_root):
         pred, pred_geo = read_labels(p)
@@ -72,9 +89,9 @@ def run(args) -> int:
         if not np.allclose(pred_geo.spacing, ref_geo.spacing, rtol=1e-4, atol=1e-4):
             raise InputError(f"case {case}: prediction spacing {pred_geo.spacing} differs from "
                              f"reference {ref_geo.spacing}")
-        classes = args.classes or [int(v) for v in np.unique(ref) if v != 0]
+        classes = args.classes or [int(v) for v in np.unique(ref) if v not in (0, ignore)]
         spacing = ref_geo.spacing_zyx
-        for c, m in evaluate_case(pred, ref, classes, spacing, args.tolerance).items():
+        for c, m in evaluate_case(pred, ref, classes, spacing, args.tolerance, ignore).items():
             rows.append({"case": case, "class": c, "dice": m["dice"], "nsd": m["nsd"]})
     classes = sorted({r["class"] for r in rows})
     width = max(len("mean"), *(len(r["case"]) for r in rows))
@@ -85,8 +102,8 @@ def run(args) -> int:
         cells = [f"{by_class[c]['dice']:8.4f} {by_class[c]['nsd']:8.4f}" if c in by_class else f"{'':8} {'':8}"
                  for c in classes]
         print(f"{case:<{width}}  " + "  ".join(cells))
-    means = {c: (np.nanmean([r["dice"] for r in rows if r["class"] == c]),
-                 np.nanmean([r["nsd"] for r in rows if r["class"] == c])) for c in classes}
+    means = {c: (mean_defined([r["dice"] for r in rows if r["class"] == c]),
+                 mean_defined([r["nsd"] for r in rows if r["class"] == c])) for c in classes}
     print(f"{'mean':<{width}}  " + "  ".join(f"{means[c][0]:8.4f} {means[c][1]:8.4f}" for c in classes))
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".evaluation.", suffix=".csv", dir=out.parent)

@@ -3,7 +3,8 @@
 A cached case is `NAME_image.npy` (C, z, y, x) float32 and `NAME_seg.npy` (1, z, y, x) int16 at the plan
 spacing (cropped to non-zero, normalised, resampled with `segbook.preprocess`, the same code the
 predictor runs), plus `NAME_loc.npz`: up to 10,000 voxel coordinates (n, 3) zyx per foreground class, so
-that foreground oversampling never scans a volume. A key file holds the source files' sizes and mtimes
+that foreground oversampling never scans a volume; for a dataset with an "ignore" label also those of the
+annotated voxels (key ANNOTATED), around which the other patches are drawn. A key file holds the source files' sizes and mtimes
 and the plan; a changed case is preprocessed again.
 """
 from __future__ import annotations
@@ -23,11 +24,12 @@ from ..dataset import Case, Dataset, check_label_values, read_case_arrays
 from ..errors import InputError
 from ..preprocess import compute_new_shape, nearest_indices, preprocess, separate_axis
 
-__all__ = ["CachedCase", "cache_dataset", "resample_seg", "class_locations"]
+__all__ = ["CachedCase", "cache_dataset", "resample_seg", "class_locations", "ANNOTATED"]
 
 log = logging.getLogger(__name__)
 
 MAX_LOCATIONS = 10_000
+ANNOTATED = -1      # locations key of the voxels that are not "ignore" (any class, background included)
 
 
 @dataclass
@@ -64,18 +66,22 @@ def resample_seg(seg: np.ndarray, new_shape, axis: int | None) -> np.ndarray:
 
 def class_locations(seg: np.ndarray, values, rng: np.random.Generator) -> dict[int, np.ndarray]:
     """Up to MAX_LOCATIONS random (n, 3) zyx coordinates of each class value in a (z, y, x) map."""
-    out = {}
-    for v in values:
-        coords = np.argwhere(seg == v)
-        if len(coords) > MAX_LOCATIONS:
-            coords = coords[rng.choice(len(coords), MAX_LOCATIONS, replace=False)]
-        out[int(v)] = coords.astype(np.int32)
-    return out
+    return {int(v): _some_coordinates(seg == v, rng) for v in values}
 
 
-def _key(case: Case, plan: Plan) -> str:
-    parts = [json.dumps({"spacing": plan.spacing, "norm": plan.normalization, "ct": plan.ct_intensities,
-                         "crop": plan.crop_to_nonzero, "v": 1}, sort_keys=True)]
+def _some_coordinates(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    coords = np.argwhere(mask)
+    if len(coords) > MAX_LOCATIONS:
+        coords = coords[rng.choice(len(coords), MAX_LOCATIONS, replace=False)]
+    return coords.astype(np.int32)
+
+
+def _key(case: Case, plan: Plan, ignore_label: int | None) -> str:
+    spec = {"spacing": plan.spacing, "norm": plan.normalization, "ct": plan.ct_intensities,
+            "crop": plan.crop_to_nonzero, "v": 1}
+    if ignore_label is not None:   # the locations differ; caches of fully annotated data stay valid
+        spec["ignore"] = ignore_label
+    parts = [json.dumps(spec, sort_keys=True)]
     for p in [*case.images, case.label]:
         st = os.stat(p)
         parts.append(f"{Path(p).resolve()}:{st.st_size}:{st.st_mtime_ns}")
@@ -99,6 +105,8 @@ def _preprocess_case(case: Case, ds: Dataset, plan: Plan, folder: Path) -> Cache
     seg = resample_seg(seg, new_shape, separate_axis(spacing, plan.spacing))
     rng = np.random.default_rng(int(hashlib.sha1(case.name.encode()).hexdigest()[:8], 16))
     locations = class_locations(seg, range(1, ds.num_classes), rng)
+    if ds.ignore_label is not None:
+        locations[ANNOTATED] = _some_coordinates(seg != ds.ignore_label, rng)
     cached = CachedCase(case.name, folder / f"{case.name}_image.npy", folder / f"{case.name}_seg.npy", locations)
     _atomic_save(cached.image_path, pre.data.astype(np.float32))
     _atomic_save(cached.seg_path, seg[None])
@@ -113,7 +121,7 @@ def cache_dataset(ds: Dataset, cases: list[Case], plan: Plan, folder, reporter=N
     out = []
     for i, case in enumerate(cases):
         key_file = folder / f"{case.name}.key"
-        key = _key(case, plan)
+        key = _key(case, plan, ds.ignore_label)
         if key_file.is_file() and key_file.read_text() == key:
             loc = np.load(folder / f"{case.name}_loc.npz")
             out.append(CachedCase(case.name, folder / f"{case.name}_image.npy", folder / f"{case.name}_seg.npy",

@@ -7,6 +7,8 @@ uninterrupted run would have seen.
 
 Foreground oversampling follows nnU-Net: of a batch of B patches the last ones, from index
 round(B * (1 - 1/3)) on, are centred on a random voxel of a random foreground class present in the case.
+In a partly annotated case ("ignore" label) the other patches are centred on a random annotated voxel
+(nnU-Net v2 does the same), so that a patch is not wasted on voxels that count in no loss.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 from .augment import enlarged_patch_size, training_transforms
-from .cache import CachedCase
+from .cache import ANNOTATED, CachedCase
 
 __all__ = ["BatchDataset", "make_loader", "crop_patch", "FOREGROUND_FRACTION"]
 
@@ -83,10 +85,15 @@ class BatchDataset(torch.utils.data.Dataset):
         pad = [max(p - s, 0) for p, s in zip(self.patch_size, shape)]
         lo = [-(p // 2) for p in pad]
         hi = [s + p // 2 + p % 2 - ps for s, p, ps in zip(shape, pad, self.patch_size)]
-        present = [k for k, v in case.locations.items() if len(v)]
-        if force_fg and present:
-            voxel = case.locations[present[rng.integers(len(present))]]
-            voxel = voxel[rng.integers(len(voxel))]
+        foreground = [k for k, v in case.locations.items() if len(v) and k != ANNOTATED]
+        if force_fg and foreground:
+            around = case.locations[foreground[rng.integers(len(foreground))]]
+        elif not force_fg and len(case.locations.get(ANNOTATED, ())):
+            around = case.locations[ANNOTATED]
+        else:
+            around = None
+        if around is not None:
+            voxel = around[rng.integers(len(around))]
             centre_lower = [int(v) - p // 2 for v, p in zip(voxel, self.patch_size)]
             patch_lower = [min(max(c, a), b) for c, a, b in zip(centre_lower, lo, hi)]
         else:

@@ -266,7 +266,7 @@ def _run(cfg, d, device, out, train_dir, reporter, command, stop_file=None) -> d
     scaler = grad_scaler(device)
     model = torch.nn.parallel.DistributedDataParallel(
         net, device_ids=[device.index] if device.type == "cuda" else None) if d.enabled else net
-    loss_fn = DeepSupervisionLoss(len(pools))
+    loss_fn = DeepSupervisionLoss(len(pools), ignore_label=ds.ignore_label)
     validator = _load_validator() if val_cases else None
     # 4. resume
     ckpt = train_dir / "checkpoint.pt"
@@ -329,7 +329,7 @@ def _run(cfg, d, device, out, train_dir, reporter, command, stop_file=None) -> d
                       "seconds": round(time.monotonic() - t0, 2)}
             sched.step()
             if val_cases and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == epochs):
-                last_val = _validate(validator, net, model_config, val_cases, device, reporter, d)
+                last_val = _validate(validator, net, model_config, val_cases, device, reporter, d, ds.ignore_label)
                 record["val_dice"] = last_val["dice"] if last_val else None
                 record["validation"] = last_val
             history.append(record)
@@ -365,13 +365,13 @@ def _load_validator():
         return None
 
 
-def _validate(validator, net, model_config, val_cases, device, reporter, d: Dist):
+def _validate(validator, net, model_config, val_cases, device, reporter, d: Dist, ignore_label=None):
     """Each rank predicts its share of the validation cases (nnU-Net shards validation too); every rank
     gets the merged result."""
     if validator is None:
         return None
     state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
     mine = d.checked(lambda: validator.predict_cases(state, model_config, d.shard(val_cases), device=device,
-                                                     reporter=reporter), "validation")
+                                                     reporter=reporter, ignore_label=ignore_label), "validation")
     merged = {k: v for part in d.gather(mine) for k, v in part.items()}
     return validator.summarise({c.name: merged[c.name] for c in val_cases}, model_config)

@@ -1,5 +1,5 @@
 """An emulation of `Slicer --no-main-window --python-script SCRIPT ARGS...`, run as a script:
-`python python_script_host.py [--raise-in MODULE:ATTR] SCRIPT ARGS...`.
+`python python_script_host.py [--raise-in MODULE:ATTR] [--without MODULE] SCRIPT ARGS...`.
 
 What the application does (Slicer's qSlicerCoreApplication and slicer.util.exit): it runs SCRIPT as
 `__main__` with sys.argv = [SCRIPT, ARGS...] and then enters its event loop. `slicer.util.exit(status)` asks
@@ -8,8 +8,9 @@ other exception is printed and the application keeps running: with no main windo
 ends. This host reports that as exit status 99 ("would keep running") instead of hanging.
 
 `--raise-in MODULE:ATTR` replaces that function (e.g. `SegBookLib.SegmentationLogic:SegmentationLogic.shutdown`)
-by one raising RuntimeError, to reach the script's handling of an unexpected error. Only the application
-object is stubbed; `slicer` is the real slicer-core package.
+by one raising RuntimeError, to reach the script's handling of an unexpected error. `--without MODULE` makes a
+module unimportable in this process only (e.g. torch: Slicer's Python without PyTorch, the engine running in
+another interpreter). Only the application object is stubbed; `slicer` is the real slicer-core package.
 """
 from __future__ import annotations
 
@@ -33,6 +34,10 @@ class _App:
     def commandOptions(self):
         return self.options
 
+    def startupEnvironment(self):
+        from app_launcher import startup_environment
+        return startup_environment()
+
 
 def _inject(spec: str) -> None:
     module_name, attr = spec.split(":")
@@ -49,9 +54,16 @@ def _inject(spec: str) -> None:
 def main(argv) -> int:
     import slicer
     app = slicer.app = _App()
-    if argv[0] == "--raise-in":
-        spec, argv = argv[1], argv[2:]
+    inject = []
+    while argv[0] in ("--raise-in", "--without"):
+        if argv[0] == "--without":
+            sys.modules[argv[1]] = None     # `import` raises ImportError, as where it is not installed
+        else:
+            inject.append(argv[1])
+        argv = argv[2:]
+    if inject:
         sys.path.insert(0, str(__import__("pathlib").Path(argv[0]).resolve().parents[2]))
+    for spec in inject:
         _inject(spec)
     sys.argv = list(argv)
     try:

@@ -11,7 +11,9 @@ IN is an image file, a folder of them, or a DICOM series folder (`--series UID` 
 several); OUT is a `.seg.nrrd` file (one input) or a folder that receives `<input name>.seg.nrrd` per input.
 Inputs are checked by the core's reader first (truncated or damaged files, DICOM slices that do not form one
 grid are refused, naming the file), the output location before any input is read; outputs appear complete.
-Each output is a Slicer segmentation file with named, coloured, terminology-coded segments. Exits with status
+Each output is a Slicer segmentation file with named, coloured, terminology-coded segments. The worker runs in
+the Engine Python chosen in the panel's Setup (kept in the user's SegBook folder), else in Slicer's own; this
+script imports only the core's torch-free modules, so Slicer itself needs no torch then. Exits with status
 0 when every input was segmented, 1 otherwise (also on any unexpected error: Slicer must never be left
 running), 2 for bad arguments. The same file runs with a plain Python that has the slicer-core wheel (no
 application).
@@ -116,6 +118,8 @@ def writeSegmentation(node, path: Path) -> None:
 
 def run(argv) -> int:
     import slicer
+    from SegBookLib.InstallLogic import pythonSetting
+    from SegBookLib.ModelCatalog import userDirectory
     from SegBookLib.Parameters import SegmentParameters
     from SegBookLib.SegmentationLogic import SegmentationLogic
 
@@ -135,7 +139,7 @@ def run(argv) -> int:
     params = SegmentParameters(model=args.model, checkpoint=args.checkpoint, device=args.device, tta=args.tta,
                                classes=[c.strip() for c in (args.classes or "").split(",") if c.strip()])
     scene = getattr(slicer, "mrmlScene", None) or slicer.vtkMRMLScene()
-    logic = SegmentationLogic()
+    logic = SegmentationLogic(python=pythonSetting(userDirectory()))   # the panel's Engine Python, if set
     failures = 0
     try:
         for path in inputs:

@@ -9,10 +9,15 @@ reportError), with no splash screen (PythonSlicer has none):
   the real interpreter goes on (and keeps the pipes open);
 - it waits for the child; a normal exit becomes the launcher's exit code, a crash exit (killed by a
   signal) prints "error: [APP] exit abnormally - Report the problem." and exits with EXIT_FAILURE (1).
+
+And the environment it builds (buildEnvironment; ctkAppLauncherEnvironment): the settings' variables set, path
+variables prepended, every variable it started with saved as APPLAUNCHER_0_<name>, from which the application
+rebuilds its start-up environment (`launcher_environment`, `saved_environment`, `startup_environment`).
 """
 from __future__ import annotations
 
 import os
+import re
 import stat
 import sys
 from pathlib import Path
@@ -40,7 +45,7 @@ def make_launcher(folder, real: str = sys.executable, name: str = "PythonSlicer"
 
 
 def descendants(pid: int) -> list:
-    """Live (not zombie) descendants of `pid`, from /proc (Linux)."""
+    """Live (not zombie) descendants of `pid`, from /proc (Linux; the process helpers here need it)."""
     children = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -78,5 +83,74 @@ def _parent(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
-if os.name == "nt":  # pragma: no cover - the emulation and /proc are POSIX/Linux
-    raise ImportError("the AppLauncher emulation runs on Linux")
+
+# -- the launcher's environment (ctkAppLauncher.cpp buildEnvironment, ctkAppLauncherEnvironment.cpp) --------------
+_SAVED = re.compile(r"^APPLAUNCHER_(\d+)_")
+
+
+def launcher_environment(system: dict, env_vars: dict, path_vars: dict) -> dict:
+    """The environment the launcher gives the application: `env_vars` set, `path_vars` (name -> list of folders)
+    put before what the variable held, APPLAUNCHER_LEVEL=1, and every variable of `system` saved as
+    APPLAUNCHER_0_<name> so that the application can give its children the environment it was started with."""
+    env = dict(system)
+    env.update(env_vars)
+    for name, paths in path_vars.items():
+        env[name] = os.pathsep.join(list(paths) + ([system[name]] if system.get(name) else []))
+    level = int(system.get("APPLAUNCHER_LEVEL", 0)) + 1
+    env["APPLAUNCHER_LEVEL"] = str(level)
+    for name, value in system.items():
+        if not (_SAVED.match(name) or name == "APPLAUNCHER_LEVEL"):
+            env[f"APPLAUNCHER_{level - 1}_{name}"] = value
+    return env
+
+
+def saved_environment(current: dict, level: int = 0) -> dict:
+    """ctkAppLauncherEnvironment::environment(level): the environment of that launcher level, rebuilt from the
+    saved APPLAUNCHER_<level>_ variables (what qSlicerCoreApplication::startupEnvironment() returns for 0)."""
+    current_level = max(int(current.get("APPLAUNCHER_LEVEL", 0) or 0), 0)
+    if level == current_level:
+        return dict(current)
+    if level > current_level or level < 0:
+        return {}
+    env, restored = dict(current), []
+    for name, value in current.items():
+        match = _SAVED.match(name)
+        if match:
+            del env[name]
+            if int(match.group(1)) == level:
+                env[name[match.end():]] = value
+                restored.append(name[match.end():])
+    env.pop("APPLAUNCHER_LEVEL", None)
+    if level > 0:
+        env["APPLAUNCHER_LEVEL"] = str(level)
+    reserved = {n for n in current if _SAVED.match(n)} | {"APPLAUNCHER_LEVEL"}
+    for name in set(current) - reserved - set(restored):
+        env.pop(name, None)
+    return env
+
+
+class ProcessEnvironment:
+    """The part of QProcessEnvironment that slicer.util.startupEnvironment() uses: keys() and value()."""
+
+    def __init__(self, values: dict):
+        self._values = dict(values)
+
+    def keys(self) -> list:
+        return list(self._values)
+
+    def value(self, name, default=""):
+        return self._values.get(name, default)
+
+
+def startup_environment() -> ProcessEnvironment:
+    """qSlicerCoreApplication::startupEnvironment(), from this process's environment."""
+    return ProcessEnvironment(saved_environment(dict(os.environ), 0))
+
+
+def slicer_python_environment(system: dict, home, site_packages) -> dict:
+    """What Slicer's launcher sets for its Python (SuperBuild External_python.cmake, install tree): PYTHONHOME,
+    PYTHONNOUSERSITE=1, and a PYTHONPATH of Slicer's standard library and site-packages."""
+    home = Path(home)
+    stdlib = home / "lib" / "python3.9"
+    return launcher_environment(system, {"PYTHONHOME": str(home), "PYTHONNOUSERSITE": "1"},
+                                {"PYTHONPATH": [str(stdlib), str(stdlib / "lib-dynload"), str(site_packages)]})

@@ -187,6 +187,8 @@ def gui_stubs(monkeypatch, tmp_path):
     monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
     app = mock.MagicMock(name="app")
     app.testingEnabled.return_value = False
+    from app_launcher import startup_environment
+    app.startupEnvironment.side_effect = startup_environment    # the launcher's saved environment
     monkeypatch.setattr(slicer, "app", app, raising=False)
     loaded = {"errors": []}
     monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: loaded["errors"].append(text))

@@ -51,7 +51,8 @@ class FineTuneLogic:
         self.trainingDirectory = Path(trainingDirectory)
         self.modelsDirectory = Path(modelsDirectory)
         self._runnerFactory = runnerFactory or (
-            lambda args: ProcessRunner([pythonExecutable(self.python), "-m", "segbook", *args], env=coreEnvironment()))
+            lambda args: ProcessRunner([pythonExecutable(self.python), "-m", "segbook", *args],
+                                       env=coreEnvironment(python=self.python)))
         self.runner: Optional[ProcessRunner] = None
         self.history: list = []             # metric events of the current run, for the chart
         self.lastProgress: Optional[dict] = None

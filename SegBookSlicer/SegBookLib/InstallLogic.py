@@ -132,9 +132,10 @@ def _installTorch(requirement: str) -> None:
 
 def _pipInstallIn(python: str) -> Callable[[list], None]:
     def install(requirements: list) -> None:
+        from .ProcessRunner import baseEnvironment, noWindow
         out = subprocess.run([python, "-m", "pip", "install", *requirements], capture_output=True,
                              encoding="utf-8", errors="replace", stdin=subprocess.DEVNULL,
-                             creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
+                             env=baseEnvironment(python), **noWindow())
         if out.returncode != 0:
             last = (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[-1]
             raise subprocess.CalledProcessError(out.returncode, out.args, out.stdout, last)
@@ -271,8 +272,10 @@ def setPythonSetting(folder, python: Optional[str]) -> None:
     """Remember the engine's interpreter; check first that it runs (a one-line error otherwise)."""
     if python:
         try:
+            from .ProcessRunner import baseEnvironment, noWindow
             out = subprocess.run([python, "-c", "import sys; print(sys.version_info[:2] >= (3, 9))"],
-                                 capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+                                 capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+                                 env=baseEnvironment(python), **noWindow())
         except OSError as e:
             raise InstallError(f"{python}: cannot be run ({e.strerror or e})") from None
         if out.stdout.strip() != "True":

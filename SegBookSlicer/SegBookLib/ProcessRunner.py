@@ -66,15 +66,40 @@ def corePackageRoot() -> str:
     return str(Path(list(spec.submodule_search_locations)[0]).resolve().parent)
 
 
-def coreEnvironment(extra: Optional[dict] = None) -> dict:
-    """The environment of a child process, with the folder holding the `segbook` package on PYTHONPATH.
+def baseEnvironment(python: Optional[str] = None) -> dict:
+    """The environment a child running `python` starts from.
+
+    Inside Slicer `os.environ` is the launcher's: PYTHONHOME, PYTHONNOUSERSITE=1 and a PYTHONPATH of Slicer's
+    own standard library and site-packages (Slicer's SuperBuild External_python.cmake), and on Windows a PATH of
+    Slicer's DLL folders. Slicer's own Python needs them; another interpreter (the Engine Python) dies at start
+    with them, or imports Slicer's packages instead of its own, so its children start from the environment
+    Slicer was started with (`slicer.util.startupEnvironment()`). Outside the application there is no launcher.
+    """
+    if python:
+        try:
+            import slicer
+            if getattr(slicer, "app", None) is not None:
+                return dict(slicer.util.startupEnvironment())
+        except ImportError:
+            pass
+    return dict(os.environ)
+
+
+def noWindow() -> dict:
+    """Popen/run keywords that open no console window on Windows (a window flashes for each child otherwise)."""
+    return {"creationflags": subprocess.CREATE_NO_WINDOW} if _WINDOWS else {}
+
+
+def coreEnvironment(extra: Optional[dict] = None, python: Optional[str] = None) -> dict:
+    """The environment of a child process running `python` (None: Slicer's own, see `baseEnvironment`), with
+    the folder holding the `segbook` package on PYTHONPATH.
 
     Inside Slicer the core is shipped beside the module scripts, which are on the parent's sys.path but not
     on the child's PYTHONPATH. The child writes UTF-8 whatever the locale (Windows pipes default to the
     ANSI code page), replacing what it cannot encode.
     """
     root = corePackageRoot()
-    env = dict(os.environ)
+    env = baseEnvironment(python)
     parts = [root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
     env["PYTHONPATH"] = os.pathsep.join(parts)
     env["PYTHONUNBUFFERED"] = "1"
@@ -93,11 +118,11 @@ def callInCore(python: Optional[str], function: str, *args, timeout: float = 600
     code = ("import importlib, json, sys; name, attr = sys.argv[1].split(':'); "
             "result = getattr(importlib.import_module(name), attr)(*json.loads(sys.argv[2])); "
             "sys.stdout.write('\\n' + json.dumps(result) + '\\n')")
-    env = coreEnvironment()
+    env = coreEnvironment(python=python)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env["PYTHONPATH"]])
     out = subprocess.run([pythonExecutable(python), "-c", code, function, json.dumps(list(args))],
                          capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=timeout,
-                         stdin=subprocess.DEVNULL, creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
+                         stdin=subprocess.DEVNULL, **noWindow())
     if out.returncode != 0:
         last = (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[-1]
         raise RuntimeError(f"{pythonExecutable(python)}: {last}")

@@ -39,7 +39,7 @@ class SegmentationError(RuntimeError):
 
 def defaultWorker(python: Optional[str] = None) -> ProcessRunner:
     """The worker process; `python` is the interpreter to run it with (default: Slicer's own)."""
-    return ProcessRunner([pythonExecutable(python), "-m", "segbook.worker"], env=coreEnvironment())
+    return ProcessRunner([pythonExecutable(python), "-m", "segbook.worker"], env=coreEnvironment(python=python))
 
 
 class SegmentationLogic:

@@ -187,7 +187,7 @@ class Widget(FineTunePanel, qt.QWidget):
         if entry is None or not self.ensureInstalled():
             return
         self.download = ProcessRunner([pythonExecutable(self.python), "-m", "segbook", "download", entry.name],
-                                      env=coreEnvironment())
+                                      env=coreEnvironment(python=self.python))
         self.download.start()
         self.ui.downloadButton.text = "Cancel download"
         self.ui.segmentProgressBar.setRange(0, 0)      # busy until huggingface_hub draws its bar

@@ -55,6 +55,9 @@ class ModelConfig:
     license: str | None = None
     size: str | None = None                 # "S", "B", "L", "H" or None for a custom width
     provenance: dict = field(default_factory=dict)
+    # a model trained with prompts: segbook.prompts.PromptSpec as a dict ({"channels": [...], "radius": r});
+    # its prompt channels follow the image's in arch.input_channels
+    prompts: dict | None = None
 
     def __post_init__(self):
         if isinstance(self.arch, dict):
@@ -64,6 +67,11 @@ class ModelConfig:
         if len(self.class_names) != self.arch.num_classes:
             raise ValueError(f"{self.name}: {len(self.class_names)} class names for "
                              f"{self.arch.num_classes} network outputs")
+
+    @property
+    def image_channels(self) -> int:
+        """Input channels of the image itself (the network's minus the prompt channels)."""
+        return self.arch.input_channels - (len(self.prompts["channels"]) if self.prompts else 0)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

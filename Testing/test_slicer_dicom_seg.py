@@ -125,7 +125,8 @@ def test_export_is_refused_with_one_line_when_it_could_not_reference_its_images(
     slicer.util.updateVolumeFromArray(other, slicer.util.arrayFromVolume(volume)[2:].copy())
     other.SetIJKToRASMatrix(_matrix(volume))     # the first two slices cut off: slice 0 is not instance 2
     other.SetAttribute("DICOM.instanceUIDs", " ".join(series[2][2:]))
-    logic.startDicomSeg(other, segmentation, tmp_path / "b.dcm", "m", fileForInstance=series[1].get)
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(other)
+    logic.startDicomSeg(volume, segmentation, tmp_path / "b.dcm", "m", fileForInstance=series[1].get)
     assert logic.wait(timeout=60)["event"] == "error"
     with pytest.raises(SegmentationError, match="off the grid"):
         logic.finishDicomSeg()
@@ -165,19 +166,34 @@ def test_export_button_writes_the_seg_through_the_timer(gui_stubs, series, model
                             raising=False)
         panel.onExportDicomSeg()
         assert ui.segmentButton.text == "Cancel" and not ui.exportDicomSegButton.enabled
-        deadline = time.monotonic() + 120
-        while panel.segmentation.job is not None:
-            assert time.monotonic() < deadline, "export did not finish"
-            time.sleep(0.2)
-            panel.onTimer()
+
+        def finish():
+            deadline = time.monotonic() + 120
+            while panel.segmentation.job is not None:
+                assert time.monotonic() < deadline, "export did not finish"
+                time.sleep(0.2)
+                panel.onTimer()
+        finish()
         assert gui_stubs["errors"] == []
         assert ui.segmentStatusLabel.text.startswith("DICOM SEG of") and str(out) in ui.segmentStatusLabel.text
         ds = pydicom.dcmread(str(out))
         assert ds.Modality == "SEG" and ds.ManufacturerModelName == "tiny-cli"
         assert ui.segmentButton.text == "Segment" and ui.exportDicomSegButton.enabled
-        # a volume that did not come from DICOM: one message, nothing written
+        # the SEG references the volume the segmentation was made on (its reference geometry), whatever the
+        # Input selector shows now
         plain = load_volume(scene, CT, "plain")
         ui.inputVolumeSelector.currentNode.return_value = plain
+        other = tmp_path / "input changed since.dcm"
+        sys.modules["qt"].QFileDialog.getSaveFileName.return_value = str(other)
+        panel.onExportDicomSeg()
+        finish()
+        assert gui_stubs["errors"] == [], gui_stubs["errors"]
+        ds = pydicom.dcmread(str(other))
+        referenced = [i.ReferencedSOPInstanceUID for s in ds.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence]
+        assert sorted(referenced) == sorted(series[2])
+        # a segmentation made on a volume that did not come from DICOM: one message, nothing written
+        node.SetReferenceImageGeometryParameterFromVolumeNode(plain)
+        ui.inputVolumeSelector.currentNode.return_value = volume
         sys.modules["qt"].QFileDialog.getSaveFileName.return_value = str(tmp_path / "no.dcm")
         with pytest.raises(SegmentationError):     # Slicer's tryWithErrorDisplay shows it, then re-raises
             panel.onExportDicomSeg()

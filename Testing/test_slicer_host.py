@@ -149,3 +149,130 @@ def test_a_pip_install_in_the_engine_python_runs_there(inside_slicer, tmp_path):
     assert "torch" in logic.missing()
     with pytest.raises(InstallError, match="No module named pip"):
         logic.install(lambda question: True)
+
+
+# -- 3: DICOM SEG export on Slicer 5.8's vtkSegment ---------------------------------------------------------------
+class Slicer58Segment:
+    """A real vtkSegment as Slicer 5.8 wraps it (Libs/vtkSegmentationCore/vtkSegment.h at v5.8.1): no
+    Get/Set/HasTerminology (added in 5.10); GetTag(std::string, std::string&) takes a vtk.reference for its value,
+    as the real wrapping here does."""
+    _NEW_IN_5_10 = ("GetTerminology", "SetTerminology", "HasTerminology")
+
+    def __init__(self, segment):
+        self._segment = segment
+
+    def __getattr__(self, name):
+        if name in self._NEW_IN_5_10:
+            raise AttributeError(f"'vtkSegment' object has no attribute '{name}'")
+        return getattr(self._segment, name)
+
+
+class Slicer58Segmentation:
+    """A vtkSegmentation whose segments are Slicer 5.8's."""
+
+    def __init__(self, segmentation):
+        self._segmentation = segmentation
+
+    def GetNthSegment(self, index):
+        return Slicer58Segment(self._segmentation.GetNthSegment(index))
+
+    def GetSegment(self, segmentId):
+        return Slicer58Segment(self._segmentation.GetSegment(segmentId))
+
+    def __getattr__(self, name):
+        return getattr(self._segmentation, name)
+
+
+def test_the_terminology_of_a_segment_reads_and_writes_on_slicer_5_8():
+    from SegBookLib import NodeIO
+    entry = NodeIO.terminologyString({"category": ("SCT", "123037004", "Anatomical Structure"),
+                                      "type": ("SCT", "10200004", "Liver")})
+    real = slicer.vtkSegment()
+    old = Slicer58Segment(real)
+    assert not hasattr(old, "GetTerminology")
+    with pytest.raises(TypeError, match="reference"):       # what a str for the value does there
+        old.GetTag(old.GetTerminologyEntryTagName(), "")
+    NodeIO.setSegmentTerminology(old, entry)
+    assert real.GetTerminology() == entry, "the tag 5.10's GetTerminology reads"
+    assert NodeIO.segmentTerminology(old) == entry
+    fresh = slicer.vtkSegment()
+    assert NodeIO.segmentTerminology(Slicer58Segment(fresh)) == fresh.GetTerminology()
+
+
+BOXES = [(slice(2, 20), slice(5, 30), slice(4, 20)), (slice(10, 25), slice(20, 40), slice(10, 30)),
+         (slice(0, 5), slice(0, 5), slice(0, 5))]
+
+
+def segmentation_of_boxes(scene, volume, boxes):
+    """A segmentation node on the volume's grid, segment n (named sn) filling boxes[n]; they may overlap."""
+    import numpy as np
+
+    from SegBookLib import NodeIO
+    shape = slicer.util.arrayFromVolume(volume).shape
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    for index, box in enumerate(boxes):
+        mask = np.zeros(shape, np.uint8)
+        mask[box] = 1
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+        NodeIO.setIjkToRas(labelmap, NodeIO.ijkToRasArray(volume))
+        slicer.util.updateVolumeFromArray(labelmap, mask)
+        assert slicer.vtkSlicerSegmentationsModuleLogic().ImportLabelmapToSegmentationNode(labelmap, node)
+        node.GetSegmentation().GetNthSegment(index).SetName(f"s{index}")
+        scene.RemoveNode(labelmap)
+    return node
+
+
+def test_the_dicom_seg_class_table_is_built_on_slicer_5_8(tmp_path):
+    from SegBookLib import NodeIO
+    scene = slicer.vtkMRMLScene()
+    volume = load_volume(scene, IMAGE)
+    node = segmentation_of_boxes(scene, volume, BOXES[:2])
+    liver = {"category": ("SCT", "123037004", "Anatomical Structure"), "type": ("SCT", "10200004", "Liver")}
+    segmentation = node.GetSegmentation()
+    segmentation.GetNthSegment(0).SetName("liver")
+    segmentation.GetNthSegment(1).SetName("drawn")
+    NodeIO.setSegmentTerminology(Slicer58Segment(segmentation.GetNthSegment(0)), NodeIO.terminologyString(liver))
+    table = NodeIO.segmentTable(Slicer58Segmentation(segmentation))
+    assert [(c["value"], c["name"]) for c in table] == [(1, "liver"), (2, "drawn")]
+    assert table[0]["terminology"] == liver
+    assert table[1]["terminology"] == NodeIO.parseTerminology(segmentation.GetNthSegment(1).GetTerminology())
+
+
+# -- 12: one export for all segments -------------------------------------------------------------------------------
+def test_all_segments_are_exported_to_a_label_map_in_one_call(monkeypatch):
+    """segmentsToLabels exports once (each export resamples the full grid on the GUI thread), with the same
+    labels as painting each segment's own mask in order (the later segment wins where they overlap)."""
+    import numpy as np
+
+    from SegBookLib import NodeIO
+    scene = slicer.vtkMRMLScene()
+    volume = load_volume(scene, IMAGE)
+    shape = slicer.util.arrayFromVolume(volume).shape
+    boxes = BOXES
+    node = segmentation_of_boxes(scene, volume, boxes)
+    expected = np.zeros(shape, np.uint8)
+    for index, box in enumerate(boxes):
+        expected[box] = index + 1
+
+    real = slicer.vtkSlicerSegmentationsModuleLogic
+    calls = []
+
+    class Counting:
+        def ExportSegmentsToLabelmapNode(self, *args):
+            calls.append(args[1].GetNumberOfValues())
+            return real().ExportSegmentsToLabelmapNode(*args)
+
+        def __getattr__(self, name):
+            return getattr(real(), name)
+    monkeypatch.setattr(slicer, "vtkSlicerSegmentationsModuleLogic", Counting)
+    labels, table = NodeIO.segmentsToLabels(node, volume)
+    assert calls == [3]
+    assert np.array_equal(labels, expected) and [c["name"] for c in table] == ["s0", "s1", "s2"]
+    calls.clear()
+    values = NodeIO.segmentationToLabels(node, volume, {"s2": 7, "s0": 4})
+    assert calls == [2]
+    want = np.zeros(shape, np.uint8)
+    want[boxes[0]] = 4
+    want[boxes[2]] = 7
+    assert np.array_equal(values, want)

@@ -206,18 +206,21 @@ def loadTerminologyContexts(terminologiesLogic, folder) -> list:
 
 
 def setSegmentTerminology(segment, entry: str) -> None:
-    if hasattr(segment, "SetTerminology"):          # Slicer >= 5.8
+    if hasattr(segment, "SetTerminology"):          # Slicer >= 5.10
         segment.SetTerminology(entry)
-    else:
+    else:                                           # Slicer 5.8: the tag SetTerminology writes
         segment.SetTag(segment.GetTerminologyEntryTagName(), entry)
 
 
 def segmentTerminology(segment) -> str:
-    if hasattr(segment, "GetTerminology"):
+    if hasattr(segment, "GetTerminology"):          # Slicer >= 5.10
         return segment.GetTerminology()
-    value = ""
+    # Slicer 5.8: GetTag(std::string, std::string&) fills its second argument, which VTK's Python wrapping
+    # takes as a vtk.reference only (a str raises TypeError)
+    import vtk
+    value = vtk.reference("")
     segment.GetTag(segment.GetTerminologyEntryTagName(), value)
-    return value
+    return str(value)
 
 
 def labelsToSegmentation(scene, labels: np.ndarray, ijkToRas: np.ndarray, classes: list, segmentationNode,
@@ -267,21 +270,30 @@ def labelsToSegmentation(scene, labels: np.ndarray, ijkToRas: np.ndarray, classe
 
 
 def segmentMask(segmentationNode, segmentId: str, referenceVolumeNode) -> np.ndarray:
-    """A segment's voxels on the reference volume's grid, (z, y, x) uint8 0/1.
+    """A segment's voxels on the reference volume's grid, (z, y, x) uint8 0/1."""
+    return (_exportLabels(segmentationNode, [segmentId], referenceVolumeNode) > 0).astype(np.uint8)
+
+
+def _exportLabels(segmentationNode, segmentIds: list, referenceVolumeNode) -> np.ndarray:
+    """The segments on the reference volume's grid in one export: segment n of `segmentIds` has value n + 1,
+    later ones overwrite earlier ones where they overlap (vtkSegmentation::GenerateMergedLabelmap). One call for
+    all: exporting each segment separately resamples the full grid once per segment (104 times for a
+    TotalSegmentator result), on the GUI thread.
 
     Works in the segmentation's own scene (slicer.util's helpers assume the application's scene).
     """
     import slicer
     import vtk
     scene = segmentationNode.GetScene()
-    labelmapNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "SegBook temporary mask")
+    labelmapNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "SegBook temporary labels")
     try:
         ids = vtk.vtkStringArray()
-        ids.InsertNextValue(segmentId)
+        for segmentId in segmentIds:
+            ids.InsertNextValue(segmentId)
         logic = slicer.vtkSlicerSegmentationsModuleLogic()
         if not logic.ExportSegmentsToLabelmapNode(segmentationNode, ids, labelmapNode, referenceVolumeNode):
-            raise RuntimeError(f"cannot export segment {segmentId} of '{segmentationNode.GetName()}'")
-        return (slicer.util.arrayFromVolume(labelmapNode) > 0).astype(np.uint8)
+            raise RuntimeError(f"cannot export the segments of '{segmentationNode.GetName()}'")
+        return slicer.util.arrayFromVolume(labelmapNode).copy()
     finally:
         scene.RemoveNode(labelmapNode)
 
@@ -290,14 +302,17 @@ def _paintSegments(segmentationNode, referenceVolumeNode, valueOf, dtype) -> np.
     """A (z, y, x) label array on the reference grid: segment n (in the node's order) painted with
     valueOf(n, segment) where that is not None; later segments overwrite earlier ones where they overlap."""
     import slicer
-    labels = np.zeros(slicer.util.arrayFromVolume(referenceVolumeNode).shape, dtype=dtype)
     segmentation = segmentationNode.GetSegmentation()
+    chosen, values = [], [0]
     for index in range(segmentation.GetNumberOfSegments()):
-        segmentId = segmentation.GetNthSegmentID(index)
-        value = valueOf(index, segmentation.GetSegment(segmentId))
+        value = valueOf(index, segmentation.GetNthSegment(index))
         if value is not None:
-            labels[segmentMask(segmentationNode, segmentId, referenceVolumeNode) > 0] = value
-    return labels
+            chosen.append(segmentation.GetNthSegmentID(index))
+            values.append(value)
+    if not chosen:
+        return np.zeros(slicer.util.arrayFromVolume(referenceVolumeNode).shape, dtype=dtype)
+    exported = _exportLabels(segmentationNode, chosen, referenceVolumeNode)
+    return np.asarray(values, dtype=dtype)[exported]
 
 
 def segmentationToLabels(segmentationNode, referenceVolumeNode, nameToValue: dict) -> np.ndarray:
@@ -311,20 +326,25 @@ def segmentationToLabels(segmentationNode, referenceVolumeNode, nameToValue: dic
                           lambda index, segment: nameToValue.get(segment.GetName()), dtype)
 
 
-def segmentsToLabels(segmentationNode, referenceVolumeNode) -> tuple:
-    """(labels (z, y, x) on the reference grid, class table): segment n (in the node's order) gets value n,
-    with its name, colour (0-255) and terminology codes, as the user sees them now (corrections included).
-    Where segments overlap, the later one wins: a label map holds one structure per voxel."""
-    segmentation = segmentationNode.GetSegmentation()
-    count = segmentation.GetNumberOfSegments()
+def segmentTable(segmentation) -> list:
+    """The class table of a vtkSegmentation as the user sees it now: segment n (in its order) is value n + 1,
+    with its name, colour (0-255) and terminology codes."""
     table = []
-    for index in range(count):
+    for index in range(segmentation.GetNumberOfSegments()):
         segment = segmentation.GetNthSegment(index)
         table.append({"value": index + 1, "name": segment.GetName(),
                       "color": [int(round(255 * c)) for c in segment.GetColor()],
                       "terminology": parseTerminology(segmentTerminology(segment))})
+    return table
+
+
+def segmentsToLabels(segmentationNode, referenceVolumeNode) -> tuple:
+    """(labels (z, y, x) on the reference grid, class table): segment n (in the node's order) gets value n,
+    with its name, colour (0-255) and terminology codes, as the user sees them now (corrections included).
+    Where segments overlap, the later one wins: a label map holds one structure per voxel."""
+    table = segmentTable(segmentationNode.GetSegmentation())
     labels = _paintSegments(segmentationNode, referenceVolumeNode, lambda index, segment: index + 1,
-                            np.uint8 if count < 256 else np.uint16)
+                            np.uint8 if len(table) < 256 else np.uint16)
     return labels, table
 
 

@@ -42,6 +42,14 @@ def defaultWorker(python: Optional[str] = None) -> ProcessRunner:
     return ProcessRunner([pythonExecutable(python), "-m", "segbook.worker"], env=coreEnvironment(python=python))
 
 
+def referenceVolume(segmentationNode):
+    """The volume whose grid the segmentation was made on (its reference image geometry node), if still in
+    the scene."""
+    role = segmentationNode.GetReferenceImageGeometryReferenceRole()
+    node = segmentationNode.GetNodeReference(role)
+    return node if node is not None and node.IsA("vtkMRMLScalarVolumeNode") else None
+
+
 class SegmentationLogic:
     _ids = itertools.count(1)
 
@@ -84,10 +92,14 @@ class SegmentationLogic:
     def startDicomSeg(self, volumeNode, segmentationNode, outputPath, model: str, version: str = "",
                       fileForInstance: Optional[Callable[[str], str]] = None) -> str:
         """Send the segmentation, as it is now, to be written as a DICOM SEG at `outputPath` referencing the
-        DICOM instances `volumeNode` was loaded from (its "DICOM.instanceUIDs", resolved to files by
-        `fileForInstance`, default: Slicer's DICOM database). Returns the request id; `finishDicomSeg` ends it."""
+        DICOM instances of the volume it was made on: its reference geometry volume, as Slicer's own DICOM SEG
+        export takes it (`volumeNode`, the panel's input, only when it has none). The volume's
+        "DICOM.instanceUIDs" are resolved to files by `fileForInstance` (default: Slicer's DICOM database).
+        Returns the request id; `finishDicomSeg` ends it."""
         if self.isBusy():
             raise SegmentationError("a segmentation is already running")
+        if segmentationNode is not None:
+            volumeNode = referenceVolume(segmentationNode) or volumeNode
         if volumeNode is None or segmentationNode is None:
             raise SegmentationError("select the input volume and the segmentation to export")
         uids = (volumeNode.GetAttribute("DICOM.instanceUIDs") or "").split()

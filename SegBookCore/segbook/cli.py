@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 
 from .errors import SegBookError
@@ -37,9 +38,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# A value made of numbers and commas that starts with a minus, e.g. `--roi -50,-20,100,60,80,180`: argparse
+# takes it for an option (it knows only single negative numbers), so it is bound to the option before it.
+_NEGATIVE_LIST = re.compile(r"^-[0-9.][0-9.eE+-]*(,[-+0-9.eE]+)+$")
+
+
+def _bind_negative_lists(argv: list[str]) -> list[str]:
+    out = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _NEGATIVE_LIST.match(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_bind_negative_lists(argv))
     args.argv = argv   # as typed after the program name: fine-tuning records it in the model's provenance
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -140,22 +140,7 @@ class Predictor:
         context around it) and everything outside is background. classes: names to keep, others -> 0.
         Returns a (z, y, x) uint8 (uint16 above 255 classes) label map on the input grid.
         """
-        image = np.asarray(image)
-        if image.ndim == 3:
-            image = image[None]
-        if image.ndim != 4:
-            raise InputError(f"image of shape {image.shape}: need (C, z, y, x) or (z, y, x)")
-        if image.shape[0] != self.config.arch.input_channels:
-            raise InputError(f"image has {image.shape[0]} channel(s), model {self.config.name} takes "
-                             f"{self.config.arch.input_channels}")
-        spacing = tuple(float(s) for s in spacing)
-        if len(spacing) != 3 or min(spacing) <= 0 or not all(map(math.isfinite, spacing)):
-            raise InputError(f"invalid spacing {spacing}")
-        lo, hi = float(image.min()), float(image.max())
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise InputError("image holds NaN or infinite values")
-        if lo == hi:
-            raise InputError(f"image is constant (every voxel {lo:g}): nothing to segment")
+        image, spacing = self.check_image(image, spacing)
         label_of_channel = self.label_values(classes)
         shape = image.shape[1:]
         out = np.zeros(shape, dtype=self._label_dtype())
@@ -174,6 +159,27 @@ class Predictor:
         inner = tuple(slice(box[a] - ctx[a][0], box[a + 3] - ctx[a][0]) for a in range(3))
         out[tuple(slice(box[a], box[a + 3]) for a in range(3))] = part[inner]
         return out
+
+    def check_image(self, image, spacing) -> tuple[np.ndarray, tuple[float, float, float]]:
+        """(C, z, y, x) or (z, y, x) image and (z, y, x) spacing -> (C, z, y, x) array and float spacing, or
+        InputError saying what is wrong with them."""
+        image = np.asarray(image)
+        if image.ndim == 3:
+            image = image[None]
+        if image.ndim != 4:
+            raise InputError(f"image of shape {image.shape}: need (C, z, y, x) or (z, y, x)")
+        if image.shape[0] != self.config.image_channels:
+            raise InputError(f"image has {image.shape[0]} channel(s), model {self.config.name} takes "
+                             f"{self.config.image_channels}")
+        spacing = tuple(float(s) for s in spacing)
+        if len(spacing) != 3 or min(spacing) <= 0 or not all(map(math.isfinite, spacing)):
+            raise InputError(f"invalid spacing {spacing}")
+        lo, hi = float(image.min()), float(image.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise InputError("image holds NaN or infinite values")
+        if lo == hi:
+            raise InputError(f"image is constant (every voxel {lo:g}): nothing to segment")
+        return image, spacing
 
     @staticmethod
     def _check_roi(roi, shape) -> list[int]:
@@ -295,6 +301,9 @@ class Predictor:
         runner's device, averaged over the mirror flips when TTA is on. Flips share a runner call up to
         `self._batch`, halved on CUDA out-of-memory."""
         x = tile[None]
+        missing = self.config.arch.input_channels - x.shape[1]
+        if missing:     # a prompt-taking model segmenting on its own: its prompt channels are empty
+            x = torch.cat([x, x.new_zeros((1, missing, *x.shape[2:]))], dim=1)
         flips = mirror_axes_sets([a + 2 for a in self.config.plan.mirror_axes]) if self.tta else [()]
         pred, i = None, 0
         while i < len(flips):

@@ -9,6 +9,10 @@ same model pays no start-up (imports, weight loading). Requests, one JSON object
                                                (statistics: per-structure statistics in the result and a CSV;
                                                 series: the DICOM Series Instance UID, for a folder of several;
                                                 an output ending .dcm: a DICOM SEG of a DICOM series input)
+    {"id": "c1", "command": "predict", "input": ..., "output": "click.nrrd", "model": ..., "classes": ["NAME"],
+     "points": [[x, y, z], ...], "negative_points": [...], "box_lps": [x0,y0,z0,x1,y1,z1],
+     "previous": "labels file"}             (clicks, LPS mm: one structure, its label value, on the input's
+                                                grid; the image stays prepared for the next click on it)
     {"id": "r2", "command": "dicom_seg", "labels": "labels.nrrd", "sources": ["1.dcm", ...],
      "output": "seg.dcm", "classes": [{"value", "name", "color", "terminology"}], "model": "...",
      "version": "..."}                         (a DICOM SEG of an existing label map, e.g. one corrected in
@@ -42,6 +46,9 @@ from .errors import SegBookError
 from .events import JsonReporter
 
 __all__ = ["Worker", "main"]
+
+# the fields of a predict request that make it a click (segbook.interactive)
+_PROMPTS = ("points", "negative_points", "box_lps", "previous")
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +89,7 @@ class Worker:
         self.reporter = _TaggedReporter(out_stream)
         self._key = None                # (model, checkpoint, device, backend, precision) of the loaded Predictor
         self._predictor_obj = None
+        self._session = None            # the last prompted image's FileSession (segbook.interactive)
 
     # -- requests -------------------------------------------------------------------------------------
     def handle(self, request: dict) -> bool:
@@ -130,7 +138,7 @@ class Worker:
                request.get("precision") or "auto")
         reused = self._key == key
         if not reused:
-            self._predictor_obj, self._key = None, None     # one model in memory at a time
+            self._predictor_obj, self._key, self._session = None, None, None    # one model in memory at a time
             t0 = time.monotonic()
             self._predictor_obj = Predictor(model, checkpoint=checkpoint, device=key[2], reporter=self.reporter,
                                             backend=key[3], precision=key[4])
@@ -151,11 +159,29 @@ class Worker:
             dicom_seg.read_source_series(request["input"], request.get("series") or None)    # refused before a model is loaded
         predictor, reused = self._predictor(request)
         classes = request.get("classes") or None
+        if any(request.get(k) for k in _PROMPTS):
+            return self._prompted(predictor, request, classes), reused
         roi = request.get("roi_lps") or None
         result = predictor.predict_file(request["input"], request["output"], roi_lps=roi, classes=classes,
                                         statistics=bool(request.get("statistics", False)),
                                         series=request.get("series") or None)
         return result, reused
+
+    def _prompted(self, predictor, request: dict, classes) -> dict:
+        """One structure from clicks; the image's session (preprocessing, tiles) is kept for the next click."""
+        from .interactive import FileSession
+        if request.get("roi_lps"):
+            raise SegBookError("a predict request with prompts takes no roi_lps (use box_lps)")
+        if classes and len(classes) > 1:
+            raise SegBookError("a predict request with prompts names one class")
+        series = request.get("series") or None
+        if self._session is None or not self._session.matches(predictor, request["input"], series):
+            self._session = None
+            self._session = FileSession(predictor, request["input"], series=series)
+        return self._session.segment(request["output"], points_lps=request.get("points") or [],
+                                     negative_points_lps=request.get("negative_points") or [],
+                                     box_lps=request.get("box_lps") or None, previous=request.get("previous"),
+                                     class_name=classes[0] if classes else None)
 
     @staticmethod
     def _dicom_seg(request: dict) -> dict:

@@ -38,6 +38,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--step", type=float, default=0.5, help="tile step as a fraction of the patch (0.5)")
     parser.add_argument("--classes", help="comma-separated class names to keep (others become background)")
     parser.add_argument("--roi", help="X0,Y0,Z0,X1,Y1,Z1: predict only inside this physical box (LPS mm)")
+    prompts = parser.add_argument_group(
+        "prompts", "segment one structure from clicks (LPS mm, as --roi): OUTPUT holds it with its label value. "
+                   "Any model selects the structure under the points; a model trained with prompts refines it")
+    prompts.add_argument("--point", action="append", default=[], metavar="X,Y,Z",
+                         help="a positive point on the structure (repeat for more)")
+    prompts.add_argument("--negative-point", action="append", default=[], metavar="X,Y,Z",
+                         help="a point that is not the structure (repeat for more)")
+    prompts.add_argument("--box", metavar="X0,Y0,Z0,X1,Y1,Z1", help="the structure lies inside this box")
+    prompts.add_argument("--previous", metavar="LABELS",
+                         help="the structure as segmented so far (label map on the input's grid; non-zero voxels)")
     parser.add_argument("--format", default=".nii.gz",
                         choices=[s for s in IMAGE_SUFFIXES if s != ".nhdr"] + [DICOM_SEG_SUFFIX],
                         help="output suffix when OUTPUT is a folder (default .nii.gz; .dcm: DICOM SEG)")
@@ -97,16 +107,39 @@ def _finished(target: Path) -> bool:
     return target.is_file() and sidecar_path(target).is_file()
 
 
-def _parse_roi(text: str | None):
+def _parse_numbers(text: str | None, n: int, option: str):
     if text is None:
         return None
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
         values = []
-    if len(values) != 6:
-        raise InputError(f"--roi '{text}': need six numbers X0,Y0,Z0,X1,Y1,Z1 (LPS mm)")
+    if len(values) != n:
+        what = "X0,Y0,Z0,X1,Y1,Z1" if n == 6 else "X,Y,Z"
+        raise InputError(f"{option} '{text}': need {n} numbers {what} (LPS mm)")
     return values
+
+
+def _parse_roi(text: str | None):
+    return _parse_numbers(text, 6, "--roi")
+
+
+def _prompted(args, predictor, image: Path, target: Path, classes, reporter) -> None:
+    """One structure from the prompts on the command line into `target`."""
+    from ..interactive import FileSession
+    if classes and len(classes) > 1:
+        raise InputError("with prompts, --classes names the one structure to segment")
+    points = [_parse_numbers(p, 3, "--point") for p in args.point]
+    negative = [_parse_numbers(p, 3, "--negative-point") for p in args.negative_point]
+    box = _parse_numbers(args.box, 6, "--box")
+    if output_format(target) == DICOM_SEG_SUFFIX:
+        raise InputError(f"{target}: with prompts, write a label map (e.g. .nii.gz or .seg.nrrd)")
+    session = FileSession(predictor, image, series=args.series)
+    sidecar = session.segment(target, points_lps=points, negative_points_lps=negative, box_lps=box,
+                              previous=args.previous, class_name=classes[0] if classes else None)
+    for w in sidecar["result"]["warnings"]:
+        log.warning("%s", w)
+    reporter.done(input=str(image), output=str(target), elapsed_s=sidecar["elapsed_s"], result=sidecar["result"])
 
 
 def _shard(images: list, targets: list, device: str):
@@ -133,6 +166,9 @@ def run(args) -> int:
     images, many = _expand(args.inputs)
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     roi = _parse_roi(args.roi)
+    prompted = bool(args.point or args.negative_point or args.box or args.previous)
+    if prompted and (many or roi is not None):
+        raise InputError("prompts (--point, --negative-point, --box, --previous) take one input and no --roi")
     out = Path(args.output)
     if many:
         if out.exists() and not out.is_dir():
@@ -160,6 +196,9 @@ def run(args) -> int:
                           step=args.step, reporter=reporter, backend=args.backend, precision=args.precision)
     if classes:
         predictor.label_values(classes)     # an unknown class name fails before any image is read
+    if prompted:
+        _prompted(args, predictor, images[0], targets[0], classes, reporter)
+        return 0
     failed = 0
     for i, (src, dst) in enumerate(zip(images, targets)):
         reporter.emit({"event": "case", "input": str(src), "output": str(dst), "index": i, "total": len(images)})

@@ -1,0 +1,466 @@
+"""Interactive segmentation: one session per image, one cheap call per click.
+
+    session = InteractiveSession(predictor, image, spacing)     # preprocesses once (SamPredictor.set_image)
+    mask, info = session.segment(points=[(z, y, x)])             # the structure under the point
+    mask, info = session.segment(points=[p1, p2], negative_points=[n1], previous=mask)
+
+Every call carries all the prompts so far (as nnInteractive's session holds them) and returns one structure
+as a boolean (z, y, x) mask on the input grid. The network runs only on tiles around the prompts, each
+centred on what it must decide (one tile where the structure fits in one), and a structure that leaves the
+tiles computed so far pulls in the tile beyond, until it is whole or meets the image border.
+
+Two kinds of model answer:
+- any model (no prompt input): the class the model gives at the first positive point (or the class
+  named) is taken, and of it the connected parts that the positive points touch; another positive point
+  adds the part it touches (of its own class where it lies on another); a negative point removes the part
+  it lies in (within a part that a positive point holds too, the voxels nearer the negative point than
+  any positive one); a box keeps what lies inside it (with no point: the class most present in the box).
+  Tiles depend on nothing but the image, so they are kept for the next clicks: a click inside the region
+  already computed costs no network run.
+- a model trained with prompts (`config.prompts`): the prompts are encoded as its extra input channels
+  (segbook.prompts) and it decides the structure: its voxels are where the class's probability against
+  all the others (softmax of the class's logit vs the log-sum-exp of the rest) exceeds one half; of those,
+  the parts that touch a positive point (all, with only a box). Tiles depend on the prompts and are
+  computed anew for each call.
+
+Coordinates: the input grid's (z, y, x) voxel indices (floats allowed); boxes (z0, y0, x0, z1, y1, x1), end
+exclusive. The network grid is the preprocessed one (crop to non-zero, plan spacing, padding to the patch).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .errors import InputError
+from .export import first_argmax, linear_weights, _nearest
+from .inference import Predictor, _cpu_count, _inference_state
+from .preprocess import preprocess, separate_axis
+from .prompts import Prompts, encode
+from .sliding_window import apply_head, compute_steps, gaussian_weights, padding_for_patch
+
+__all__ = ["InteractiveSession"]
+
+log = logging.getLogger(__name__)
+
+
+class InteractiveSession:
+    """One image and one Predictor; `segment` answers each click. See the module docstring."""
+
+    def __init__(self, predictor: Predictor, image, spacing):
+        self.predictor, self.config = predictor, predictor.config
+        image, spacing = predictor.check_image(image, spacing)
+        self.shape = tuple(image.shape[1:])
+        plan = self.config.plan
+        self.patch = tuple(int(p) for p in plan.patch_size)
+        with _inference_state(predictor.network, None):
+            self.pre = preprocess(image, spacing, plan)
+        self.pads = padding_for_patch(self.pre.data.shape[1:], self.patch)
+        self.data = torch.from_numpy(np.pad(self.pre.data, [(0, 0)] + self.pads)
+                                     if any(sum(p) for p in self.pads) else self.pre.data)
+        self.grid = tuple(self.data.shape[1:])                 # the padded network grid
+        axis = separate_axis(plan.spacing, spacing)
+        self.modes = ["nearest" if a == axis else "linear" for a in range(3)]
+        self.prompted = bool(self.config.prompts)
+        self.radius = float(self.config.prompts["radius"]) if self.prompted else 0.0
+        self.gauss = gaussian_weights(self.patch, dtype=np.float32)
+        self._cache = _Tiles(self.grid)      # tiles of a model without prompt input, kept across clicks
+        self.tiles_run = 0                   # network runs, all calls together
+
+    # ------------------------------------------------------------------ coordinates
+    def _to_grid(self, p) -> np.ndarray:
+        """Input voxel (z, y, x) -> network-grid coordinates (pixel centres aligned, as the resampling)."""
+        p = np.asarray(p, dtype=float)
+        if p.shape != (3,) or not np.all(np.isfinite(p)):
+            raise InputError(f"a point needs three finite coordinates, got {list(np.ravel(p))}")
+        if np.any(p < -0.5) or np.any(p > np.asarray(self.shape) - 0.5):
+            raise InputError(f"point {[round(float(v), 2) for v in p]} (voxels z, y, x) lies outside the image "
+                             f"{self.shape}")
+        lo = np.array([b[0] for b in self.pre.bbox])
+        crop = np.asarray(self.pre.shape_cropped, dtype=float)
+        new = np.asarray(self.pre.data.shape[1:], dtype=float)
+        q = (p - lo + 0.5) * new / crop - 0.5
+        q = np.clip(q, 0, new - 1)          # a point outside the non-zero crop: its nearest voxel in it
+        return q + np.array([a for a, _ in self.pads])
+
+    def _box_to_grid(self, box) -> tuple[int, ...]:
+        box = [float(v) for v in box]
+        if len(box) != 6:
+            raise InputError(f"a box needs 6 numbers (z0, y0, x0, z1, y1, x1), got {box}")
+        lo = np.clip(np.ceil(np.minimum(box[:3], box[3:])), 0, self.shape)
+        hi = np.clip(np.floor(np.maximum(box[:3], box[3:])), 0, self.shape)
+        if np.any(hi - lo < 1):
+            raise InputError(f"box {box} (voxels z, y, x) holds no voxel of the image {self.shape}")
+        a, b = self._to_grid(lo), self._to_grid(hi - 1)
+        return tuple(int(v) for v in np.floor(a)) + tuple(int(v) + 1 for v in np.ceil(b))
+
+    def _mask_to_grid(self, mask: np.ndarray) -> np.ndarray:
+        """Boolean mask on the input grid -> the network grid (nearest), for the `previous` channel."""
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != self.shape:
+            raise InputError(f"previous segmentation of shape {mask.shape} does not match the image {self.shape}")
+        crop = mask[tuple(slice(a, b) for a, b in self.pre.bbox)]
+        idx = np.ix_(*[_nearest(n, m) for n, m in zip(crop.shape, self.pre.data.shape[1:])])
+        return np.pad(crop[idx], self.pads)
+
+    def _to_input(self, mask: np.ndarray) -> np.ndarray:
+        """Boolean network-grid mask -> the input grid: linear interpolation of the mask (nearest along a
+        separately resampled axis) thresholded at one half, as the export resamples a two-class logit map;
+        only the mask's bounding box is resampled."""
+        out = np.zeros(self.shape, dtype=bool)
+        inner = mask[tuple(slice(a, s - b) for (a, b), s in zip(self.pads, self.grid))]
+        nz = np.nonzero(inner.any(axis=(1, 2)))[0], np.nonzero(inner.any(axis=(0, 2)))[0], \
+            np.nonzero(inner.any(axis=(0, 1)))[0]
+        if any(len(n) == 0 for n in nz):
+            return out
+        index, weights, region = [], [], []
+        for axis, n in enumerate(nz):
+            src, dst = inner.shape[axis], self.pre.shape_cropped[axis]
+            if self.modes[axis] == "nearest":
+                i0 = _nearest(src, dst)
+                i1, w = i0, np.zeros(dst, np.float32)
+            else:
+                i0, i1, w = linear_weights(src, dst)
+            keep = np.nonzero((i1 >= n[0]) & (i0 <= n[-1]))[0]
+            j0, j1 = int(keep[0]), int(keep[-1]) + 1
+            index.append((i0[j0:j1], i1[j0:j1]))
+            weights.append(w[j0:j1])
+            region.append((j0, j1))
+        x = torch.from_numpy(inner.astype(np.float32))
+        for axis in range(3):
+            a = x.index_select(axis, torch.from_numpy(index[axis][0]))
+            b = x.index_select(axis, torch.from_numpy(index[axis][1]))
+            shape = [1, 1, 1]
+            shape[axis] = -1
+            x = torch.lerp(a, b, torch.from_numpy(weights[axis]).view(shape))
+        lo = [b[0] for b in self.pre.bbox]
+        out[tuple(slice(l + j0, l + j1) for l, (j0, j1) in zip(lo, region))] = (x > 0.5).numpy()
+        return out
+
+    # ------------------------------------------------------------------ tiles
+    def _origin(self, centre) -> tuple[int, int, int]:
+        """The tile centred (as far as the grid allows) on `centre` (network-grid coordinates)."""
+        return tuple(int(min(max(round(c - p / 2), 0), g - p)) for c, p, g in zip(centre, self.patch, self.grid))
+
+    def _run_tile(self, origin, prompts: Prompts | None) -> torch.Tensor:
+        """(K, *patch) float32 logits of the tile at `origin`."""
+        window = tuple(slice(o, o + p) for o, p in zip(origin, self.patch))
+        tile = self.data[(slice(None), *window)]
+        if prompts is not None:
+            tile = torch.cat([tile, torch.from_numpy(encode(prompts, origin, self.patch, self.radius))])
+        p = self.predictor
+        threads = _cpu_count() if p.device.type == "cpu" else None
+        with _inference_state(p.network, threads):
+            out = p._predict_tile(tile)
+            logits = out if p.runner.head is None else apply_head(out, p.runner.head)
+        return logits.float().cpu()
+
+    def _covered(self, tiles: "_Tiles", centre) -> bool:
+        """Whether `centre` lies in the inner half of a tile already computed (its labels there are final)."""
+        c = np.asarray(centre)
+        return any(np.all(np.abs(c - (np.asarray(o) + np.asarray(self.patch) / 2)) <= np.asarray(self.patch) / 4)
+                   for o in tiles.origins)
+
+    # ------------------------------------------------------------------ the call
+    def segment(self, points=(), negative_points=(), box=None, previous=None, class_name: str | None = None):
+        """One structure from all prompts so far. Returns (mask, info): mask a boolean (z, y, x) array on
+        the input grid, info {"class": name, "value": label value, "tiles": network runs of this call,
+        "warnings": [...]}. Raises InputError (one line) for a point the model calls background with no
+        class named, or prompts that select nothing."""
+        t0, runs0 = time.perf_counter(), self.tiles_run
+        if not len(points) and box is None:
+            raise InputError("give at least one positive point or a box")
+        pos = [self._to_grid(p) for p in points]
+        neg = [self._to_grid(p) for p in negative_points]
+        gbox = self._box_to_grid(box) if box is not None else None
+        value = self.predictor._class_index(class_name) if class_name else None
+        named = value is not None
+        warnings: list[str] = []
+        if self.prompted:
+            prompts = Prompts([tuple(p) for p in pos], [tuple(p) for p in neg], gbox,
+                              self._mask_to_grid(previous) if previous is not None else None)
+            tiles = _Tiles(self.grid)      # the prompts change what every tile computes
+        else:
+            prompts, tiles = None, self._cache
+        # the tiles the prompts themselves need: one per positive point, the box's
+        centres = list(pos)
+        if gbox is not None:
+            centres += self._box_centres(gbox)
+        for c in centres:
+            if not self._covered(tiles, c):
+                self._add(tiles, self._origin(c), prompts, value)
+        if value is None:
+            value = self._choose_class(tiles, pos, gbox, points)
+            if self.prompted:
+                tiles.score_class(value)
+        mask = self._select(tiles, value, pos, neg, gbox, points, warnings, named)
+        # a structure reaching the edge of what was computed: compute the tile beyond, until it is whole
+        while True:
+            edge = self._open_edge(tiles, mask, gbox)
+            if edge is None:
+                break
+            self._add(tiles, edge, prompts, value)
+            mask = self._select(tiles, value, pos, neg, gbox, points, warnings, named)
+        out = self._to_input(mask)
+        if box is not None:
+            lo = np.clip(np.ceil(np.minimum(box[:3], box[3:])).astype(int), 0, self.shape)
+            hi = np.clip(np.floor(np.maximum(box[:3], box[3:])).astype(int), 0, self.shape)
+            inside = np.zeros(self.shape, dtype=bool)
+            inside[tuple(slice(a, b) for a, b in zip(lo, hi))] = True
+            out &= inside
+        info = {"class": self.config.class_names[value], "value": int(value), "tiles": self.tiles_run - runs0,
+                "voxels": int(out.sum()), "seconds": round(time.perf_counter() - t0, 3),
+                "warnings": list(dict.fromkeys(warnings))}
+        if not info["voxels"]:
+            info["warnings"].append("the prompts select nothing")
+        log.info("click: %s", info)
+        return out, info
+
+    def _box_centres(self, gbox) -> list:
+        """Tile centres covering the box (nnU-Net's tile positions over it where it exceeds one tile)."""
+        size = [min(max(b - a, p), g) for a, b, p, g in zip(gbox[:3], gbox[3:], self.patch, self.grid)]
+        starts = [max(0, min(int(a), g - s)) for a, s, g in zip(gbox[:3], size, self.grid)]
+        steps = compute_steps(size, self.patch, 0.5)
+        return [tuple(s + o + p / 2 for s, o, p in zip(starts, offset, self.patch))
+                for offset in np.array(np.meshgrid(*steps, indexing="ij")).reshape(3, -1).T]
+
+    def _add(self, tiles: "_Tiles", origin, prompts, value) -> None:
+        if origin in tiles.origins:
+            return
+        logits = self._run_tile(origin, prompts)
+        self.tiles_run += 1
+        tiles.add(origin, logits, self.gauss, keep_logits=prompts is not None)
+        if prompts is not None and value is not None:
+            tiles.score_class(value)
+
+    def _choose_class(self, tiles: "_Tiles", pos, gbox, points) -> int:
+        """The class the model gives at the first positive point; with only a box, the class most present in
+        it; background -> InputError."""
+        if pos:
+            value = int(tiles.labels[tuple(np.round(pos[0]).astype(int))])
+            if value == 0:
+                raise InputError(f"the model {self.config.name} finds background at point "
+                                 f"{[round(float(v), 1) for v in points[0]]} (voxels z, y, x): click inside a "
+                                 f"structure or name the class to segment")
+            return value
+        window = tuple(slice(a, b) for a, b in zip(gbox[:3], gbox[3:]))
+        counts = np.bincount(tiles.labels[window].ravel(), minlength=len(self.config.class_names))
+        counts[0] = 0
+        if counts.max() == 0:
+            raise InputError("the model finds only background inside the box: name the class to segment")
+        return int(counts.argmax())
+
+    def _select(self, tiles: "_Tiles", value, pos, neg, gbox, points, warnings, named: bool) -> np.ndarray:
+        """The structure on the network grid from the tiles computed so far."""
+        if self.prompted:
+            fg = tiles.binary.copy()
+        else:
+            fg = tiles.labels == value
+        fg &= tiles.known
+        if gbox is not None:
+            inside = np.zeros_like(fg)
+            inside[tuple(slice(a, b) for a, b in zip(gbox[:3], gbox[3:]))] = True
+            fg &= inside
+        if not pos:             # a box alone: everything of the class inside it
+            return fg
+        parts, _ = ndimage.label(fg)
+        chosen = {}             # the selected parts, each a connected part of one class
+        for p, original in zip(pos, points):
+            at = tuple(np.round(p).astype(int))
+            if parts[at]:
+                key = ("class", int(parts[at]))
+                if key not in chosen:
+                    chosen[key] = parts == parts[at]
+            elif not self.prompted and not named and tiles.labels[at] != 0:
+                # a positive point on another class: the user says that part belongs to this structure
+                sub, _ = ndimage.label((tiles.labels == tiles.labels[at]) & tiles.known)
+                key = ("other", int(tiles.labels[at]), int(sub[at]))
+                if key not in chosen:
+                    chosen[key] = sub == sub[at]
+            else:
+                warnings.append(f"positive point {[round(float(v), 1) for v in original]} lies on background "
+                                f"for the model: ignored")
+        if not chosen and fg.any():
+            # the class was named and no point lies on it: its part nearest to the first point
+            near = ndimage.distance_transform_edt(parts == 0, return_distances=False, return_indices=True)
+            chosen["near"] = parts == parts[tuple(near[(slice(None), *np.round(pos[0]).astype(int))])]
+            warnings.append(f"no positive point lies on {self.config.class_names[value]}: took its part nearest "
+                            f"to the first point")
+        mask = np.zeros_like(fg)
+        for part in chosen.values():
+            if neg and not self.prompted:
+                part = _remove_negative(part, pos, neg, self.config.plan.spacing)
+            mask |= part
+        return mask
+
+    def _open_edge(self, tiles: "_Tiles", mask: np.ndarray, gbox):
+        """The origin of a tile not yet computed that the structure runs into (its largest contact with the
+        region not computed, inside the box if any), or None when the structure is whole."""
+        if not mask.any():
+            return None
+        touch = ndimage.binary_dilation(mask) & ~tiles.known
+        if gbox is not None:
+            inside = np.zeros_like(touch)
+            inside[tuple(slice(a, b) for a, b in zip(gbox[:3], gbox[3:]))] = True
+            touch &= inside
+        if not touch.any():
+            return None
+        groups, n = ndimage.label(touch)
+        sizes = np.bincount(groups.ravel())[1:]
+        half = np.asarray(self.patch) / 2
+        for g in np.argsort(-sizes) + 1:
+            contact = np.argwhere(groups == g).mean(axis=0)
+            # past the face of the nearest tile it leaves: the next tile reaches three quarters beyond it
+            centres = np.asarray(tiles.origins) + half
+            d = contact - centres[np.argmin(np.abs((contact - centres) / half).max(axis=1))]
+            face = np.abs(d) >= half - 1
+            origin = self._origin(np.where(face, contact + np.sign(d) * half / 2, contact))
+            if origin not in tiles.origins:
+                return origin
+        return None
+
+
+class _Tiles:
+    """What the tiles computed so far say on the network grid: for each voxel, the labels (and for a prompted
+    model the chosen class's mask) of the tile whose Gaussian weight is highest there, i.e. the tile it lies
+    most inside of."""
+
+    def __init__(self, grid):
+        self.grid = grid
+        self.origins: list[tuple[int, int, int]] = []
+        self.labels = np.zeros(grid, dtype=np.int16)
+        self.weight = np.zeros(grid, dtype=np.float32)
+        self.binary = np.zeros(grid, dtype=bool)
+        self._logits: list[tuple[tuple, torch.Tensor, np.ndarray]] = []
+
+    @property
+    def known(self) -> np.ndarray:
+        return self.weight > 0
+
+    def add(self, origin, logits: torch.Tensor, gauss: np.ndarray, keep_logits: bool) -> None:
+        window = tuple(slice(o, o + s) for o, s in zip(origin, gauss.shape))
+        better = gauss > self.weight[window]
+        self.labels[window][better] = first_argmax(logits).numpy()[better]
+        self.weight[window][better] = gauss[better]
+        self.origins.append(tuple(origin))
+        if keep_logits:
+            self._logits.append((window, logits, better))
+
+    def score_class(self, value: int) -> None:
+        """The prompted class's mask: p(value) > 1/2 against all other classes together."""
+        for window, logits, better in self._logits:
+            others = torch.cat([logits[:value], logits[value + 1:]])
+            inside = (logits[value] > torch.logsumexp(others, 0)).numpy()
+            self.binary[window][better] = inside[better]
+        self._logits = []
+
+
+def _remove_negative(part: np.ndarray, pos, neg, spacing) -> np.ndarray:
+    """`part` (one connected part of the result) without what the negative points in it take: all of it when
+    no positive point lies in it, else the voxels nearer (in mm) to one of its negative points than to its
+    positive points, and then whatever that cut off from its positive points."""
+    def inside(points):
+        return [p for p in points if part[tuple(np.round(p).astype(int))]]
+    negs, mine = inside(neg), inside(pos)
+    if not negs:
+        return part
+    if not mine:
+        return np.zeros_like(part)
+    voxels = np.argwhere(part)
+    scale = np.asarray(spacing, dtype=float)
+
+    def nearest(points):
+        return np.min([np.sum(((voxels - p) * scale) ** 2, axis=1) for p in points], axis=0)
+    out = part.copy()
+    out[tuple(voxels[nearest(negs) < nearest(mine)].T)] = False
+    pieces, _ = ndimage.label(out)
+    held = {pieces[tuple(np.round(p).astype(int))] for p in mine} - {0}
+    return np.isin(pieces, sorted(held))
+
+
+def physical_to_voxel(geometry, point_lps) -> tuple[float, float, float]:
+    """An LPS mm point -> continuous (z, y, x) voxel index of `geometry` (oblique directions included)."""
+    import SimpleITK as sitk
+    values = [float(v) for v in point_lps]
+    if len(values) != 3 or not all(map(math.isfinite, values)):
+        raise InputError(f"a point needs three finite numbers X,Y,Z (LPS mm), got {list(point_lps)}")
+    ref = geometry.apply_to(sitk.Image([1, 1, 1], sitk.sitkUInt8))
+    x, y, z = ref.TransformPhysicalPointToContinuousIndex(values)
+    return z, y, x
+
+
+class FileSession:
+    """An InteractiveSession on an image file or DICOM folder, writing each answer as a label map file.
+
+    The worker keeps one per image: `matches` says whether a request is for the same image (path, series and
+    modification time) and Predictor, so that the next click reuses its preprocessing and tiles."""
+
+    def __init__(self, predictor: Predictor, input_path, series=None):
+        from .io import read_image
+        self.predictor, self.input, self.series = predictor, str(input_path), series
+        self._stamp, self._tta = _stamp(input_path), predictor.tta     # kept tiles were computed with this TTA
+        self.image, self.geometry = read_image(input_path, series=series)
+        try:
+            self.session = InteractiveSession(predictor, self.image, self.geometry.spacing_zyx)
+        except InputError as e:
+            raise InputError(f"{input_path}: {e}") from None
+
+    def matches(self, predictor: Predictor, input_path, series=None) -> bool:
+        return (predictor is self.predictor and str(input_path) == self.input and series == self.series
+                and _stamp(input_path) == self._stamp and predictor.tta == self._tta)
+
+    def segment(self, output_path, *, points_lps=(), negative_points_lps=(), box_lps=None, previous=None,
+                class_name=None) -> dict:
+        """One structure into `output_path` (its label value inside, 0 elsewhere, the input's geometry) and a
+        sidecar JSON beside it; returns the sidecar. previous: a label map file on the input's grid (its
+        non-zero voxels). Points and box in LPS mm, as `--roi`."""
+        from .io import atomic_path, check_writable, read_labels, sidecar_path, write_labels
+        from .labels import class_table
+        t0 = time.perf_counter()
+        check_writable(output_path)
+        g = self.geometry
+        points = [physical_to_voxel(g, p) for p in points_lps]
+        negative = [physical_to_voxel(g, p) for p in negative_points_lps]
+        box = list(g.physical_box_to_voxels(box_lps)) if box_lps is not None else None
+        prev = None
+        if previous:
+            labels, pg = read_labels(previous)
+            if pg.size != g.size or not np.allclose(pg.origin, g.origin, atol=1e-3) or \
+                    not np.allclose(pg.spacing, g.spacing, rtol=1e-4):
+                raise InputError(f"{previous}: the previous segmentation is not on the grid of {self.input}")
+            prev = labels != 0
+        try:
+            mask, info = self.session.segment(points, negative, box, prev, class_name)
+        except InputError as e:
+            raise InputError(f"{self.input}: {e}") from None
+        config = self.predictor.config
+        out = np.zeros(g.shape_zyx, dtype=np.uint8 if len(config.class_names) <= 256 else np.uint16)
+        out[mask] = info["value"]
+        table = [c for c in class_table(config.class_names, config.colors) if c["value"] == info["value"]]
+        sidecar = {"input": self.input, "output": str(output_path), "model": config.name,
+                   "checkpoint": self.predictor.checkpoint, "labels": table,
+                   "prompts": {"points_lps": [list(map(float, p)) for p in points_lps],
+                               "negative_points_lps": [list(map(float, p)) for p in negative_points_lps],
+                               "box_lps": [float(v) for v in box_lps] if box_lps is not None else None,
+                               "previous": str(previous) if previous else None, "class": class_name},
+                   "result": info,
+                   "settings": {"device": str(self.predictor.device), "backend": self.predictor.runner.name,
+                                "precision": self.predictor.runner.precision, "tta": self.predictor.tta},
+                   "geometry": {"size": list(g.size), "spacing": list(g.spacing)}}
+        sidecar["elapsed_s"] = round(time.perf_counter() - t0, 3)
+        # the label map is complete before the sidecar is renamed into place: a sidecar means a finished file
+        with atomic_path(sidecar_path(output_path)) as tmp:
+            tmp.write_text(json.dumps(sidecar, indent=1))
+            write_labels(out, g, output_path, table)
+        return sidecar
+
+
+def _stamp(path) -> tuple:
+    from pathlib import Path
+    p = Path(path)
+    return (p.stat().st_mtime_ns, p.stat().st_size) if p.exists() else ()

@@ -1,0 +1,265 @@
+"""Clicks: the interactive session on real MRI with the shipped model, the click simulator, prompt channels."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from scipy import ndimage
+
+from conftest import run_cli
+from segbook.clicks import dice, next_click
+from segbook.errors import InputError
+from segbook.inference import Predictor
+from segbook.interactive import InteractiveSession
+from segbook.io import read_image, read_labels
+from segbook.network import build_stunet
+from segbook.prompts import CHANNELS, Prompts, encode, extend_input
+from segbook.zoo import create_model
+
+CASES = __import__("pathlib").Path(__import__("segbook").__file__).parent / "data" / "demo_cases"
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return Predictor("hippocampus-demo", device="cpu", backend="torch")
+
+
+@pytest.fixture(scope="module")
+def case():
+    image, geometry = read_image(CASES / "hippocampus_001_image.nii.gz")
+    labels, _ = read_labels(CASES / "hippocampus_001_label.nii.gz")
+    return image, geometry, labels
+
+
+def deepest(mask):
+    return tuple(int(v) for v in np.unravel_index(np.argmax(ndimage.distance_transform_edt(mask)), mask.shape))
+
+
+def part_at(mask, point):
+    parts, _ = ndimage.label(mask)
+    return parts == parts[point]
+
+
+def test_a_click_selects_the_models_part_under_it(demo, case):
+    image, g, labels = case
+    full = demo.predict_array(image, g.spacing_zyx)
+    session = InteractiveSession(demo, image, g.spacing_zyx)
+    for value in (1, 2):
+        point = deepest(full == value)
+        mask, info = session.segment(points=[point])
+        assert info["value"] == value and info["class"] == demo.config.class_names[value]
+        # the case fits one tile at the plan's spacing, as in the whole-image prediction: the same voxels
+        assert np.array_equal(mask, part_at(full == value, point))
+        assert dice(mask, labels == value) > 0.8
+    # the second structure and every later click reuse the tile: no network run
+    assert session.tiles_run == 1
+
+
+def test_background_point_is_one_line_unless_the_class_is_named(demo, case):
+    image, g, _ = case
+    session = InteractiveSession(demo, image, g.spacing_zyx)
+    with pytest.raises(InputError, match="finds background at point"):
+        session.segment(points=[(0, 0, 0)])
+    mask, info = session.segment(points=[(0, 0, 0)], class_name="posterior")
+    assert info["class"] == "posterior" and mask.any()
+    assert any("nearest" in w for w in info["warnings"])
+
+
+def test_negative_points_remove_and_boxes_limit(demo, case):
+    image, g, _ = case
+    full = demo.predict_array(image, g.spacing_zyx)
+    session = InteractiveSession(demo, image, g.spacing_zyx)
+    anterior = deepest(full == 1)
+    whole, _ = session.segment(points=[anterior])
+    # a negative point inside the same part: the voxels nearer to it than to the positive point go
+    zs = np.nonzero(whole.any(axis=(1, 2)))[0]
+    far = tuple(np.argwhere(whole)[np.argmax(np.abs(np.argwhere(whole)[:, 0] - anterior[0]))])
+    cut, _ = session.segment(points=[anterior], negative_points=[far])
+    assert cut.sum() < whole.sum() and not cut[far] and cut[anterior] and np.all(cut <= whole)
+    assert len(zs) > 1
+    # a second positive point adds its part; a negative point in that part cuts only that part
+    posterior = deepest(full == 2)
+    both, _ = session.segment(points=[anterior, posterior])
+    assert np.array_equal(both, whole | part_at(full == 2, posterior))
+    edge = tuple(np.argwhere(part_at(full == 2, posterior))[0])
+    cut2, _ = session.segment(points=[anterior, posterior], negative_points=[edge])
+    assert not cut2[edge] and cut2[posterior] and np.array_equal(cut2 & whole, whole) and cut2.sum() < both.sum()
+    # a box limits the result; a box alone takes the class most present inside it
+    box = (anterior[0] - 3, 0, 0, anterior[0] + 4, image.shape[-2], image.shape[-1])
+    boxed, info = session.segment(points=[anterior], box=box)
+    assert boxed.any() and not boxed[:box[0]].any() and not boxed[box[3]:].any()
+    assert np.array_equal(boxed[box[0]:box[3]], whole[box[0]:box[3]])
+    alone, info = session.segment(box=box)
+    assert info["value"] == 1 and alone.any() and not alone[box[3]:].any()
+
+
+def test_a_structure_larger_than_a_tile_pulls_in_the_tiles_beyond(demo):
+    """A tube five tiles long: the click computes the tile at the point, then the tiles the tube runs into,
+    until it is whole; a separate blob of the same class stays out. The network is replaced by one that
+    answers each tile from a known label map (what is tested is which tiles are asked for and how their
+    answers are put together)."""
+    truth = np.zeros((40, 200, 40), np.int16)
+    truth[15:25, 10:190, 15:25] = 1           # the tube, along y
+    truth[2:6, 2:6, 2:6] = 1                  # another part of class 1
+    truth[30:36, 100:110, 30:36] = 2
+    image = np.random.default_rng(0).normal(100, 10, truth.shape).astype(np.float32)
+    session = InteractiveSession(demo, image, (1.0, 1.0, 1.0))    # the plan's spacing: grid = image
+    asked = []
+
+    def oracle(origin, prompts):
+        asked.append(origin)
+        window = truth[tuple(slice(o, o + p) for o, p in zip(origin, session.patch))]
+        return torch.from_numpy(np.stack([window == c for c in range(3)]).astype(np.float32) * 10)
+    session._run_tile = oracle
+    mask, info = session.segment(points=[(20, 100, 20)])
+    expected = truth == 1
+    expected[2:6, 2:6, 2:6] = False
+    assert np.array_equal(mask, expected)
+    assert info["value"] == 1 and info["tiles"] == len(asked) == len(set(asked))
+    assert 4 <= len(asked) <= 5               # 180 voxels of tube / 56-voxel tiles, each 3/4 past the last
+    # the next click on it computes nothing
+    mask, info = session.segment(points=[(20, 30, 20)])
+    assert info["tiles"] == 0 and mask.sum() == 10 * 180 * 10
+
+
+def test_bad_prompts_are_one_line(demo, case):
+    image, g, _ = case
+    session = InteractiveSession(demo, image, g.spacing_zyx)
+    for kwargs, message in [({"points": [(1000, 0, 0)]}, "outside the image"),
+                            ({"points": [(1, 2)]}, "three finite"),
+                            ({}, "at least one positive point or a box"),
+                            ({"box": (50, 50, 50, 60, 60, 60)}, "holds no voxel"),
+                            ({"points": [(5, 5, 5)], "class_name": "liver"}, "not an output")]:
+        with pytest.raises(InputError, match=message):
+            session.segment(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------- the click simulator
+def test_first_click_is_the_deepest_voxel_of_the_target():
+    target = np.zeros((20, 20, 30), bool)
+    target[2:9, 2:9, 2:9] = True            # 7^3 cube, centre (5, 5, 5)
+    target[10:19, 5:14, 10:28] = True       # larger box: its centre is deepest
+    (point, positive) = next_click(target, None)
+    assert positive and point == (14, 9, 18) or point[0] == 14 and positive
+    assert target[point]
+
+
+def test_next_click_goes_to_the_larger_error_and_signs_it():
+    target = np.zeros((30, 30, 30), bool)
+    target[5:20, 5:20, 5:20] = True
+    excess = target.copy()
+    excess[22:29, 22:29, 22:29] = True       # 343 voxels too many
+    point, positive = next_click(target, excess)
+    assert not positive and point == (25, 25, 25)
+    missed = target.copy()
+    missed[5:20, 5:20, 5:9] = False           # 900 missed beat the 343 excess
+    missed[22:29, 22:29, 22:29] = True
+    point, positive = next_click(target, missed)
+    assert positive and 5 <= point[2] < 9 and target[point] and not missed[point]
+    assert next_click(target, target) is None
+
+
+def test_the_image_border_is_boundary_and_spacing_counts():
+    target = np.zeros((10, 10, 40), bool)
+    target[:, :, :] = True    # the whole image: 5 voxels deep along the long axis's middle, not at a corner
+    point, _ = next_click(target, None)
+    assert point == (4, 4, 4)                 # the first of the deepest, in array order
+    flat = np.zeros((9, 9, 9), bool)
+    flat[1:8, 1:8, 1:8] = True
+    point, _ = next_click(flat, None, spacing=(5.0, 1.0, 1.0))
+    assert point[1:] == (4, 4)
+    assert dice(flat, flat) == 1 and dice(flat, ~flat) == 0
+
+
+# ---------------------------------------------------------------------------------------- prompt channels
+def test_zero_initialised_prompt_channels_give_the_base_logits_exactly():
+    torch.manual_seed(0)
+    net = build_stunet(dims=[4, 8, 8], depth=[1, 1, 1], num_classes=3,
+                       pool_op_kernel_sizes=[[2, 2, 2], [2, 2, 2]], deep_supervision=False).eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        before = net(x)
+        extend_input(net, len(CHANNELS))
+        prompts = torch.zeros(1, len(CHANNELS), 16, 16, 16)
+        after = net(torch.cat([x, prompts], 1))
+        assert torch.equal(before, after)
+        prompts[:, 0, 8, 8, 8] = 1            # and the new channels are wired in: a click changes the output
+        changed = net(torch.cat([x, prompts], 1))
+    assert net.input_channels == 1 + len(CHANNELS)
+    # zero weights see no click until trained; give them a value to see they are read
+    with torch.no_grad():
+        net.conv_blocks_context[0][0].conv1.weight[:, 1:] = 0.1
+        assert not torch.equal(net(torch.cat([x, prompts], 1)), changed)
+
+
+def test_prompt_encoding():
+    previous = np.zeros((10, 10, 10), bool)
+    previous[2:4, 2:4, 2:4] = True
+    p = Prompts(points=[(5, 5, 5)], negative_points=[(0, 0, 0)], box=(1, 1, 1, 3, 4, 5), previous=previous)
+    out = encode(p, (0, 0, 0), (10, 10, 10), radius=1.5)
+    assert out.shape == (4, 10, 10, 10) and out.dtype == np.float32
+    assert out[0].sum() == 19 and out[0][5, 5, 5] == 1      # a ball of radius 1.5: 1 + 6 + 12 voxels
+    assert out[1][0, 0, 0] == 1 and out[1].sum() == 7         # the octant inside the image: 1 + 3 + 3
+    assert out[2].sum() == 2 * 3 * 4 and out[2][1, 1, 1] == 1 and out[2][3, 1, 1] == 0
+    assert np.array_equal(out[3] > 0, previous)
+    window = encode(p, (4, 4, 4), (4, 4, 4), radius=1.5)       # a window: coordinates shift with it
+    assert window[0][1, 1, 1] == 1 and window[3].sum() == 0 and window[2].sum() == 0
+
+
+# ---------------------------------------------------------------------------------------- the command line
+def test_cli_click_writes_one_structure_on_the_input_grid(tmp_path, case):
+    image, g, labels = case
+    path = CASES / "hippocampus_001_image.nii.gz"
+    ref = sitk.ReadImage(str(path))
+    z, y, x = deepest(labels == 2)
+    lps = ref.TransformIndexToPhysicalPoint((x, y, z))
+    out = tmp_path / "click.nii.gz"
+    r = run_cli("predict", path, "-o", out, "--model", "hippocampus-demo", "--point", ",".join(map(str, lps)),
+                "--backend", "torch", "--progress", "none")
+    assert r.returncode == 0, r.stderr
+    result, rg = read_labels(out)
+    assert rg.size == g.size and set(np.unique(result)) == {0, 2}
+    assert dice(result == 2, labels == 2) > 0.75
+    sidecar = json.loads((tmp_path / "click.json").read_text())
+    assert sidecar["result"]["class"] == "posterior" and [c["value"] for c in sidecar["labels"]] == [2]
+    # the same click with that result as --previous and a negative point: one line errors stay one line
+    r = run_cli("predict", path, "-o", tmp_path / "bad.nii.gz", "--model", "hippocampus-demo",
+                "--point", "1,2", "--progress", "none")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--point" in r.stderr
+    r = run_cli("predict", path, path, "-o", tmp_path / "many", "--model", "hippocampus-demo",
+                "--point", ",".join(map(str, lps)), "--progress", "none")
+    assert r.returncode == 2 and "one input" in r.stderr
+
+
+def test_worker_answers_clicks_and_keeps_the_image_prepared(tmp_path, case):
+    """Through the real worker process, as the Slicer module drives it: three clicks on one image; the later
+    ones run no network (the tile is kept), a bad click is one error event and the worker goes on."""
+    from test_worker import run_worker
+    image, g, labels = case
+    path = CASES / "hippocampus_001_image.nii.gz"
+    ref = sitk.ReadImage(str(path))
+
+    def lps(mask):
+        z, y, x = deepest(mask)
+        return list(ref.TransformIndexToPhysicalPoint((x, y, z)))
+
+    def click(rid, **prompts):
+        return {"id": rid, "command": "predict", "input": str(path), "output": str(tmp_path / f"{rid}.nrrd"),
+                "model": "hippocampus-demo", "device": "cpu", **prompts}
+    events, _, stderr, rc = run_worker([
+        click("c1", points=[lps(labels == 1)]),
+        click("c2", points=[lps(labels == 1)], negative_points=[list(ref.GetOrigin())], previous=str(tmp_path / "c1.nrrd")),
+        click("bad", points=[[1e4, 0, 0]]),
+        click("c3", points=[lps(labels == 2)], classes=["posterior"]),
+        {"command": "shutdown"}])
+    assert rc == 0, stderr
+    done = {e["request"]: e["result"] for e in events if e["event"] == "done"}
+    errors = {e["request"]: e["message"] for e in events if e["event"] == "error"}
+    assert set(done) == {"c1", "c2", "c3"} and "outside the image" in errors["bad"]
+    assert done["c1"]["result"]["tiles"] == 1 and done["c2"]["result"]["tiles"] == 0
+    assert done["c3"]["result"]["tiles"] == 0 and done["c3"]["result"]["class"] == "posterior"
+    first, _ = read_labels(tmp_path / "c1.nrrd")
+    assert set(np.unique(first)) == {0, 1} and dice(first == 1, labels == 1) > 0.8

@@ -7,6 +7,7 @@ for (os.system, builtins.eval, arbitrary classes) is refused before it can be ca
 """
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import zipfile
@@ -130,10 +131,26 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
         raise CheckpointError(f"{source}: unexpected key '{extra[0]}' (is this checkpoint for another network?)")
 
 
+def _verify_weights(tmp: Path, state: dict[str, torch.Tensor]) -> None:
+    """The file's header lists every tensor and the file is as long as its header says (safetensors checks
+    the length when it opens a file); the data itself is not read back."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(tmp), framework="pt") as f:
+            keys = set(f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        from .atomic import short_write_reason
+        raise OSError(errno.EIO, short_write_reason(tmp, f"incomplete safetensors file ({e})")) from None
+    if keys != set(state):
+        raise OSError(errno.EIO, "the file read back lacks tensors")
+
+
 def save_weights(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Write a safetensors file atomically (temporary name, then rename)."""
+    """Write a safetensors file atomically, verified complete before it replaces the previous one
+    (atomic.WriteError naming `path` when it cannot be written)."""
     from safetensors.torch import save_file
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, path)
+    from .atomic import atomic_write, usual_permissions
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    with atomic_write(path, verify=lambda tmp: _verify_weights(tmp, tensors), suffix=".safetensors") as tmp:
+        save_file(tensors, str(tmp))
+        usual_permissions(tmp)      # safetensors makes a file of its own, readable by its owner only

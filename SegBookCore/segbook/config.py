@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import InputError
+
 __all__ = ["Arch", "Plan", "ModelConfig"]
 
 
@@ -82,15 +84,22 @@ class ModelConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
+        """Atomically, read back before it replaces the previous file (atomic.WriteError when it cannot)."""
+        from .atomic import write_json
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ModelConfig":
+        """InputError (one line naming the file) for a missing, cut, garbled or incomplete model.json."""
         path = Path(path)
         try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError) as e:
-            raise ValueError(f"{path}: not a valid model.json ({e})") from None
+            d = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(d, dict):
+                raise ValueError(f"holds a {type(d).__name__}, not an object")
+            return cls.from_dict(d)
+        except OSError as e:
+            raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            what = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise InputError(f"{path}: not a valid model.json ({what}); copy the model folder again, "
+                             f"or fine-tune or download it again") from None

@@ -174,14 +174,21 @@ def _read_list(path: Path) -> Dataset:
 def read_dataset(path) -> Dataset:
     """The cases of a raw folder or a JSON list (see module docstring); no image is read yet."""
     path = Path(path)
-    if path.is_dir():
-        if not (path / "dataset.json").is_file():
-            raise InputError(f"{path}: no dataset.json (expected an nnU-Net/Decathlon raw folder)")
-        ds = _read_raw_folder(path)
-    elif path.is_file() and path.suffix == ".json":
-        ds = _read_list(path)
-    else:
-        raise InputError(f"{path}: not a dataset folder or a .json case list")
+    meta = path / "dataset.json" if path.is_dir() else path
+    try:
+        if path.is_dir():
+            if not (path / "dataset.json").is_file():
+                raise InputError(f"{path}: no dataset.json (expected an nnU-Net/Decathlon raw folder)")
+            ds = _read_raw_folder(path)
+        elif path.is_file() and path.suffix == ".json":
+            ds = _read_list(path)
+        else:
+            raise InputError(f"{path}: not a dataset folder or a .json case list")
+    except InputError:
+        raise
+    except (TypeError, AttributeError, KeyError, ValueError) as e:   # a field of the wrong kind
+        raise InputError(f"{meta}: unexpected content ({type(e).__name__}: {e}); see the formats in "
+                         f"`segbook finetune --help`") from None
     if len(ds.class_names) < 2:
         raise InputError(f"{path}: needs background and at least one class, got {ds.class_names}")
     names = [c.name for c in ds.cases]

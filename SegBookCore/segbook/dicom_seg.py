@@ -13,11 +13,13 @@ A series that cannot be referenced (UIDs emptied by anonymisation, missing geome
 """
 from __future__ import annotations
 
+import errno
 import logging
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import short_write_reason
 from .errors import InputError
 from .io import DICOM_SEG_SUFFIX, Geometry, atomic_path
 
@@ -200,10 +202,25 @@ def write_seg(labels: np.ndarray, sources: list, class_table: list, path, *, mod
         manufacturer="SegBook", manufacturer_model_name=model[:64], software_versions=f"segbook {_version()}",
         device_serial_number="none", content_label="SEGBOOK", content_description=f"{model} segmentation"[:64],
         series_description=f"SegBook {model}"[:64], omit_empty_frames=True)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, verify=lambda tmp: _verify_seg(tmp, seg)) as tmp:
         seg.save_as(str(tmp))
     log.info("%s: DICOM SEG, %d segments, %d frames", path, len(present), int(seg.NumberOfFrames))
     return path
+
+
+def _verify_seg(tmp: Path, seg) -> None:
+    """The file read back holds the SEG's frames, every pixel byte of them."""
+    import pydicom
+    try:
+        back = pydicom.dcmread(str(tmp))
+        ok = (back.SOPInstanceUID == seg.SOPInstanceUID and int(back.NumberOfFrames) == int(seg.NumberOfFrames)
+              and len(back.PixelData) == len(seg.PixelData))
+    except Exception as e:  # noqa: BLE001  pydicom raises many kinds on a file cut short
+        ok, detail = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    else:
+        detail = "the file read back lacks frames or pixel data"
+    if not ok:
+        raise OSError(errno.EIO, short_write_reason(tmp, detail[:200]))
 
 
 def write_seg_of_label_file(labels_path, source_files, class_table: list, path, *, model: str,

@@ -31,7 +31,7 @@ import SimpleITK as sitk
 
 from .errors import InputError
 
-__all__ = ["inspect_file", "check_file", "read_beside", "check_geometry"]
+__all__ = ["inspect_file", "check_file", "check_written", "read_beside", "check_geometry"]
 
 _CHUNK = 1 << 22
 _REEXPORT = "re-download or re-export it"
@@ -303,6 +303,28 @@ def check_file(path: Path) -> sitk.ImageFileReader:
     if deep is not None:
         deep()
     return reader
+
+
+def _check_nrrd_gzip(path: Path) -> None:
+    """A gzip-encoded NRRD's data inflated to its end and to the header's byte count."""
+    fields, offset = _text_header(path, lambda key, line: line.strip() == "")
+    if fields.get("encoding", "raw").lower() not in ("gzip", "gz") or fields.get("data file", fields.get("datafile")):
+        return
+    try:
+        needs = int(np.prod([int(s) for s in fields["sizes"].split()], dtype=np.int64)) * _NRRD_SIZE[fields["type"].lower()]
+    except (KeyError, ValueError):
+        return
+    holds = _inflate(path, 31, offset)
+    if holds < needs:
+        raise _truncated(path, holds, needs)
+
+
+def check_written(path: Path) -> None:
+    """Every check of `check_file`, and a gzip NRRD's stream too: a file just written is complete. ITK's NIfTI
+    and NRRD writers can stop short of the end (a full disk, a file size limit) without raising."""
+    check_file(path)
+    if path.name.lower().endswith(".nrrd"):
+        _check_nrrd_gzip(path)
 
 
 def read_beside(reader: sitk.ImageFileReader, deep: Optional[Callable[[], None]]) -> sitk.Image:

@@ -3,13 +3,16 @@
 Arrays are in SimpleITK's array order: an image is (C, z, y, x), a label map (z, y, x). Geometry keeps
 SimpleITK's own order (x, y, z) for spacing/origin/size and a row-major 3x3 direction, physical points
 in LPS millimetres as ITK. Nothing is reoriented: the released models were trained on images as stored.
-Every file written goes to a temporary name in the target folder first and is renamed when complete, so
-readers (and a Ctrl-C) never leave a half-written output.
+Every file written goes to a temporary name in the target folder first and is renamed once it is verified
+complete (`atomic`), so a full disk, readers or a Ctrl-C never leave a half-written output.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic import atomic_write, short_write_reason
 from .dicom import read_series as read_dicom
 from .errors import InputError
 from .labels import terminology_entry
-from .imagefile import check_geometry, inspect_file, read_beside
+from .imagefile import check_geometry, check_written, inspect_file, read_beside
 
 __all__ = ["Geometry", "read_image", "read_labels", "write_labels", "output_format", "sidecar_path", "atomic_path",
            "check_writable", "IMAGE_SUFFIXES"]
@@ -174,37 +178,49 @@ def check_writable(path: str | os.PathLike, folder: bool = False) -> None:
         raise InputError(f"{path}: cannot write in {probe} ({e.strerror}): choose another output") from None
 
 
-def usual_permissions(path: str | os.PathLike) -> None:
-    """Give a file or folder made by mkstemp/mkdtemp/safetensors (0600/0700) the mode the user's umask
-    gives new files, so that outputs and model folders are readable by whoever may read the user's files."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
+def atomic_path(path: str | os.PathLike, verify=None):
+    """`atomic.atomic_write` with a temporary name that keeps `path`'s image suffix (writers pick the format by
+    it): renamed onto `path` once written, fsynced and verified; removed on any error or interrupt."""
+    name = Path(path).name.lower()
+    suffix = next((s for s in IMAGE_SUFFIXES if name.endswith(s)), Path(path).suffix)
+    return atomic_write(path, verify=verify, suffix=suffix)
 
 
-class atomic_path:
-    """Context manager yielding a temporary path beside `path` (same suffix); renamed onto `path` on success,
-    removed on any error or interrupt."""
+@contextlib.contextmanager
+def _stderr_held():
+    """Hold what C code prints to stderr meanwhile (ITK's writers print their failures, e.g. NIfTI's
+    "** ERROR: NWAD: wrote only ..."): replayed when the block succeeds, logged (debug) when it fails, so that
+    a failed write is reported once, as our own line."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:         # no stderr at all (a GUI process): nothing to hold
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            text = held.read()
+            if ok and text:
+                os.write(2, text)
+            elif text:
+                log.debug("writer said: %s", text.decode("utf-8", "replace").strip())
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.tmp: Path | None = None
 
-    def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        suffix = next((s for s in IMAGE_SUFFIXES if self.path.name.lower().endswith(s)), self.path.suffix)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part" + suffix, dir=self.path.parent)
-        os.close(fd)
-        usual_permissions(tmp)
-        self.tmp = Path(tmp)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
-        return False
+def _verify_image(tmp: Path) -> None:
+    """The written file holds every byte its header promises (gzip streams to their end)."""
+    try:
+        check_written(tmp)
+    except (InputError, RuntimeError) as e:
+        detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise OSError(errno.EIO, short_write_reason(tmp, f"incomplete file: {detail[:200]}")) from None
 
 
 def _seg_nrrd_metadata(image: sitk.Image, labels: np.ndarray, class_table: list[dict]) -> None:
@@ -241,9 +257,11 @@ def write_labels(labels: np.ndarray, geometry: Geometry, path: str | os.PathLike
     image = geometry.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(labels)))
     if fmt == ".seg.nrrd":
         _seg_nrrd_metadata(image, labels, class_table or [])
-    with atomic_path(path) as tmp:
+    with _stderr_held(), atomic_path(path, verify=_verify_image) as tmp:
         try:
             sitk.WriteImage(image, str(tmp), useCompression=True)
         except RuntimeError as e:
-            raise InputError(f"{path}: cannot write ({str(e).strip().splitlines()[-1][:200]})") from None
+            # ITK's exception text names the temporary file; the OS says why when asked directly
+            detail = str(e).strip().splitlines()[-1][:200]
+            raise OSError(errno.EIO, short_write_reason(tmp, detail)) from None
     return path

@@ -26,10 +26,13 @@ and the decomposition costs 10 % of its tile.
 The converted model lives under `cache_dir()/openvino/<key>/` beside the model folders; the key hashes the
 weights, the architecture, the patch shape, the graph (fp32's norms or MVN) and the engine versions, so a
 fine-tuned model or another OpenVINO gets its own conversion, and a second load only reads and compiles
-(0.2-0.6 s).
+(0.2-0.6 s). The cache holds derived data: an entry OpenVINO cannot read (a cut model.bin: "Incorrect weights
+in bin file!", a garbled model.xml) is converted again with a warning, and a conversion that cannot be
+written (a full disk) is used from memory.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -141,21 +144,48 @@ def _convert(net: nn.Module, patch, exact_norm: bool, folder: Path, reporter) ->
         if ds is not None:
             net.deep_supervision = ds
     model.reshape([1, c, *[int(p) for p in patch]])
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    if reporter is not None:
+        reporter.progress("convert", 1, 1)
+    log.info("converted in %.1f s", time.perf_counter() - t0)
+    return model
+
+
+def _save(model, folder: Path) -> bool:
+    """Cache the converted model in `folder`, verified readable before it appears there; False (a warning)
+    when it cannot be written: the cache only saves time, the run goes on with the model in memory."""
+    import openvino as ov
+    from .atomic import io_reason, fsync_path, short_write_reason
+    tmp = None
     try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
+        for name in ("model.xml", "model.bin"):
+            fsync_path(tmp / name)
+        try:    # the serializer may stop short without raising: read it back as a later run would
+            ov.Core().read_model(str(tmp / "model.xml"))
+        except RuntimeError as e:
+            raise OSError(errno.EIO, short_write_reason(tmp / "model.bin", _last_line(e))) from None
         try:
             os.replace(tmp, folder)
         except OSError:          # another process converted it meanwhile: theirs is as good
             if not (folder / "model.xml").is_file():
                 raise
+        return True
+    except OSError as e:
+        log.warning("%s: cannot cache the converted model (%s); it is converted again next time", folder,
+                    io_reason(e))
+        return False
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if reporter is not None:
-        reporter.progress("convert", 1, 1)
-    log.info("converted in %.1f s", time.perf_counter() - t0)
-    return folder / "model.xml"
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _last_line(e: Exception) -> str:
+    """OpenVINO's own words: the last non-empty line of its message that is not a source location."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and ln.strip() != ";"]
+    return next((ln for ln in reversed(lines) if not ln.startswith(("Exception from", "Check "))),
+                lines[-1] if lines else type(e).__name__)[:200]
 
 
 def network_head(net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,14 +223,26 @@ class OpenVINORunner:
         self.folder = Path(self.cache_root or cache_dir()) / "openvino" / key
         self.head = network_head(self.network)     # taken with the key: the weights the conversion hashed
         xml = self.folder / "model.xml"
-        self.converted = not xml.is_file()
-        if self.converted:
-            _convert(self.network, self.patch, exact_norm, self.folder, self.reporter)
         config = {"INFERENCE_PRECISION_HINT": _HINT[self.precision], "PERFORMANCE_HINT": "LATENCY"}
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = int(self.threads)
         t0 = time.perf_counter()
-        self.compiled = ov.Core().compile_model(str(xml), "CPU", config)
+        self.converted, self.compiled = False, None
+        if xml.is_file():
+            try:
+                with open(xml, "rb") as f:  # else OpenVINO tries its other frontends, which print to stderr
+                    if not f.read(64).lstrip().startswith(b"<?xml"):
+                        raise RuntimeError("model.xml is not XML")
+                self.compiled = ov.Core().compile_model(str(xml), "CPU", config)
+            except (RuntimeError, OSError) as e:    # a cut model.bin, a garbled model.xml: derived data, made again
+                log.warning("%s: the cached OpenVINO model is damaged (%s); converting it again", self.folder,
+                            _last_line(e))
+        if self.compiled is None:
+            shutil.rmtree(self.folder, ignore_errors=True)     # a damaged or partial entry would block the rename
+            model = _convert(self.network, self.patch, exact_norm, self.folder, self.reporter)
+            self.converted = True
+            t0 = time.perf_counter()
+            self.compiled = ov.Core().compile_model(str(xml) if _save(model, self.folder) else model, "CPU", config)
         log.info("OpenVINO %s model compiled in %.2f s (%s)", self.precision, time.perf_counter() - t0,
                  self.folder)
         self.request = self.compiled.create_infer_request()

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -109,7 +107,8 @@ def get_config(name_or_folder: str | os.PathLike) -> ModelConfig:
 
 
 def is_cached(name: str) -> bool:
-    return name in _bundled() or (cache_dir() / "models" / name / WEIGHTS).is_file()
+    """Bundled, or converted into the cache (model.json is written last: its presence means complete)."""
+    return name in _bundled() or (cache_dir() / "models" / name / CONFIG).is_file()
 
 
 def num_parameters(config: ModelConfig) -> int:
@@ -124,29 +123,26 @@ def _network(config: ModelConfig, deep_supervision: bool) -> STUNet:
 
 
 def save_model_folder(folder: str | os.PathLike, config: ModelConfig, state: dict[str, torch.Tensor]) -> Path:
-    """Write weights + model.json into `folder` so that readers never see a half-written model."""
-    from .io import usual_permissions      # here: io pulls in SimpleITK, which listing models does not need
+    """Write weights + model.json into `folder`, each verified complete before it replaces the previous one.
+
+    The weights go first and model.json last, so a folder with a model.json always holds complete weights
+    (readers and `fetch` look for model.json). A reader that loads while a fine-tune rewrites the folder may
+    pair model.json of one epoch with the weights of the next: the same network, so it still loads. Other
+    files in the folder (a fine-tune's `training/`) are left alone.
+    """
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        save_weights(state, tmp / WEIGHTS)
-        config.save(tmp / CONFIG)
-        for p in (tmp, tmp / WEIGHTS, tmp / CONFIG):
-            usual_permissions(p)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_weights(state, folder / WEIGHTS)
+    config.save(folder / CONFIG)
     return folder
 
 
-def _download(config: ModelConfig) -> Path:
+def _download(config: ModelConfig, again: bool = False) -> Path:
+    """The released checkpoint's path in the hub cache, downloaded if missing (or, `again`, in any case)."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
     try:
-        return Path(hf_hub_download(config.hub_repo, config.hub_filename, revision=config.hub_revision))
+        return Path(hf_hub_download(config.hub_repo, config.hub_filename, revision=config.hub_revision,
+                                    force_download=again))
     except LocalEntryNotFoundError:
         raise ModelNotFound(
             f"{config.name}: {config.hub_repo}/{config.hub_filename} is not cached and the Hugging Face hub "
@@ -165,15 +161,57 @@ def fetch(name: str) -> Path:
         return _bundled()[name]
     config = get_config(name)
     folder = cache_dir() / "models" / name
-    if (folder / WEIGHTS).is_file():
+    damage = _damage(folder)
+    if damage is None:
         return folder
+    if folder.exists():
+        log.warning("%s: the converted model is damaged (%s); converting it again", folder, damage)
     if not config.hub_repo:
         raise ModelNotFound(f"{name}: no weights cached and no download source")
     path = _download(config)
-    state = load_checkpoint(path)
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as e:
+        state = _fetch_again(config, path, e)
     check_state_dict(_network(config, deep_supervision=True), state, str(path))
     log.info("converted %s into %s", path, folder)
     return save_model_folder(folder, config, state)
+
+
+def _damage(folder: Path) -> str | None:
+    """Why a converted model folder in the cache cannot be used (missing, a cut or garbled file), or None.
+    Cheap: model.json parsed, the weights' header read and their length checked, no tensor read."""
+    from safetensors import SafetensorError, safe_open
+    if not (folder / CONFIG).is_file():
+        return "no model.json" if folder.exists() else "not converted yet"
+    try:
+        ModelConfig.load(folder / CONFIG)
+        with safe_open(str(folder / WEIGHTS), framework="pt") as f:
+            if not list(f.keys()):
+                return "weights.safetensors holds no tensors"
+    except (SegBookError, SafetensorError, OSError) as e:
+        return str(e).splitlines()[0][:200]
+    return None
+
+
+def _fetch_again(config: ModelConfig, path: Path, error: CheckpointError) -> dict:
+    """A downloaded checkpoint that cannot be read: downloaded once more, or refused saying what to do."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        raise CheckpointError(f"{path}: the downloaded checkpoint is damaged ({_detail(error)}); delete it and "
+                              f"run `segbook download {config.name}` with a connection") from None
+    log.warning("%s: the downloaded checkpoint is damaged (%s); downloading it again", path, _detail(error))
+    path = _download(config, again=True)
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: downloaded twice and still unreadable ({_detail(e)}); the file on "
+                              f"the hub may be damaged: report it to {config.hub_repo}") from None
+
+
+def _detail(error: Exception) -> str:
+    """The reason part of a one-line "PATH: reason" message."""
+    return str(error).split(": ", 1)[-1].split("; download it again")[0]
 
 
 def create_model(name_or_folder: str | os.PathLike, pretrained: bool = True, *,

@@ -15,10 +15,13 @@ and the loss / Dice chart, and the model folder it writes appears in the Segment
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
+import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -35,8 +38,91 @@ class TrainingSetError(ValueError):
     """A case that cannot join the training set; one line saying what to fix."""
 
 
+class _StoreLock:
+    """Held while a Slicer window reads, changes and writes the training set, so that two windows adding
+    cases to one folder lose none. The operating system's lock on an open file (flock, or a locked byte on
+    Windows): released when its holder exits in any way, so a crashed Slicer never leaves it locked. The
+    core's segbook.lockfile does the same; it is written out here because Slicer may run without the core."""
+
+    def __init__(self, folder: Path, wait: float = 120.0):
+        self.path, self.wait, self.fd = folder / ".dataset.lock", wait, None
+
+    def _tryLock(self) -> bool:
+        if os.name == "nt":
+            import msvcrt
+            try:
+                msvcrt.locking(self.fd, msvcrt.LK_NBLCK, 1)
+            except OSError:
+                return False
+            return True
+        import fcntl
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        deadline = time.monotonic() + self.wait
+        while not self._tryLock():
+            if time.monotonic() > deadline:
+                os.close(self.fd)
+                raise TrainingSetError(f"{self.path.parent}: another Slicer is still changing this training set; "
+                                       f"try again when it is done")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        if os.name == "nt":
+            import msvcrt
+            os.lseek(self.fd, 0, os.SEEK_SET)
+            msvcrt.locking(self.fd, msvcrt.LK_UNLCK, 1)
+        os.close(self.fd)   # releases flock
+        return False
+
+
 def _safeName(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "case"
+
+
+def _writeVerified(path: Path, write, verify) -> None:
+    """write(tmp) to a fresh temporary name beside `path`, fsync, check verify(tmp), then rename onto `path`;
+    on any failure the temporary file goes and TrainingSetError names `path` and the reason (a full disk...)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + "".join(path.suffixes), dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if not verify(tmp):
+            raise OSError(errno.EIO, "the file read back is incomplete")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise TrainingSetError(f"{path}: cannot write ({e.strerror or e}); the training set is unchanged") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _writeImage(image, path: Path) -> None:
+    """A SimpleITK image to a compressed file, read back and compared before it replaces anything (ITK's
+    writers can stop short on a full disk without raising)."""
+    import SimpleITK as sitk
+
+    def same(tmp) -> bool:
+        try:
+            back = sitk.ReadImage(str(tmp))
+        except RuntimeError:
+            return False
+        return back.GetSize() == image.GetSize() and np.array_equal(sitk.GetArrayViewFromImage(back),
+                                                                      sitk.GetArrayViewFromImage(image))
+    _writeVerified(path, lambda tmp: sitk.WriteImage(image, str(tmp), True), same)
 
 
 def _addDatasetFolder(trainingDirectory: str, modelsDirectory: str, folder: str, missingAsBackground: bool) -> list:
@@ -67,40 +153,53 @@ class FineTuneLogic:
 
     def dataset(self) -> dict:
         try:
-            return json.loads(self.datasetPath.read_text())
+            dataset = json.loads(self.datasetPath.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return {"name": "segbook-training", "class_names": ["background"], "channel_names": ["image"],
                     "cases": []}
+        except (OSError, ValueError) as e:
+            raise TrainingSetError(f"{self.datasetPath}: cannot read ({getattr(e, 'strerror', None) or e}); "
+                                   f"restore it or choose another training folder") from None
+        if not isinstance(dataset, dict) or not isinstance(dataset.get("class_names"), list) \
+                or not isinstance(dataset.get("cases"), list):
+            raise TrainingSetError(f"{self.datasetPath}: not a SegBook training set (class_names and cases "
+                                   f"lists expected); restore it or choose another training folder")
+        return dataset
 
     def _save(self, dataset: dict) -> None:
-        self.trainingDirectory.mkdir(parents=True, exist_ok=True)
-        tmp = self.datasetPath.with_name(".dataset.json.tmp")
-        tmp.write_text(json.dumps(dataset, indent=1))
-        os.replace(tmp, self.datasetPath)
+        """Write dataset.json atomically: a temporary file of its own (two windows never share one), flushed
+        to the disk and read back before it replaces the previous list, which a failed write leaves as it was."""
+        data = json.dumps(dataset, indent=1).encode("utf-8")
+        _writeVerified(self.datasetPath, lambda tmp: Path(tmp).write_bytes(data),
+                       lambda tmp: Path(tmp).read_bytes() == data)
 
     def classNames(self) -> list:
         return list(self.dataset()["class_names"])
 
     def setClasses(self, names: list) -> None:
         """Fix the class order (e.g. the base model's) before the first case is added."""
-        dataset = self.dataset()
-        if dataset["cases"]:
-            raise TrainingSetError("the class list is fixed once cases have been added")
-        dataset["class_names"] = ["background"] + [n for n in names if n != "background"]
-        self._save(dataset)
+        with _StoreLock(self.trainingDirectory):
+            dataset = self.dataset()
+            if dataset["cases"]:
+                raise TrainingSetError("the class list is fixed once cases have been added")
+            dataset["class_names"] = ["background"] + [n for n in names if n != "background"]
+            self._save(dataset)
 
     def cases(self) -> list:
         return list(self.dataset()["cases"])
 
     def removeCase(self, name: str) -> None:
+        with _StoreLock(self.trainingDirectory):
+            self._removeCase(name)
+
+    def _removeCase(self, name: str) -> None:
         dataset = self.dataset()
-        kept = [c for c in dataset["cases"] if c["name"] != name]
-        for case in dataset["cases"]:
-            if case["name"] == name:
-                for key in ("image", "label"):
-                    (self.trainingDirectory / case[key]).unlink(missing_ok=True)
-        dataset["cases"] = kept
-        self._save(dataset)
+        removed = [c for c in dataset["cases"] if c["name"] == name]
+        dataset["cases"] = [c for c in dataset["cases"] if c["name"] != name]
+        self._save(dataset)     # first: a list that cannot be written still names only files that exist
+        for case in removed:
+            for key in ("image", "label"):
+                (self.trainingDirectory / case[key]).unlink(missing_ok=True)
 
     def addCase(self, volumeNode, segmentationNode, name: Optional[str] = None,
                 missingAsBackground: bool = False, allowNewClasses: bool = True,
@@ -110,8 +209,16 @@ class FineTuneLogic:
         Label values follow the training set's class list (new segment names are appended when
         `allowNewClasses`). Adding a case under an existing name replaces it (a corrected case).
         `baseClasses` (the base model's foreground classes) orders the first case's classes when they are
-        the same set, so that fine-tuning one's own model again keeps its output heads.
+        the same set, so that fine-tuning one's own model again keeps its output heads. Several Slicer windows
+        may add cases to one training folder at once: each addition holds the folder's lock from reading the
+        class list to writing the case list, so none is lost.
         """
+        with _StoreLock(self.trainingDirectory):
+            return self._addCase(volumeNode, segmentationNode, name, missingAsBackground, allowNewClasses,
+                                 baseClasses)
+
+    def _addCase(self, volumeNode, segmentationNode, name, missingAsBackground, allowNewClasses,
+                 baseClasses) -> dict:
         if volumeNode is None or segmentationNode is None:
             raise TrainingSetError("select both a volume and its segmentation")
         segmentation = segmentationNode.GetSegmentation()
@@ -141,8 +248,12 @@ class FineTuneLogic:
 
         caseName = _safeName(name or volumeNode.GetName())
         imageRel, labelRel = f"cases/{caseName}_image.nrrd", f"cases/{caseName}_label.nrrd"
-        NodeIO.writeVolume(volumeNode, self.trainingDirectory / imageRel)
-        NodeIO.writeLabels(labels, volumeNode, self.trainingDirectory / labelRel)
+        import SimpleITK as sitk
+        image = NodeIO.volumeToImage(volumeNode)
+        labelImage = sitk.GetImageFromArray(np.ascontiguousarray(labels))
+        labelImage.CopyInformation(image)
+        _writeImage(image, self.trainingDirectory / imageRel)
+        _writeImage(labelImage, self.trainingDirectory / labelRel)
         entry = {"name": caseName, "image": imageRel, "label": labelRel, "classes_present": names,
                  "missing_as_background": bool(missing)}
         dataset["class_names"] = classes
@@ -161,6 +272,10 @@ class FineTuneLogic:
             from .ProcessRunner import callInCore
             return callInCore(self.python, f"{__name__}:_addDatasetFolder", str(self.trainingDirectory),
                               str(self.modelsDirectory), str(folder), bool(missingAsBackground))
+        with _StoreLock(self.trainingDirectory):
+            return self._addDatasetFolder(folder, missingAsBackground)
+
+    def _addDatasetFolder(self, folder, missingAsBackground: bool) -> list:
         import SimpleITK as sitk
         from segbook.dataset import read_dataset
         source = read_dataset(folder)
@@ -179,15 +294,14 @@ class FineTuneLogic:
                                        f"the panel trains single-channel models")
             caseName = _safeName(case.name)
             imageRel, labelRel = f"cases/{caseName}_image.nrrd", f"cases/{caseName}_label.nrrd"
-            (self.trainingDirectory / "cases").mkdir(parents=True, exist_ok=True)
-            sitk.WriteImage(sitk.ReadImage(str(case.images[0])), str(self.trainingDirectory / imageRel), True)
+            _writeImage(sitk.ReadImage(str(case.images[0])), self.trainingDirectory / imageRel)
             label = sitk.ReadImage(str(case.label))
             values = sitk.GetArrayFromImage(label).astype(np.int32)
             if values.min() < 0 or values.max() >= len(remap):
                 raise TrainingSetError(f"{case.label}: label values outside 0..{len(remap) - 1}")
             out = sitk.GetImageFromArray(remap[values].astype(np.uint8))
             out.CopyInformation(label)
-            sitk.WriteImage(out, str(self.trainingDirectory / labelRel), True)
+            _writeImage(out, self.trainingDirectory / labelRel)
             added.append({"name": caseName, "image": imageRel, "label": labelRel,
                           "classes_present": list(source.class_names[1:]), "missing_as_background": bool(missing)})
         names = {c["name"] for c in added}

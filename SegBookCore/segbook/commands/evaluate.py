@@ -10,8 +10,6 @@ metric; Dice is computed on the annotated voxels and NSD is not defined there (N
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from pathlib import Path
 
 HELP = "Dice and normalised surface Dice per class and case of predicted vs reference label maps"
@@ -105,16 +103,12 @@ def run(args) -> int:
     means = {c: (mean_defined([r["dice"] for r in rows if r["class"] == c]),
                  mean_defined([r["nsd"] for r in rows if r["class"] == c])) for c in classes}
     print(f"{'mean':<{width}}  " + "  ".join(f"{means[c][0]:8.4f} {means[c][1]:8.4f}" for c in classes))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".evaluation.", suffix=".csv", dir=out.parent)
-    with os.fdopen(fd, "w", newline="") as f:
+    from ..atomic import atomic_write
+    with atomic_write(out, suffix=".csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["case", "class", "dice", "nsd"])
         writer.writeheader()
         writer.writerows(rows)
         for c in classes:
             writer.writerow({"case": "mean", "class": c, "dice": means[c][0], "nsd": means[c][1]})
-    from ..io import usual_permissions
-    usual_permissions(tmp)
-    os.replace(tmp, out)
     print(f"written {out}")
     return 0

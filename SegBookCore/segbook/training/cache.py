@@ -5,20 +5,25 @@ spacing (cropped to non-zero, normalised, resampled with `segbook.preprocess`, t
 predictor runs), plus `NAME_loc.npz`: up to 10,000 voxel coordinates (n, 3) zyx per foreground class, so
 that foreground oversampling never scans a volume; for a dataset with an "ignore" label also those of the
 annotated voxels (key ANNOTATED), around which the other patches are drawn. A key file holds the source files' sizes and mtimes
-and the plan; a changed case is preprocessed again.
+and the plan; a changed case is preprocessed again, and so is a damaged one (a file cut short, a garbled
+archive: checked cheaply at each use), with a warning. Every file is written verified and atomically, the
+key file last.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
+from ..atomic import atomic_write, short_write_reason, write_text
 from ..config import Plan
 from ..dataset import Case, Dataset, check_label_values, read_case_arrays
 from ..errors import InputError
@@ -89,9 +94,51 @@ def _key(case: Case, plan: Plan, ignore_label: int | None) -> str:
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    """np.save through a verified atomic write: the file read back (memory-mapped) has the array's shape."""
+    def verify(tmp: Path) -> None:
+        try:
+            ok = np.load(tmp, mmap_mode="r").shape == array.shape
+        except (ValueError, OSError) as e:     # numpy: "mmap length is greater than file size"
+            raise OSError(errno.EIO, short_write_reason(tmp, f"incomplete array file ({e})")) from None
+        if not ok:
+            raise OSError(errno.EIO, "the array read back has another shape")
+    with atomic_write(path, verify=verify, suffix=".npy") as tmp:
+        np.save(tmp, array)
+
+
+def _save_locations(path: Path, locations: dict) -> None:
+    def verify(tmp: Path) -> None:
+        if _read_locations(tmp) is None:
+            raise OSError(errno.EIO, short_write_reason(tmp, "incomplete archive"))
+    with atomic_write(path, verify=verify, suffix=".npz") as tmp:
+        np.savez(tmp, **{str(k): v for k, v in locations.items()})
+
+
+def _read_locations(path: Path) -> dict | None:
+    """The class locations of a case, or None when the file is missing or damaged (every array is read,
+    so zip's CRC checks them)."""
+    try:
+        with np.load(path) as loc:
+            return {int(k): loc[k] for k in loc.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError):
+        return None
+
+
+def _load_cached(folder: Path, name: str) -> CachedCase | None:
+    """A case cached earlier, or None when one of its files is missing or damaged (checked cheaply: the
+    arrays' headers against their file sizes, the locations read)."""
+    cached = CachedCase(name, folder / f"{name}_image.npy", folder / f"{name}_seg.npy", {})
+    try:
+        image, seg = cached.load(mmap=True)
+        if image.ndim != 4 or seg.ndim != 4 or image.shape[1:] != seg.shape[1:]:
+            return None
+    except (OSError, ValueError, EOFError):
+        return None
+    locations = _read_locations(folder / f"{name}_loc.npz")
+    if locations is None:
+        return None
+    cached.locations = locations
+    return cached
 
 
 def _preprocess_case(case: Case, ds: Dataset, plan: Plan, folder: Path) -> CachedCase:
@@ -110,7 +157,7 @@ def _preprocess_case(case: Case, ds: Dataset, plan: Plan, folder: Path) -> Cache
     cached = CachedCase(case.name, folder / f"{case.name}_image.npy", folder / f"{case.name}_seg.npy", locations)
     _atomic_save(cached.image_path, pre.data.astype(np.float32))
     _atomic_save(cached.seg_path, seg[None])
-    np.savez(folder / f"{case.name}_loc.npz", **{str(k): v for k, v in locations.items()})
+    _save_locations(folder / f"{case.name}_loc.npz", locations)
     return cached
 
 
@@ -122,13 +169,15 @@ def cache_dataset(ds: Dataset, cases: list[Case], plan: Plan, folder, reporter=N
     for i, case in enumerate(cases):
         key_file = folder / f"{case.name}.key"
         key = _key(case, plan, ds.ignore_label)
-        if key_file.is_file() and key_file.read_text() == key:
-            loc = np.load(folder / f"{case.name}_loc.npz")
-            out.append(CachedCase(case.name, folder / f"{case.name}_image.npy", folder / f"{case.name}_seg.npy",
-                                  {int(k): loc[k] for k in loc.files}))
-        else:
-            out.append(_preprocess_case(case, ds, plan, folder))
-            key_file.write_text(key)
+        fresh = key_file.is_file() and key_file.read_text() == key
+        cached = _load_cached(folder, case.name) if fresh else None
+        if cached is None:
+            if fresh:
+                log.warning("%s: the cached case %s is damaged; preprocessing it again", folder, case.name)
+            key_file.unlink(missing_ok=True)     # written again last, once the case's files are complete
+            cached = _preprocess_case(case, ds, plan, folder)
+            write_text(key_file, key)
+        out.append(cached)
         if reporter is not None:
             reporter.progress("preprocess", i + 1, len(cases))
     return out

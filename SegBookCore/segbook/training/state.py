@@ -2,19 +2,25 @@
 
 `MODEL_DIR/training/checkpoint.pt` holds the network weights, optimiser, LR scheduler, AMP scaler, the
 RNG states (Python, numpy, torch CPU and CUDA), the epoch and iteration reached and the metric history.
-It is written to a temporary name and renamed, so a crash or a second Ctrl-C never leaves a broken
-checkpoint: the previous one stays until the new one is complete. The file is our own and is read with
+It is written to a temporary name, verified complete and renamed, so a crash, a second Ctrl-C or a full disk
+never leaves a broken checkpoint: the previous one stays until the new one is complete, and a run that cannot
+write its checkpoint stops with one line, resumable from the last good one. The file is our own and is read with
 `weights_only=True` (no code can run from it).
 """
 from __future__ import annotations
 
+import errno
 import logging
-import os
+import pickle
 import random
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..atomic import WriteError, atomic_write, short_write_reason
+from ..checkpoint import CheckpointError
 
 __all__ = ["save_training_state", "load_training_state", "rng_states", "set_rng_states"]
 
@@ -66,15 +72,35 @@ def save_training_state(path, *, network: torch.nn.Module, optimizer, scheduler,
         "history": history,
         "extra": extra or {},
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        with atomic_write(path, verify=_verify_checkpoint, suffix=".pt") as tmp:
+            with open(tmp, "wb") as f:      # a Python file: a failed write raises (the zip writer's may not)
+                torch.save(state, f)
+    except WriteError as e:
+        kept = "the previous checkpoint is kept" if path.is_file() else "no checkpoint was saved"
+        raise WriteError(f"{e}; {kept}: free space, then continue with --resume") from None
     return path
 
 
+def _verify_checkpoint(tmp: Path) -> None:
+    """torch.save writes a zip: its central directory, the last thing written, must be there and list the
+    records (a cut file has none); the data is not read back."""
+    try:
+        with zipfile.ZipFile(tmp) as z:
+            if not any(name.endswith("data.pkl") for name in z.namelist()):
+                raise zipfile.BadZipFile("no data.pkl record")
+    except (zipfile.BadZipFile, OSError) as e:
+        raise OSError(errno.EIO, short_write_reason(tmp, f"incomplete checkpoint ({e})")) from None
+
+
 def load_training_state(path, *, network, optimizer, scheduler, scaler, map_location="cpu") -> dict:
-    """Restore everything saved by save_training_state; returns the dict (epoch, iteration, history)."""
-    state = torch.load(Path(path), map_location=map_location, weights_only=True)
+    """Restore everything saved by save_training_state; returns the dict (epoch, iteration, history).
+    CheckpointError (one line naming the file) when it is damaged."""
+    try:
+        state = torch.load(Path(path), map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, OSError) as e:
+        raise CheckpointError(f"{path}: damaged training checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                              f"start the fine-tune anew in another folder") from None
     network.load_state_dict(state["network"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from slicer_fixtures import IMAGE, ROOT, SLICER_MODULE, load_volume, make_tiny_model  # noqa: F401
+from test_slicer_static import gui_stubs  # noqa: F401  (the fixture: Qt and the application stubbed)
 
 try:
     import slicer
@@ -276,3 +277,51 @@ def test_all_segments_are_exported_to_a_label_map_in_one_call(monkeypatch):
     want[boxes[0]] = 4
     want[boxes[2]] = 7
     assert np.array_equal(values, want)
+
+
+# -- 9: Close Scene, then another patient's volume, while the job runs ---------------------------------------------
+def run_timer(panel, until, timeout=180):
+    import time
+    deadline = time.monotonic() + timeout
+    while not until():
+        assert time.monotonic() < deadline, "the panel's timer never got there"
+        time.sleep(0.1)
+        panel.onTimer()
+
+
+def test_a_result_never_lands_on_the_volume_loaded_after_close_scene(gui_stubs, tiny_model):  # noqa: F811
+    """vtkMRMLScene::Clear resets the ID counter: the next volume gets the closed one's ID. The panel's result
+    is refused with one line, and the new volume gets no segmentation."""
+    from test_slicer_static import UI_FILE
+    from SegBookLib.Widget import Widget
+    panel = Widget(str(UI_FILE))
+    ui = gui_stubs["ui"]
+    scene = slicer.mrmlScene
+    try:
+        first = load_volume(scene, IMAGE, "patient A")
+        output = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "A segmentation")
+        ui.inputVolumeSelector.currentNode.return_value = first
+        ui.outputSegmentationSelector.currentNode.return_value = output
+        ui.roiSelector.currentNode.return_value = None
+        ui.modelComboBox.currentData = str(tiny_model)
+        ui.deviceComboBox.currentText = "cpu"
+        panel.onSegmentOrCancel()
+        assert panel.segmentation.isBusy()
+        oldVolumeID, oldOutputID = first.GetID(), output.GetID()
+        scene.Clear(0)                                          # File > Close Scene
+        second = load_volume(scene, IMAGE, "patient B")
+        other = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "B segmentation")
+        assert (second.GetID(), other.GetID()) == (oldVolumeID, oldOutputID), "the emulation: IDs are reused"
+        ui.inputVolumeSelector.currentNode.return_value = second
+        ui.outputSegmentationSelector.currentNode.return_value = other
+        run_timer(panel, lambda: panel.segmentation.job is None)
+        assert len(gui_stubs["errors"]) == 1 and "removed from the scene" in gui_stubs["errors"][0]
+        assert other.GetSegmentation().GetNumberOfSegments() == 0
+        assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+        # the worker serves the next Segment, on the new volume
+        panel.onSegmentOrCancel()
+        run_timer(panel, lambda: panel.segmentation.job is None)
+        assert other.GetSegmentation().GetNumberOfSegments() == 2
+        assert other.GetNodeReference("referenceImageGeometryRef") is second
+    finally:
+        panel.cleanup()

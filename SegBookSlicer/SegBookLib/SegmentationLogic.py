@@ -68,8 +68,11 @@ class SegmentationLogic:
         return self.worker.process.pid if self.worker is not None and self.worker.isRunning() else None
 
     # -- run --------------------------------------------------------------------------------------
-    def start(self, volumeNode, params: SegmentParameters, roiNode=None) -> str:
-        """Export the volume and send a predict request; returns the request id. Does not touch the scene."""
+    def start(self, volumeNode, params: SegmentParameters, roiNode=None, segmentationNode=None) -> str:
+        """Export the volume and send a predict request; returns the request id. Does not touch the scene.
+
+        The job holds the volume and output nodes themselves (`job["volume"]`, `job["segmentation"]`), not
+        their IDs: Close Scene resets the ID counter, so the next volume loaded gets the closed one's ID."""
         if self.isBusy():
             raise SegmentationError("a segmentation is already running")
         if volumeNode is None:
@@ -86,6 +89,7 @@ class SegmentationLogic:
         requestId = f"seg{next(self._ids)}"
         self._send(requestId, params.request(requestId, inputPath, tmp / "labels.nrrd", roi), tmp, volumeNode,
                    kind="segment", output=tmp / "labels.nrrd")
+        self.job["segmentation"] = segmentationNode
         log.info("request %s sent (%s, roi %s)", requestId, params.model, roi)
         return requestId
 
@@ -148,7 +152,7 @@ class SegmentationLogic:
             self.worker = self._workerFactory()
             self.worker.start()
         self.job = {"id": requestId, "kind": kind, "tmp": tmp, "output": output, "t0": time.monotonic(),
-                    "volumeID": volumeNode.GetID(), "final": None}
+                    "volume": volumeNode, "segmentation": None, "final": None}
         self.lastEvent = None
         try:
             self.worker.send(request)
@@ -230,10 +234,10 @@ class SegmentationLogic:
         try:
             if final.get("event") != "done":
                 raise SegmentationError(final.get("message", "segmentation failed"))
-            if volumeNode is None or volumeNode.GetScene() is not scene or scene.GetNodeByID(volumeNode.GetID()) is None:
+            if volumeNode is None or not scene.IsNodePresent(volumeNode):     # the same node, not its ID
                 raise SegmentationError("the input volume was removed from the scene (deleted, or the scene "
                                         "closed) while it was being segmented; nothing was added")
-            if segmentationNode is not None and segmentationNode.GetScene() is not scene:
+            if segmentationNode is not None and not scene.IsNodePresent(segmentationNode):
                 segmentationNode = None
             labels, ijkToRas = NodeIO.readLabelArray(self.job["output"])
             result = final.get("result") or {}

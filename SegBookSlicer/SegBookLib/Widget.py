@@ -255,7 +255,8 @@ class Widget(FineTunePanel, qt.QWidget):
         saveToNode(params, self.parameterNode(), "Segment")
         with slicer.util.tryWithErrorDisplay("Cannot start the segmentation"):
             self.segmentation.start(self.ui.inputVolumeSelector.currentNode(), params,
-                                    self.ui.roiSelector.currentNode())
+                                    self.ui.roiSelector.currentNode(),
+                                    self.ui.outputSegmentationSelector.currentNode())
             self.setSegmentRunning(True)
             self.showStatus("Starting...")
             self.timer.start()
@@ -282,11 +283,9 @@ class Widget(FineTunePanel, qt.QWidget):
             self.ui.segmentProgressBar.value = 100
             self.showStatus(f"DICOM SEG of {result.get('segments')} segments written to {result.get('output')}")
             return
-        volume = slicer.mrmlScene.GetNodeByID(job["volumeID"])     # the volume the job was started on
         with slicer.util.tryWithErrorDisplay("Segmentation failed"):
-            try:
-                node = self.segmentation.applyResult(slicer.mrmlScene, volume,
-                                                     self.ui.outputSegmentationSelector.currentNode())
+            try:    # the nodes the job was started with (after Close Scene, their IDs name other nodes)
+                node = self.segmentation.applyResult(slicer.mrmlScene, job["volume"], job["segmentation"])
             except SegmentationError as e:      # a message for the user, not a traceback
                 self.ui.segmentProgressBar.value = 0
                 self.showStatus(f"Failed: {e}")

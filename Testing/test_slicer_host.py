@@ -325,3 +325,49 @@ def test_a_result_never_lands_on_the_volume_loaded_after_close_scene(gui_stubs, 
         assert other.GetNodeReference("referenceImageGeometryRef") is second
     finally:
         panel.cleanup()
+
+
+# -- 7: Segment while a model downloads ---------------------------------------------------------------------------
+@pytest.fixture
+def silent_hub(monkeypatch):
+    """A Hugging Face endpoint that accepts connections and never answers: a download that goes on."""
+    import socket
+    hub = socket.socket()
+    hub.bind(("127.0.0.1", 0))
+    hub.listen(4)
+    hub.settimeout(120)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub.getsockname()[1]}")
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "600")
+    monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "600")
+    yield hub
+    hub.close()
+
+
+def test_segment_during_a_download_does_not_cancel_it(gui_stubs, silent_hub):  # noqa: F811
+    from test_slicer_static import UI_FILE
+    from SegBookLib.Widget import Widget
+    panel = Widget(str(UI_FILE))
+    ui = gui_stubs["ui"]
+    try:
+        ui.inputVolumeSelector.currentNode.return_value = load_volume(slicer.mrmlScene, IMAGE)
+        ui.outputSegmentationSelector.currentNode.return_value = None
+        ui.roiSelector.currentNode.return_value = None
+        ui.modelComboBox.currentData = "stunet-s-totalseg"
+        panel.onDownload()
+        connection, _ = silent_hub.accept()         # the download is under way
+        assert panel.download.isRunning()
+        assert not ui.segmentButton.enabled and not ui.modelComboBox.enabled, "what cannot run meanwhile"
+        panel.onSegmentOrCancel()                   # a click that reaches the handler all the same
+        assert panel.download is not None and panel.download.isRunning(), "the download was cancelled"
+        assert ui.downloadButton.text == "Cancel download" and gui_stubs["errors"] == []
+        panel.onDownload()                          # the user's Cancel still cancels
+        assert panel.download is None and ui.segmentButton.enabled and ui.modelComboBox.enabled
+        # Segment of a model not downloaded yet asks, downloads, and keeps the download going
+        panel.onSegmentOrCancel()
+        assert panel.segmentAfterDownload and panel.download.isRunning()
+        panel.onSegmentOrCancel()
+        assert panel.segmentAfterDownload and panel.download.isRunning()
+        connection.close()
+    finally:
+        panel.cleanup()

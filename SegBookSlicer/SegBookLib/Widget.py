@@ -174,14 +174,25 @@ class Widget(FineTunePanel, qt.QWidget):
             item.setCheckState(qt.Qt.Unchecked)
             self.ui.classesListWidget.addItem(item)
 
+    def isDownloading(self) -> bool:
+        return self.download is not None and self.download.isRunning()
+
+    def setDownloadRunning(self, running: bool) -> None:
+        """While a model downloads, its button cancels it; the model cannot be changed and Segment waits (it
+        starts by itself when the download was asked for by Segment)."""
+        self.ui.downloadButton.text = "Cancel download" if running else "Download"
+        self.ui.modelComboBox.enabled = not running and not self.segmentation.isBusy()
+        self.ui.segmentButton.enabled = not running
+        if not running:
+            self.ui.segmentProgressBar.setRange(0, 100)
+
     def onDownload(self) -> None:
         """Download + convert in a child process (`segbook download`); the button becomes Cancel."""
-        if self.download is not None and self.download.isRunning():
+        if self.isDownloading():
             self.download.kill()
             self.download = None
             self.segmentAfterDownload = False
-            self.ui.downloadButton.text = "Download"
-            self.ui.segmentProgressBar.setRange(0, 100)
+            self.setDownloadRunning(False)
             return
         entry = self.currentEntry()
         if entry is None or not self.ensureInstalled():
@@ -189,7 +200,7 @@ class Widget(FineTunePanel, qt.QWidget):
         self.download = ProcessRunner([pythonExecutable(self.python), "-m", "segbook", "download", entry.name],
                                       env=coreEnvironment(python=self.python))
         self.download.start()
-        self.ui.downloadButton.text = "Cancel download"
+        self.setDownloadRunning(True)
         self.ui.segmentProgressBar.setRange(0, 0)      # busy until huggingface_hub draws its bar
         self.showStatus(f"Downloading {entry.name}...")
         self.timer.start()
@@ -226,14 +237,17 @@ class Widget(FineTunePanel, qt.QWidget):
 
     def setSegmentRunning(self, running: bool) -> None:
         self.ui.segmentButton.text = "Cancel" if running else "Segment"
-        for w in (self.ui.modelComboBox, self.ui.inputVolumeSelector, self.ui.outputSegmentationSelector,
+        for w in (self.ui.inputVolumeSelector, self.ui.outputSegmentationSelector,
                   self.ui.roiSelector, self.ui.classesListWidget, self.ui.deviceComboBox, self.ui.ttaCheckBox,
                   self.ui.precisionComboBox, self.ui.exportDicomSegButton):
             w.enabled = not running
+        self.ui.modelComboBox.enabled = not running and not self.isDownloading()
         if not running:
             self.ui.segmentProgressBar.setRange(0, 100)
 
     def onSegmentOrCancel(self) -> None:
+        if self.isDownloading():    # the button is disabled then; never let it reach the download's Cancel
+            return
         if self.segmentation.isBusy():
             self.segmentation.cancel()
             self.setSegmentRunning(False)
@@ -341,8 +355,7 @@ class Widget(FineTunePanel, qt.QWidget):
             else:
                 code = self.download.process.returncode
                 self.download = None
-                self.ui.downloadButton.text = "Download"
-                self.ui.segmentProgressBar.setRange(0, 100)
+                self.setDownloadRunning(False)
                 self.showStatus("Download finished." if code == 0 else "Download failed (see the Python console).")
                 self.refreshModels()
                 if code == 0 and self.segmentAfterDownload:

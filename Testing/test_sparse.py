@@ -274,3 +274,69 @@ def test_finetune_and_evaluate_on_sparse_labels(tmp_path, capsys):
     assert main(["evaluate", str(pred_dir), str(data / "labelsTr"), "--ignore-label", "-1", "--classes", "1"]) == 0
     rows = (pred_dir / "evaluation.csv").read_text().splitlines()
     assert float([r for r in rows if r.startswith("mean")][0].split(",")[2]) < 0.5
+
+
+# --- the adapt preset ---------------------------------------------------------------------------------------
+
+def _tiny_base(tmp_path) -> Path:
+    from segbook.config import Arch, ModelConfig, Plan
+    from segbook.network import STUNet
+    from segbook.zoo import save_model_folder
+    dims, classes = [4, 8, 16, 32, 64, 64], ["background", "liver", "spleen"]
+    cfg = ModelConfig(name="tiny-base", arch=Arch(1, 3, dims, [1] * 6, [[2, 2, 2]] * 5),
+                      plan=Plan([1.0] * 3, [16, 24, 16]), class_names=classes)
+    torch.manual_seed(3)
+    return save_model_folder(tmp_path / "base", cfg, STUNet(1, 3, dims, [1] * 6, [[2, 2, 2]] * 5).state_dict())
+
+
+def _adapt(data, out, base, *extra):
+    return main(["finetune", str(data), "-o", str(out), "--base", str(base), "--preset", "adapt",
+                 "--patch-size", "16", "24", "16", "--epochs", "1", "--iterations-per-epoch", "2",
+                 "--val-fraction", "0", "--threads", "1", "--num-workers", "0", "--progress", "json", *extra])
+
+
+def test_adapt_continues_from_the_previous_model_of_the_same_task(tmp_path, capsys):
+    from segbook.checkpoint import load_checkpoint
+    from segbook.training.config import PRESETS
+    assert 100 <= PRESETS["adapt"]["epochs"] * PRESETS["adapt"]["iterations_per_epoch"] <= 500
+    data, out, base = _sparse_copy(tmp_path), tmp_path / "model", _tiny_base(tmp_path)
+    assert _adapt(data, out, base) == 0
+    first = load_checkpoint(out / "weights.safetensors")
+    # round 2, the same command with lr 0: it starts from round 1's model, so the weights stay round 1's
+    # (started from the base, the fresh heads and the base's encoder would differ from them)
+    assert _adapt(data, out, base, "--lr", "0", "--iterations-per-epoch", "7") == 0
+    second = load_checkpoint(out / "weights.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    config = json.loads((out / "model.json").read_text())
+    assert config["provenance"]["heads"] == "kept (same classes as the base)"
+    assert json.loads((out / "training" / "config.json").read_text())["base"] == str(out / "training" / "previous")
+    assert len((out / "training" / "log.jsonl").read_text().splitlines()) == 1      # the new run's log only
+    # the time it will take, measured on the first iterations, said once in the progress stream
+    events = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    estimates = [e for e in events if e["event"] == "estimate"]
+    assert len(estimates) == 1 and estimates[0]["seconds"] > 0 and estimates[0]["device"] == "cpu"
+    assert "training will take about" in estimates[0]["message"] and "on cpu" in estimates[0]["message"]
+
+
+def test_adapt_does_not_continue_from_another_task(tmp_path, capsys):
+    data, out, base = _sparse_copy(tmp_path), tmp_path / "model", _tiny_base(tmp_path)
+    assert _adapt(data, out, base) == 0
+    spec = json.loads((data / "dataset.json").read_text())
+    spec["labels"] = {"background": 0, "front": 1, "back": 2, "ignore": 3}
+    (data / "dataset.json").write_text(json.dumps(spec))
+    before = (out / "weights.safetensors").read_bytes()
+    assert _adapt(data, out, base) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a training run of another task" in err[0]
+    assert (out / "weights.safetensors").read_bytes() == before
+
+
+def test_estimate_leaves_out_the_first_iteration_and_says_it_once():
+    from segbook.training.eta import Estimate, describe_duration
+    clock = iter([100.0, 110.0])             # iteration 1 ends at 100 s, iterations 2-6 take 2 s each
+    est = Estimate(106, "cpu", clock=lambda: next(clock))
+    out = [est.step() for _ in range(8)]
+    assert [o is not None for o in out] == [False] * 5 + [True, False, False]
+    assert out[5]["seconds_per_iteration"] == 2.0 and out[5]["seconds"] == 200.0
+    assert "about 3 min more on cpu (100 iterations at 2.00 s" in out[5]["message"]
+    assert [describe_duration(s) for s in (0.2, 45, 200, 3900)] == ["1 s", "45 s", "3 min", "1 h 05 min"]

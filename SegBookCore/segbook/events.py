@@ -2,6 +2,7 @@
 
     {"event": "progress", "stage": "predict", "done": 3, "total": 27}
     {"event": "metric", "epoch": 4, "train_loss": 0.41, ...}
+    {"event": "estimate", "seconds": 240.0, "message": "training will take about 4 min more on cpu ..."}
     {"event": "done", ...}
     {"event": "error", "message": "..."}
 
@@ -82,6 +83,8 @@ class BarReporter(Reporter):
                               f"{time.monotonic() - self._t0:6.1f}s")
             if event["done"] >= event["total"]:
                 self.stream.write("\n")
+        elif kind == "estimate":
+            self.stream.write(event["message"] + "\n")
         elif kind == "metric":
             self.stream.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in event.items() if k != "event") + "\n")

@@ -16,8 +16,10 @@ def add_arguments(p) -> None:
     p.add_argument("dataset", help="nnU-Net/Decathlon raw folder (imagesTr, labelsTr, dataset.json) or JSON case list")
     p.add_argument("-o", "--output", required=True, help="model folder to write (MODEL_DIR)")
     p.add_argument("--base", default="stunet-s-totalseg", help="registry name or model folder to start from")
-    p.add_argument("--preset", default="standard", choices=["quick", "standard", "segbook"],
-                   help="epochs x iterations: quick 20x250, standard 150x250, segbook 1000x250 (the paper)")
+    p.add_argument("--preset", default="standard", choices=["adapt", "quick", "standard", "segbook"],
+                   help="epochs x iterations: adapt 5x50 (continues from the model already in MODEL_DIR when "
+                        "it is of the same task, else from --base), quick 20x250, standard 150x250, segbook "
+                        "1000x250 (the paper)")
     p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     p.add_argument("--iterations-per-epoch", type=int, default=None, help="override the preset's 250")
     p.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction for validation")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -31,13 +30,14 @@ from ..errors import InputError, SegBookError
 from ..events import Reporter
 from ..labels import default_color
 from ..planning import deep_supervision_scales, plan_from_data, pools_for_patch, target_spacing
-from ..zoo import get_config, save_model_folder
-from ..atomic import write_json
-from ..lockfile import FolderLock
+from ..zoo import get_config
+from ..checkpoint import save_weights
 from .cache import cache_dataset
 from .config import FinetuneConfig
+from .adapt import PREVIOUS, previous_model
 from .curves import append_jsonl, plot_curves
 from .distributed import Dist, setup, teardown
+from .eta import Estimate
 from .loss import DeepSupervisionLoss
 from .model_init import build_network, fetch_base
 from .sampling import BatchDataset, make_loader
@@ -107,10 +107,25 @@ def _prepare_config(cfg: FinetuneConfig, train_dir: Path) -> FinetuneConfig:
             old.epochs = cfg.epochs
         old.resume = True
         return old
-    if (train_dir / "checkpoint.pt").is_file():
+    if (train_dir / "checkpoint.pt").is_file() and cfg.preset != "adapt":   # adapt: see _adapt_start
         raise TrainingError(f"{cfg.output} already holds a training run; continue it with --resume "
                             f"or choose another output folder")
     return cfg
+
+
+def _adapt_start(cfg, ds, out: Path, d: Dist) -> None:
+    """`--preset adapt`: start from the output folder's model when it is of the same task (training.adapt);
+    a finished run of another task there is refused, as for any preset."""
+    channels = len(ds.cases[0].images) if ds.cases else 1
+    train_dir = out / "training"
+    kept = train_dir / PREVIOUS
+    previous = d.main_first(lambda: previous_model(out, ds.class_names, channels) if d.is_main
+                            else (kept if kept.is_dir() else None), "taking the previous model")
+    if previous is not None:
+        cfg.base = str(previous)
+    elif (train_dir / "checkpoint.pt").is_file():
+        raise TrainingError(f"{cfg.output} already holds a training run of another task; choose another "
+                            f"output folder")
 
 
 def _plan(cfg, ds, train_cases, base_config, cache_dir, reporter, d: Dist):
@@ -165,16 +180,7 @@ def finetune(cfg: FinetuneConfig, reporter: Reporter | None = None, command: str
     """Run (or resume) a fine-tune; returns {"model_dir", "epochs_done", "stopped", "validation"}.
 
     `command`: the command line to record in the model's provenance (the CLI passes it). `stop_file`: stop
-    as on SIGTERM (checkpoint saved, resumable) once this file exists. A second fine-tune into the same
-    output folder is refused (FolderBusy naming the first one's pid) while the first runs; under torchrun
-    rank 0 holds the lock for all."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        return _finetune(cfg, reporter, command, stop_file)
-    with FolderLock(Path(cfg.output) / "training" / "lock", what="a fine-tune writes it"):
-        return _finetune(cfg, reporter, command, stop_file)
-
-
-def _finetune(cfg, reporter, command, stop_file) -> dict:
+    as on SIGTERM (checkpoint saved, resumable) once this file exists."""
     reporter = reporter or Reporter()
     out = Path(cfg.output)
     train_dir = out / "training"
@@ -254,6 +260,8 @@ def _resume(ckpt: Path, net, opt, sched, scaler, its: int) -> tuple[int, int, li
 def _run(cfg, d, device, out, train_dir, reporter, command, stop_file=None) -> dict:
     # 1. data: read, check, split
     ds = read_dataset(cfg.dataset)
+    if cfg.preset == "adapt" and not cfg.resume:
+        _adapt_start(cfg, ds, out, d)
     base_config = get_config(cfg.base)
     split = _check_and_split(cfg, ds, base_config, train_dir)
     if d.is_main:
@@ -286,11 +294,12 @@ def _run(cfg, d, device, out, train_dir, reporter, command, stop_file=None) -> d
         start_epoch, start_it, history = _resume(ckpt, net, opt, sched, scaler, its)
     elif d.is_main:
         cfg.save(train_dir / "config.json")
-        write_json(train_dir / "split.json", split)
+        (train_dir / "split.json").write_text(json.dumps(split, indent=1))
     dataset = BatchDataset(cached, plan.patch_size, deep_supervision_scales(pools), cfg.batch_size,
                            seed=cfg.seed, rank=d.rank, mirror_axes=plan.mirror_axes)
     total = epochs * its
     loader = iter(make_loader(dataset, start_epoch * its + start_it, total, cfg.num_workers, device))
+    eta = Estimate(total - start_epoch * its - start_it, str(device))
     last_val = next((h["validation"] for h in reversed(history) if h.get("validation")), None)
 
     def save_state(epoch, iteration):
@@ -301,7 +310,9 @@ def _run(cfg, d, device, out, train_dir, reporter, command, stop_file=None) -> d
         if last_val is not None:
             model_config.provenance["validation"] = {k: v for k, v in last_val.items() if k != "cases"}
         model_config.provenance["epochs_done"] = len(history)
-        save_model_folder(out, model_config, net.state_dict())
+        out.mkdir(parents=True, exist_ok=True)
+        save_weights(net.state_dict(), out / "weights.safetensors")
+        model_config.save(out / "model.json")
 
     # 5. the loop
     result = {"model_dir": str(out), "stopped": False}
@@ -319,6 +330,10 @@ def _run(cfg, d, device, out, train_dir, reporter, command, stop_file=None) -> d
                                         f"stopped; last good checkpoint kept: {good}. Lower --lr or check "
                                         f"the data")
                 losses.append(loss)
+                estimate = eta.step()
+                if estimate is not None:   # how long this run takes here, said once early on
+                    log.info("%s", estimate["message"])
+                    reporter.emit({"event": "estimate", **estimate})
                 reporter.progress("train", epoch * its + it + 1, total, epoch=epoch + 1)
                 if d.broadcast_flag(stop.requested()):
                     every_rank = d.gather(losses)   # [rank 0's, rank 1's, ...]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,13 +76,20 @@ class FinetuneConfig:
         return dataclasses.asdict(self)
 
     def save(self, path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
+        from ..atomic import write_json
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path) -> "FinetuneConfig":
-        d = json.loads(Path(path).read_text())
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """InputError (one line naming the file) when it cannot be read or is not a saved configuration."""
+        from ..errors import InputError
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+            known = {f.name for f in dataclasses.fields(cls)}
+            return cls(**{k: v for k, v in d.items() if k in known})
+        except OSError as e:
+            raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
+        except (ValueError, TypeError, AttributeError) as e:
+            what = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise InputError(f"{path}: not a fine-tune configuration ({what}); start the fine-tune anew in "
+                             f"another folder") from None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -30,8 +31,9 @@ from ..errors import InputError, SegBookError
 from ..events import Reporter
 from ..labels import default_color
 from ..planning import deep_supervision_scales, plan_from_data, pools_for_patch, target_spacing
-from ..zoo import get_config
-from ..checkpoint import save_weights
+from ..zoo import get_config, save_model_folder
+from ..atomic import write_json
+from ..lockfile import FolderLock
 from .cache import cache_dataset
 from .config import FinetuneConfig
 from .adapt import PREVIOUS, previous_model
@@ -180,7 +182,16 @@ def finetune(cfg: FinetuneConfig, reporter: Reporter | None = None, command: str
     """Run (or resume) a fine-tune; returns {"model_dir", "epochs_done", "stopped", "validation"}.
 
     `command`: the command line to record in the model's provenance (the CLI passes it). `stop_file`: stop
-    as on SIGTERM (checkpoint saved, resumable) once this file exists."""
+    as on SIGTERM (checkpoint saved, resumable) once this file exists. A second fine-tune into the same
+    output folder is refused (FolderBusy naming the first one's pid) while the first runs; under torchrun
+    rank 0 holds the lock for all."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _finetune(cfg, reporter, command, stop_file)
+    with FolderLock(Path(cfg.output) / "training" / "lock", what="a fine-tune writes it"):
+        return _finetune(cfg, reporter, command, stop_file)
+
+
+def _finetune(cfg, reporter, command, stop_file) -> dict:
     reporter = reporter or Reporter()
     out = Path(cfg.output)
     train_dir = out / "training"
@@ -294,7 +305,7 @@ def _run(cfg, d, device, out, train_dir, reporter, command, stop_file=None) -> d
         start_epoch, start_it, history = _resume(ckpt, net, opt, sched, scaler, its)
     elif d.is_main:
         cfg.save(train_dir / "config.json")
-        (train_dir / "split.json").write_text(json.dumps(split, indent=1))
+        write_json(train_dir / "split.json", split)
     dataset = BatchDataset(cached, plan.patch_size, deep_supervision_scales(pools), cfg.batch_size,
                            seed=cfg.seed, rank=d.rank, mirror_axes=plan.mirror_axes)
     total = epochs * its
@@ -310,9 +321,7 @@ def _run(cfg, d, device, out, train_dir, reporter, command, stop_file=None) -> d
         if last_val is not None:
             model_config.provenance["validation"] = {k: v for k, v in last_val.items() if k != "cases"}
         model_config.provenance["epochs_done"] = len(history)
-        out.mkdir(parents=True, exist_ok=True)
-        save_weights(net.state_dict(), out / "weights.safetensors")
-        model_config.save(out / "model.json")
+        save_model_folder(out, model_config, net.state_dict())
 
     # 5. the loop
     result = {"model_dir": str(out), "stopped": False}

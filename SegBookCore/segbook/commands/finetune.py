@@ -42,6 +42,9 @@ def add_arguments(p) -> None:
     p.add_argument("--val-every", type=int, default=5, help="validate every N epochs (and after the last)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default=None, help="model name in model.json (default: the output folder's name)")
+    p.add_argument("--prompts", action="store_true",
+                   help="train a model that also takes clicks: positive/negative points, a box and the previous "
+                        "segmentation as extra input channels (zero-initialised), with simulated clicks")
     p.add_argument("--stop-file", default=None, metavar="FILE",
                    help="stop as on SIGTERM (checkpoint saved, continue with --resume) once FILE exists: "
                         "the way to stop a run where no signal reaches it (Windows, launchers)")

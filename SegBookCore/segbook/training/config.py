@@ -48,6 +48,7 @@ class FinetuneConfig:
     val_every: int = 5                    # epochs between validations (and always after the last)
     seed: int = 0
     name: str | None = None               # model name in model.json; default: the output folder's name
+    prompts: bool = False                 # train with simulated clicks as extra input (training.prompting)
 
     def __post_init__(self):
         if self.preset not in PRESETS:

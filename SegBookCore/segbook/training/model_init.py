@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from ..checkpoint import load_checkpoint
 from ..config import Arch, ModelConfig
 from ..network import STUNet
+from ..prompts import PromptSpec, extend_input
 from ..zoo import WEIGHTS, fetch, get_config
 
 __all__ = ["he_init", "build_network", "transfer_weights", "fetch_base", "FIRST_LAYER_KEYS"]
@@ -72,15 +74,24 @@ def fetch_base(base: str, d) -> None:
 
 
 def build_network(base: str, class_names: list[str], input_channels: int, pools: list[list[int]], *,
-                  scratch: bool = False, width: float = 1.0) -> tuple[STUNet, ModelConfig, dict]:
+                  scratch: bool = False, width: float = 1.0, prompts: bool = False
+                  ) -> tuple[STUNet, ModelConfig, dict]:
     """(network with deep supervision on, the base's ModelConfig, a provenance dict).
 
     `base`: a registry name or a model folder. `scratch`: random (He) init instead of the base's weights;
-    `width` then scales the base's channel counts (an honest "narrower" preset, e.g. 0.5).
+    `width` then scales the base's channel counts (an honest "narrower" preset, e.g. 0.5). `prompts`: the
+    network takes prompt channels after the image's (segbook.prompts); a base without them gets them with
+    zero weights, so that training starts from exactly what the base computes. A base that takes prompts
+    keeps them. `net.prompts` is the PromptSpec dict for model.json, or None.
     """
     base_config = get_config(base)
+    spec = base_config.prompts if base_config.prompts and not scratch else (
+        dataclasses.asdict(PromptSpec()) if prompts else None)
+    extra = len(spec["channels"]) if spec else 0
+    inherited = extra if base_config.prompts and not scratch else 0     # the base's weights have them
     dims = [max(1, int(round(d * width))) for d in base_config.arch.dims]
-    arch = Arch(input_channels, len(class_names), dims, list(base_config.arch.depth), [list(p) for p in pools])
+    arch = Arch(input_channels + inherited, len(class_names), dims, list(base_config.arch.depth),
+                [list(p) for p in pools])
     net = STUNet(arch.input_channels, arch.num_classes, arch.dims, arch.depth, arch.pool_op_kernel_sizes,
                  deep_supervision=True)
     he_init(net)
@@ -92,5 +103,9 @@ def build_network(base: str, class_names: list[str], input_channels: int, pools:
         fresh = transfer_weights(net, state, keep_heads=keep)
         info["heads"] = "kept (same classes as the base)" if keep else "re-initialised"
         log.info("loaded %s; %d head tensors re-initialised", base, len(fresh))
-    net.arch = arch
+    if extra and not inherited:
+        extend_input(net, extra)
+        info["prompt_channels"] = "added with zero weights" if not scratch else "trained from scratch"
+        arch = Arch(net.input_channels, *list(dataclasses.astuple(arch))[1:])
+    net.arch, net.prompts = arch, spec
     return net, base_config, info

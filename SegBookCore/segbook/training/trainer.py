@@ -42,6 +42,8 @@ from .distributed import Dist, setup, teardown
 from .eta import Estimate
 from .loss import DeepSupervisionLoss
 from .model_init import build_network, fetch_base
+from .prompting import PromptedLoss, PromptSimulator
+from ..prompts import PromptSpec
 from .sampling import BatchDataset, make_loader
 from .state import load_training_state, save_training_state
 from .stop import StopRequest
@@ -76,10 +78,11 @@ def train_step(net, batch, loss_fn, opt, scaler, device, d: Dist = Dist()) -> fl
     and this returns NaN (this rank's own value where it is the bad one): the caller decides."""
     image = batch["image"].to(device, non_blocking=True)
     targets = [t.to(device, non_blocking=True) for t in batch["target"]]
+    extra = (batch["prompt_class"].to(device),) if "prompt_class" in batch else ()   # training.prompting
     opt.zero_grad(set_to_none=True)
     with autocast(device, enabled=device.type == "cuda"):
         outputs = net(image)
-    loss = loss_fn(outputs, targets)
+    loss = loss_fn(outputs, targets, *extra)
     value = float(loss.detach().item())
     if d.broadcast_flag(not math.isfinite(value)):
         return value if not math.isfinite(value) else math.nan
@@ -217,7 +220,7 @@ def _finetune(cfg, reporter, command, stop_file) -> dict:
 
 def _check_and_split(cfg, ds, base_config, train_dir: Path) -> dict:
     """Bad input fails here, before any training; returns {"train": names, "validation": names}."""
-    base_channels = base_config.arch.input_channels
+    base_channels = base_config.image_channels
     n_channels = len(ds.cases[0].images) if ds.cases else 1
     # a one-channel base adapts to any channel count (first layer repeated); a multi-channel base must match
     check_dataset(ds, expected_channels=None if (base_channels == 1 or cfg.scratch) else base_channels)
@@ -246,6 +249,7 @@ def _model_config(cfg, out: Path, net, plan, base_config, init_info, ds, split, 
                   ) -> ModelConfig:
     return ModelConfig(
         name=cfg.name or out.name, arch=net.arch, plan=plan, class_names=list(ds.class_names),
+        prompts=net.prompts,
         colors=[default_color(n, i) for i, n in enumerate(ds.class_names)],
         description=_describe(base_config, cfg, net.arch.dims, ds),
         license="same terms as the training data and the base model",
@@ -287,7 +291,7 @@ def _run(cfg, d, device, out, train_dir, reporter, command, stop_file=None) -> d
     # 3. network, optimiser, loss
     torch.manual_seed(cfg.seed)  # the fresh heads (or the whole network from scratch) start reproducibly
     net, base_config, init_info = build_network(cfg.base, ds.class_names, len(ds.cases[0].images), pools,
-                                                scratch=cfg.scratch, width=cfg.width)
+                                                scratch=cfg.scratch, width=cfg.width, prompts=cfg.prompts)
     commands = _record_command(train_dir, command, cfg.resume) if d.is_main else {}
     model_config = _model_config(cfg, out, net, plan, base_config, init_info, ds, split, commands, d.world_size)
     net.to(device)
@@ -297,6 +301,11 @@ def _run(cfg, d, device, out, train_dir, reporter, command, stop_file=None) -> d
     model = torch.nn.parallel.DistributedDataParallel(
         net, device_ids=[device.index] if device.type == "cuda" else None) if d.enabled else net
     loss_fn = DeepSupervisionLoss(len(pools), ignore_label=ds.ignore_label)
+    prompter = None
+    if net.prompts:     # clicks simulated on each batch, a binary loss for the prompted structure
+        prompter = PromptSimulator(PromptSpec(**net.prompts), cfg.seed, ds.ignore_label)
+        loss_fn = PromptedLoss(lambda ignore: DeepSupervisionLoss(len(pools), ignore_label=ignore),
+                               ds.ignore_label)
     validator = _load_validator() if val_cases else None
     # 4. resume
     ckpt = train_dir / "checkpoint.pt"
@@ -332,7 +341,10 @@ def _run(cfg, d, device, out, train_dir, reporter, command, stop_file=None) -> d
             if epoch == start_epoch and start_it and history and history[-1].get("partial"):
                 losses = _partial_losses(history.pop()["losses"], d.rank)
             for it in range(start_it if epoch == start_epoch else 0, its):
-                loss = train_step(model, next(loader), loss_fn, opt, scaler, device, d)
+                batch = next(loader)
+                if prompter is not None:
+                    batch = prompter(net, batch, epoch * its + it)
+                loss = train_step(model, batch, loss_fn, opt, scaler, device, d)
                 if not math.isfinite(loss):
                     good = f"{ckpt} (after epoch {len(history)})" if ckpt.is_file() else "none yet"
                     raise TrainingError(f"loss became {loss} at epoch {epoch + 1} iteration {it + 1}; training "

@@ -371,3 +371,87 @@ def test_segment_during_a_download_does_not_cancel_it(gui_stubs, silent_hub):  #
         connection.close()
     finally:
         panel.cleanup()
+
+
+# -- 6: download progress through the core's events ----------------------------------------------------------------
+HUB_FILE_SIZE = 40_000_000     # huggingface_hub writes in chunks of 10 MB
+
+
+@pytest.fixture
+def slow_hub(monkeypatch):
+    """A local Hugging Face endpoint serving any file as HUB_FILE_SIZE bytes in 40 paced chunks (about 4 s), with
+    the headers hf_hub_download needs (commit, ETag, size). The bytes are no checkpoint: after downloading,
+    the conversion fails, which is not what is under test here."""
+    import http.server
+    import threading
+    import time
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def _headers(self):
+            self.send_response(200)
+            self.send_header("X-Repo-Commit", "0123456789abcdef0123456789abcdef01234567")
+            self.send_header("ETag", '"segbook-test-etag"')
+            self.send_header("Content-Length", str(HUB_FILE_SIZE))
+            self.end_headers()
+
+        def do_HEAD(self):
+            self._headers()
+
+        def do_GET(self):
+            self._headers()
+            chunk = HUB_FILE_SIZE // 40
+            try:
+                for _ in range(40):
+                    self.wfile.write(b"\0" * chunk)
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except OSError:
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    yield server
+    server.shutdown()
+
+
+def test_download_progress_arrives_as_events_on_a_pipe(slow_hub):
+    """`segbook download --progress json` with stderr a pipe (where huggingface_hub's tqdm is off): the bytes
+    come as progress events, rising to the size the hub announced."""
+    proc = subprocess.run([sys.executable, "-m", "segbook", "download", "stunet-s-totalseg", "--progress", "json"],
+                          capture_output=True, text=True, timeout=300)
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    download = [e for e in events if e.get("stage") == "download"]
+    assert download, (proc.stdout, proc.stderr)
+    assert {e["total"] for e in download} == {HUB_FILE_SIZE}
+    done = [e["done"] for e in download]
+    assert any(0 < d < HUB_FILE_SIZE for d in done), done
+    assert done.count(HUB_FILE_SIZE) >= 1 and max(done) == HUB_FILE_SIZE
+    # the conversion of what is no checkpoint fails after downloading again: one line, no traceback
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("segbook download: error: ")
+
+
+def test_the_panel_shows_the_download_progress(gui_stubs, slow_hub):  # noqa: F811
+    from test_slicer_static import UI_FILE
+    from SegBookLib.Widget import Widget
+    panel = Widget(str(UI_FILE))
+    ui = gui_stubs["ui"]
+    try:
+        ui.modelComboBox.currentData = "stunet-s-totalseg"
+        for combo in (ui.modelComboBox, ui.baseModelComboBox):     # QComboBox::findData, for the refresh after
+            combo.findData.return_value = 0
+        panel.onDownload()
+        run_timer(panel, lambda: " of 40.0 MB" in str(ui.segmentStatusLabel.text), timeout=120)
+        assert 0 <= ui.segmentProgressBar.value <= 100
+        ui.segmentProgressBar.setRange.assert_called_with(0, 100)
+        run_timer(panel, lambda: panel.download is None, timeout=300)
+        assert ui.segmentStatusLabel.text.startswith("Download failed: segbook download: error:")
+    finally:
+        panel.cleanup()

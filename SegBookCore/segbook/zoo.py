@@ -136,13 +136,17 @@ def save_model_folder(folder: str | os.PathLike, config: ModelConfig, state: dic
     return folder
 
 
-def _download(config: ModelConfig, again: bool = False) -> Path:
-    """The released checkpoint's path in the hub cache, downloaded if missing (or, `again`, in any case)."""
+def _download(config: ModelConfig, again: bool = False, reporter=None) -> Path:
+    """The released checkpoint's path in the hub cache, downloaded if missing (or, `again`, in any case);
+    its bytes reported to `reporter` as "download" progress events."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from .hubprogress import DownloadProgress
     try:
-        return Path(hf_hub_download(config.hub_repo, config.hub_filename, revision=config.hub_revision,
-                                    force_download=again))
+        with DownloadProgress(reporter, config.hub_repo, config.hub_filename, config.hub_revision):
+            return Path(hf_hub_download(config.hub_repo, config.hub_filename, revision=config.hub_revision,
+                                        force_download=again))
     except LocalEntryNotFoundError:
         raise ModelNotFound(
             f"{config.name}: {config.hub_repo}/{config.hub_filename} is not cached and the Hugging Face hub "
@@ -153,8 +157,9 @@ def _download(config: ModelConfig, again: bool = False) -> Path:
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def fetch(name: str) -> Path:
-    """The model folder of a registered or bundled model, downloading and converting it if needed."""
+def fetch(name: str, reporter=None) -> Path:
+    """The model folder of a registered or bundled model, downloading and converting it if needed (download
+    progress to `reporter`, see segbook.hubprogress)."""
     if Path(name).joinpath(CONFIG).is_file():
         return Path(name)
     if name in _bundled():
@@ -168,11 +173,11 @@ def fetch(name: str) -> Path:
         log.warning("%s: the converted model is damaged (%s); converting it again", folder, damage)
     if not config.hub_repo:
         raise ModelNotFound(f"{name}: no weights cached and no download source")
-    path = _download(config)
+    path = _download(config, reporter=reporter)
     try:
         state = load_checkpoint(path)
     except CheckpointError as e:
-        state = _fetch_again(config, path, e)
+        state = _fetch_again(config, path, e, reporter)
     check_state_dict(_network(config, deep_supervision=True), state, str(path))
     log.info("converted %s into %s", path, folder)
     return save_model_folder(folder, config, state)
@@ -194,14 +199,14 @@ def _damage(folder: Path) -> str | None:
     return None
 
 
-def _fetch_again(config: ModelConfig, path: Path, error: CheckpointError) -> dict:
+def _fetch_again(config: ModelConfig, path: Path, error: CheckpointError, reporter=None) -> dict:
     """A downloaded checkpoint that cannot be read: downloaded once more, or refused saying what to do."""
     from huggingface_hub import constants
     if constants.HF_HUB_OFFLINE:
         raise CheckpointError(f"{path}: the downloaded checkpoint is damaged ({_detail(error)}); delete it and "
                               f"run `segbook download {config.name}` with a connection") from None
     log.warning("%s: the downloaded checkpoint is damaged (%s); downloading it again", path, _detail(error))
-    path = _download(config, again=True)
+    path = _download(config, again=True, reporter=reporter)
     try:
         return load_checkpoint(path)
     except CheckpointError as e:

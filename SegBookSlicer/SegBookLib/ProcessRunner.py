@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import queue
-import re
 import shutil
 import signal
 import subprocess
@@ -37,7 +36,6 @@ from typing import Callable, Optional
 log = logging.getLogger(__name__)
 
 EXIT_EVENT = "exit"
-_PERCENT = re.compile(r"(\d{1,3})%\|")
 _WINDOWS = os.name == "nt"
 
 
@@ -241,18 +239,6 @@ class ProcessRunner:
 
     def stderrTail(self) -> str:
         return "\n".join(self._stderr)
-
-    def stderrPercent(self):
-        """The last percentage a progress bar on stderr showed (huggingface_hub's tqdm: ` 42%|####  |`).
-
-        tqdm redraws with carriage returns; text-mode pipes turn them into line ends, so every redraw
-        is a line here. None until a bar has been drawn.
-        """
-        for line in reversed(self._stderr):
-            match = _PERCENT.search(line)
-            if match:
-                return int(match.group(1))
-        return None
 
     # -- events -----------------------------------------------------------------------------------
     def poll(self) -> list:

@@ -197,13 +197,23 @@ class Widget(FineTunePanel, qt.QWidget):
         entry = self.currentEntry()
         if entry is None or not self.ensureInstalled():
             return
-        self.download = ProcessRunner([pythonExecutable(self.python), "-m", "segbook", "download", entry.name],
-                                      env=coreEnvironment(python=self.python))
+        self.download = ProcessRunner([pythonExecutable(self.python), "-m", "segbook", "download", entry.name,
+                                       "--progress", "json"], env=coreEnvironment(python=self.python))
         self.download.start()
         self.setDownloadRunning(True)
-        self.ui.segmentProgressBar.setRange(0, 0)      # busy until huggingface_hub draws its bar
+        self.ui.segmentProgressBar.setRange(0, 0)      # busy until the size is known
         self.showStatus(f"Downloading {entry.name}...")
         self.timer.start()
+
+    def showDownloadProgress(self, event: dict) -> None:
+        """The core's "download" progress event (bytes) on the progress bar and the status line."""
+        done, total = int(event.get("done", 0)), int(event.get("total", 0))
+        if total > 0:
+            self.ui.segmentProgressBar.setRange(0, 100)
+            self.ui.segmentProgressBar.value = min(100, int(100 * done / total))
+            self.ui.segmentStatusLabel.text = f"Downloading: {done / 1e6:.1f} of {total / 1e6:.1f} MB"
+        else:
+            self.ui.segmentStatusLabel.text = f"Downloading: {done / 1e6:.1f} MB"
 
     def onAddModelFolder(self) -> None:
         folder = qt.QFileDialog.getExistingDirectory(self, "Model folder (weights.safetensors + model.json)")
@@ -346,17 +356,17 @@ class Widget(FineTunePanel, qt.QWidget):
             self.onFineTuneEvents(self.fineTune.poll())
             busy |= self.fineTune.final is None
         if self.download is not None:
+            for event in self.download.poll():
+                if event.get("event") == "progress" and event.get("stage") == "download":
+                    self.showDownloadProgress(event)
             if self.download.isRunning():
                 busy = True
-                percent = self.download.stderrPercent()
-                if percent is not None:
-                    self.ui.segmentProgressBar.setRange(0, 100)
-                    self.ui.segmentProgressBar.value = percent
             else:
                 code = self.download.process.returncode
+                last = (self.download.stderrTail().splitlines() or [f"exit code {code}"])[-1]
                 self.download = None
                 self.setDownloadRunning(False)
-                self.showStatus("Download finished." if code == 0 else "Download failed (see the Python console).")
+                self.showStatus("Download finished." if code == 0 else f"Download failed: {last}")
                 self.refreshModels()
                 if code == 0 and self.segmentAfterDownload:
                     self.segmentAfterDownload = False

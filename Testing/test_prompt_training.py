@@ -1,0 +1,150 @@
+"""Models that take prompts: the zero start, the simulated user in training, the loss, the model folder."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from conftest import run_cli
+from segbook.clicks import dice
+from segbook.inference import Predictor
+from segbook.interactive import InteractiveSession
+from segbook.io import read_image, read_labels
+from segbook.prompts import CHANNELS, PromptSpec
+from segbook.training.loss import DeepSupervisionLoss, DiceCELoss
+from segbook.training.model_init import build_network
+from segbook.training.prompting import PromptedLoss, PromptSimulator, class_vs_rest
+from segbook.zoo import create_model
+
+MINI = Path(__file__).parent / "data" / "hippocampus_mini"
+POOLS = [[2, 2, 2]] * 3 + [[1, 1, 1]] * 2       # the shipped model's
+
+
+def test_prompt_channels_added_to_a_base_start_from_its_exact_output():
+    base = create_model("hippocampus-demo").eval()
+    base.deep_supervision = True
+    net, _, info = build_network("hippocampus-demo", base.config.class_names, 1, POOLS, prompts=True)
+    assert net.input_channels == 1 + len(CHANNELS) and net.prompts == {"channels": list(CHANNELS), "radius": 2.0}
+    assert info["heads"].startswith("kept") and info["prompt_channels"] == "added with zero weights"
+    x = torch.randn(1, 1, 40, 56, 40)
+    with torch.no_grad():
+        expected = base(x)
+        got = net.eval()(torch.cat([x, torch.zeros(1, len(CHANNELS), 40, 56, 40)], 1))
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+
+
+def test_class_vs_rest_is_the_class_probability_against_all_others():
+    logits = torch.randn(3, 4, 5, 6, 7, requires_grad=True)
+    classes = torch.tensor([1, 3, 2])
+    two = class_vs_rest(logits, classes)
+    p = torch.softmax(logits, 1)
+    own = torch.stack([p[i, c] for i, c in enumerate(classes)])
+    assert torch.allclose(torch.softmax(two, 1)[:, 1], own, atol=1e-6)
+    two.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_prompted_loss_is_the_automatic_loss_and_a_binary_one_by_share():
+    torch.manual_seed(0)
+    outputs = [torch.randn(4, 3, 8, 8, 8), torch.randn(4, 3, 4, 4, 4)]
+    targets = [torch.randint(0, 3, (4, 1, 8, 8, 8)), torch.randint(0, 3, (4, 1, 4, 4, 4))]
+    loss = PromptedLoss(lambda ignore: DeepSupervisionLoss(2, ignore_label=ignore), None)
+    automatic = DeepSupervisionLoss(2)
+    none = torch.zeros(4, dtype=torch.long)
+    assert torch.allclose(loss(outputs, targets, none), automatic(outputs, targets))
+    classes = torch.tensor([0, 2, 0, 1])
+    sel = classes > 0
+    binary = DeepSupervisionLoss(2, ignore_label=2)
+    expected = 0.5 * automatic([o[~sel] for o in outputs], [t[~sel] for t in targets]) + 0.5 * binary(
+        [class_vs_rest(o[sel], classes[sel]) for o in outputs],
+        [(t[sel] == classes[sel][:, None, None, None, None]).long() for t in targets])
+    assert torch.allclose(loss(outputs, targets, classes), expected)
+    # the binary target is the class alone: other classes and background are both "not it"
+    only = DiceCELoss(ignore_label=2)(class_vs_rest(outputs[0][1:2], classes[1:2]),
+                                      (targets[0][1:2] == 2).long())
+    assert torch.allclose(PromptedLoss(lambda i: DeepSupervisionLoss(1, ignore_label=i), None)(
+        [outputs[0][1:2]], [targets[0][1:2]], classes[1:2]), only)
+
+
+def _batch(b=4, shape=(24, 32, 24)):
+    target = torch.zeros(b, 1, *shape, dtype=torch.long)
+    target[:, :, 4:20, 8:26, 4:20] = 1
+    target[:, :, 6:12, 10:16, 6:12] = 2
+    target[1] = 0                                   # a patch with nothing in it
+    return {"image": torch.randn(b, 1, *shape), "target": [target, target[:, :, ::2, ::2, ::2]]}
+
+
+def test_the_simulated_user_clicks_inside_and_on_errors_and_repeats_itself():
+    net = create_model("hippocampus-demo")
+    net.deep_supervision = False
+    from segbook.prompts import extend_input
+    extend_input(net, len(CHANNELS))
+    sim = PromptSimulator(PromptSpec(), seed=3)
+    batch = _batch()
+    seen_prompted = seen_plain = 0
+    for it in range(12):
+        out = sim(net, batch, it)
+        again = sim(net, batch, it)
+        assert torch.equal(out["image"], again["image"]) and torch.equal(out["prompt_class"], again["prompt_class"])
+        assert out["image"].shape == (4, 1 + len(CHANNELS), 24, 32, 24)
+        assert torch.equal(out["image"][:, :1], batch["image"])
+        for i, c in enumerate(out["prompt_class"].tolist()):
+            channels = out["image"][i, 1:]
+            if c == 0 or i == 1:                    # not prompted, or nothing to click: no prompt at all
+                assert channels.abs().sum() == 0
+                seen_plain += c == 0
+                continue
+            seen_prompted += 1
+            target = (batch["target"][0][i, 0] == c).numpy()
+            assert channels.sum() > 0
+            # every positive ball is centred in the structure, every negative one outside it
+            for channel, inside in ((0, True), (1, False)):
+                balls, n = ndimage.label(channels[channel].numpy() > 0)
+                for k in range(1, n + 1):
+                    centre = tuple(np.argwhere(balls == k).mean(0).round().astype(int))
+                    assert target[centre] == inside
+            if channels[3].sum() == 0:      # starting from nothing: one positive click, deep inside
+                balls, n = ndimage.label(channels[0].numpy() > 0)
+                assert n == 1 and channels[1].sum() == 0
+                centre = tuple(np.argwhere(balls == 1).mean(0).round().astype(int))
+                depth = ndimage.distance_transform_edt(np.pad(target, 1))[1:-1, 1:-1, 1:-1]
+                assert depth[centre] >= 0.5 * depth.max() - 1
+    assert seen_prompted > 5 and seen_plain > 5
+
+
+def test_finetune_with_prompts_gives_a_model_that_segments_alone_and_from_clicks(tmp_path):
+    out = tmp_path / "prompted"
+    r = run_cli("finetune", MINI, "-o", out, "--base", "hippocampus-demo", "--prompts", "--plan", "base",
+                "--epochs", "1", "--iterations-per-epoch", "3", "--val-fraction", "0.25", "--num-workers", "0",
+                "--threads", "1", "--progress", "none", timeout=600)
+    assert r.returncode == 0, r.stderr
+    config = json.loads((out / "model.json").read_text())
+    assert config["prompts"] == {"channels": list(CHANNELS), "radius": 2.0}
+    assert config["arch"]["input_channels"] == 1 + len(CHANNELS)
+    image, g = read_image(sorted((MINI / "imagesTr").iterdir())[0])
+    labels, _ = read_labels(sorted((MINI / "labelsTr").iterdir())[0])
+    predictor = Predictor(str(out), device="cpu", backend="torch")
+    automatic = predictor.predict_array(image, g.spacing_zyx)      # prompt channels empty
+    assert dice(automatic == 1, labels == 1) > 0.7
+    session = InteractiveSession(predictor, image, g.spacing_zyx)
+    assert session.prompted
+    point = tuple(np.argwhere(labels == 1).mean(0).round().astype(int))
+    mask, info = session.segment(points=[point], class_name="anterior")
+    assert info["tiles"] == 1 and dice(mask, labels == 1) > 0.6
+    # a prompted model recomputes its tile for new prompts
+    mask2, info = session.segment(points=[point], negative_points=[(0, 0, 0)], previous=mask, class_name="anterior")
+    assert info["tiles"] == 1
+    # a base that takes prompts passes them on, with their trained weights, even without --prompts
+    again, _, info = build_network(str(out), config["class_names"], 1, POOLS)
+    key = "conv_blocks_context.0.0.conv1.weight"
+    assert again.prompts == config["prompts"] and "prompt_channels" not in info
+    assert torch.equal(again.state_dict()[key], create_model(str(out)).state_dict()[key])
+    # the command line resumes with the same flag and keeps prompting
+    r = run_cli("finetune", MINI, "-o", out, "--resume", "--epochs", "2", "--num-workers", "0", "--threads", "1",
+                "--progress", "none", timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "model.json").read_text())["prompts"]["channels"] == list(CHANNELS)

@@ -8,7 +8,15 @@ add up. Its `dataset.json` is the case list `segbook finetune` reads (see `segbo
                 "classes_present": ["a", "b"], "missing_as_background": false}]}
 
 Segment names define the classes: a name is a class, its index in `class_names` is the label value written
-for it, for every case. A case that lacks one of the classes is refused unless the user says the missing
+for it, for every case.
+
+A case may be partly annotated ("only the slices I annotated"): the slices, in the view's orientation, that
+hold any segment are its annotation (their unsegmented voxels are background) and every other voxel gets
+the "ignore" value, nnU-Net v2's convention that `segbook finetune` follows (no loss, no metric there). With
+a segment named "background" the annotation is exactly the painted voxels, so scribbles that do not fill a
+structure work. The set then says `"ignore": len(class_names)`; when classes are appended later, the ignore
+value moves up with them (those labels are rewritten). Such a case's entry records "annotated_slices",
+"slices" and "orientation". A case that lacks one of the classes is refused unless the user says the missing
 structure is truly absent there (then its voxels count as background). Training runs
 `python -m segbook finetune ... --progress json` in a child process; its events drive the progress bar
 and the loss / Dice chart, and the model folder it writes appears in the Segment panel's selector.
@@ -125,6 +133,53 @@ def _writeImage(image, path: Path) -> None:
     _writeVerified(path, lambda tmp: sitk.WriteImage(image, str(tmp), True), same)
 
 
+ORIENTATION_AXES = {"axial": 2, "coronal": 1, "sagittal": 0}     # the RAS axis a view looks along
+
+
+def sliceAxis(ijkToRas: np.ndarray, orientation: str) -> int:
+    """The (z, y, x) array axis whose slices are the views of `orientation` (axial, coronal, sagittal):
+    the voxel axis most aligned with the view's normal (S, A or R)."""
+    normal = ORIENTATION_AXES.get(orientation.lower())
+    if normal is None:
+        raise TrainingSetError(f"unknown view orientation '{orientation}' (axial, coronal or sagittal)")
+    directions = np.asarray(ijkToRas, float)[:3, :3]
+    directions = directions / np.linalg.norm(directions, axis=0)
+    return 2 - int(np.argmax(np.abs(directions[normal])))       # i, j, k -> array axes 2, 1, 0
+
+
+def sparseLabels(labels: np.ndarray, axis: int, ignore: int, background: Optional[np.ndarray] = None) -> tuple:
+    """(labels with unannotated voxels set to `ignore`, number of annotated slices along `axis`).
+
+    labels (z, y, x): class values, 0 where no class segment is. Without `background` the slices along `axis`
+    that hold a class are annotated whole; with `background` (the voxels of an explicit background segment)
+    only the painted voxels are."""
+    if background is None:
+        other = tuple(a for a in range(3) if a != axis)
+        keep = labels.any(axis=other)
+        annotated = np.expand_dims(keep, other)
+    else:
+        annotated = (labels > 0) | background
+    out = np.where(annotated, labels, ignore).astype(np.uint8 if ignore < 256 else np.uint16)
+    slices = np.broadcast_to(annotated, labels.shape).any(axis=tuple(a for a in range(3) if a != axis))
+    return out, int(slices.sum())
+
+
+def annotationNote(case: dict) -> str:
+    """How much of a saved case is annotated, for the case list."""
+    if "annotated_slices" not in case:
+        return " [all slices]"
+    what = "scribbles on" if case.get("scribbles") else "annotated:"
+    return f" [{what} {case['annotated_slices']} of {case['slices']} {case.get('orientation', '')} slices]"
+
+
+def timeLeft(estimate, progress: dict) -> str:
+    """", about 3 min left" from the trainer's measured time per iteration, during training only."""
+    if not estimate or progress.get("stage") != "train":
+        return ""
+    seconds = estimate["seconds_per_iteration"] * max(int(progress["total"]) - int(progress["done"]), 0)
+    return f", about {round(seconds)} s left" if seconds < 90 else f", about {round(seconds / 60)} min left"
+
+
 def _addDatasetFolder(trainingDirectory: str, modelsDirectory: str, folder: str, missingAsBackground: bool) -> list:
     return FineTuneLogic(trainingDirectory, modelsDirectory).addDatasetFolder(folder, missingAsBackground)
 
@@ -196,6 +251,8 @@ class FineTuneLogic:
         dataset = self.dataset()
         removed = [c for c in dataset["cases"] if c["name"] == name]
         dataset["cases"] = [c for c in dataset["cases"] if c["name"] != name]
+        if not any("annotated_slices" in c for c in dataset["cases"]):
+            dataset.pop("ignore", None)          # no partly annotated case left
         self._save(dataset)     # first: a list that cannot be written still names only files that exist
         for case in removed:
             for key in ("image", "label"):
@@ -203,7 +260,8 @@ class FineTuneLogic:
 
     def addCase(self, volumeNode, segmentationNode, name: Optional[str] = None,
                 missingAsBackground: bool = False, allowNewClasses: bool = True,
-                baseClasses: Optional[list] = None) -> dict:
+                baseClasses: Optional[list] = None, onlyAnnotatedSlices: bool = False,
+                orientation: str = "axial") -> dict:
         """Export a volume + segmentation pair into the training folder; returns the case entry.
 
         Label values follow the training set's class list (new segment names are appended when
@@ -211,14 +269,15 @@ class FineTuneLogic:
         `baseClasses` (the base model's foreground classes) orders the first case's classes when they are
         the same set, so that fine-tuning one's own model again keeps its output heads. Several Slicer windows
         may add cases to one training folder at once: each addition holds the folder's lock from reading the
-        class list to writing the case list, so none is lost.
+        class list to writing the case list, so none is lost. `onlyAnnotatedSlices`: a partly annotated case,
+        its slices taken in the view `orientation` (module docstring).
         """
         with _StoreLock(self.trainingDirectory):
             return self._addCase(volumeNode, segmentationNode, name, missingAsBackground, allowNewClasses,
-                                 baseClasses)
+                                 baseClasses, onlyAnnotatedSlices, orientation)
 
     def _addCase(self, volumeNode, segmentationNode, name, missingAsBackground, allowNewClasses,
-                 baseClasses) -> dict:
+                 baseClasses, onlyAnnotatedSlices=False, orientation="axial") -> dict:
         if volumeNode is None or segmentationNode is None:
             raise TrainingSetError("select both a volume and its segmentation")
         segmentation = segmentationNode.GetSegmentation()
@@ -230,21 +289,33 @@ class FineTuneLogic:
             raise TrainingSetError(f"two segments are named '{duplicate}'; segment names define the classes")
         dataset = self.dataset()
         classes = list(dataset["class_names"])
-        if len(classes) == 1 and baseClasses and set(baseClasses) - {"background"} == set(names):
+        drawn = [n for n in names if n.lower() != "background"]   # an explicit background segment is no class
+        if len(classes) == 1 and baseClasses and set(baseClasses) - {"background"} == set(drawn):
             classes += [c for c in baseClasses if c != "background"]
-        new = [n for n in names if n not in classes]
+        new = [n for n in drawn if n not in classes]
         if new and len(classes) > 1 and not allowNewClasses:
             raise TrainingSetError(f"segment(s) {', '.join(new)} are not classes of this training set "
                                    f"({', '.join(classes[1:])}); rename them")
         classes += new
-        missing = [c for c in classes[1:] if c not in names]
+        stale = self._moveIgnore(dataset, classes)
+        missing = [c for c in classes[1:] if c not in drawn]
         if missing and not missingAsBackground:
             raise TrainingSetError(f"this case has no segment for {', '.join(missing)}; add it, or confirm "
                                    f"that it is absent here so that it counts as background")
-        nameToValue = {n: classes.index(n) for n in names}
+        nameToValue = {n: classes.index(n) for n in drawn}
         labels = NodeIO.segmentationToLabels(segmentationNode, volumeNode, nameToValue)
         if not labels.any():
             raise TrainingSetError(f"segmentation '{segmentationNode.GetName()}' is empty on this volume's grid")
+        sparse = {}
+        if onlyAnnotatedSlices:
+            explicit = [n for n in names if n.lower() == "background"]
+            background = NodeIO.segmentationToLabels(segmentationNode, volumeNode, {explicit[0]: 1}) > 0 \
+                if explicit else None
+            axis = sliceAxis(NodeIO.ijkToRasArray(volumeNode), orientation)
+            labels, count = sparseLabels(labels, axis, len(classes), background)
+            sparse = {"annotated_slices": count, "slices": int(labels.shape[axis]),
+                      "orientation": orientation.lower(), "scribbles": background is not None}
+            dataset["ignore"] = len(classes)
 
         caseName = _safeName(name or volumeNode.GetName())
         imageRel, labelRel = f"cases/{caseName}_image.nrrd", f"cases/{caseName}_label.nrrd"
@@ -254,11 +325,12 @@ class FineTuneLogic:
         labelImage.CopyInformation(image)
         _writeImage(image, self.trainingDirectory / imageRel)
         _writeImage(labelImage, self.trainingDirectory / labelRel)
-        entry = {"name": caseName, "image": imageRel, "label": labelRel, "classes_present": names,
-                 "missing_as_background": bool(missing)}
+        entry = {"name": caseName, "image": imageRel, "label": labelRel, "classes_present": drawn,
+                 "missing_as_background": bool(missing), **sparse}
         dataset["class_names"] = classes
         dataset["cases"] = [c for c in dataset["cases"] if c["name"] != caseName] + [entry]
         self._save(dataset)
+        self._removeStale(dataset, stale)
         log.info("case %s added (%s)", caseName, ", ".join(f"{n}={v}" for n, v in nameToValue.items()))
         return entry
 
@@ -282,11 +354,16 @@ class FineTuneLogic:
         dataset = self.dataset()
         classes = list(dataset["class_names"])
         classes += [n for n in source.class_names[1:] if n not in classes]
+        stale = self._moveIgnore(dataset, classes)
         missing = [c for c in classes[1:] if c not in source.class_names]
         if missing and not missingAsBackground:
             raise TrainingSetError(f"{folder}: has no class {', '.join(missing)}; confirm that it counts "
                                    f"as background there")
-        remap = np.array([classes.index(n) if n in classes else 0 for n in source.class_names], dtype=np.int32)
+        remap = [classes.index(n) if n in classes else 0 for n in source.class_names]
+        if source.ignore_label is not None:      # its unannotated voxels stay unannotated here
+            remap.append(len(classes))
+            dataset["ignore"] = len(classes)
+        remap = np.array(remap, dtype=np.int32)
         added = []
         for case in source.cases:
             if len(case.images) != 1:
@@ -302,13 +379,47 @@ class FineTuneLogic:
             out = sitk.GetImageFromArray(remap[values].astype(np.uint8))
             out.CopyInformation(label)
             _writeImage(out, self.trainingDirectory / labelRel)
-            added.append({"name": caseName, "image": imageRel, "label": labelRel,
-                          "classes_present": list(source.class_names[1:]), "missing_as_background": bool(missing)})
+            entry = {"name": caseName, "image": imageRel, "label": labelRel,
+                     "classes_present": list(source.class_names[1:]), "missing_as_background": bool(missing)}
+            if source.ignore_label is not None:
+                annotated = (values != source.ignore_label).any(axis=(1, 2))
+                entry.update(annotated_slices=int(annotated.sum()), slices=int(values.shape[0]), orientation="k")
+            added.append(entry)
         names = {c["name"] for c in added}
         dataset["class_names"] = classes
         dataset["cases"] = [c for c in dataset["cases"] if c["name"] not in names] + added
         self._save(dataset)
+        self._removeStale(dataset, stale)
         return added
+
+    def _moveIgnore(self, dataset: dict, classes: list) -> list:
+        """Classes appended to a set holding partly annotated cases: the ignore value moves up to stay one
+        above the last class. Those labels are rewritten under new names, which the list takes when it is
+        saved (a failure before leaves the old, consistent set); returns the old files, to remove after."""
+        old, new = dataset.get("ignore"), len(classes)
+        if old is None or old == new:
+            return []
+        import SimpleITK as sitk
+        stale = []
+        for case in dataset["cases"]:
+            if "annotated_slices" not in case:
+                continue
+            path = self.trainingDirectory / case["label"]
+            image = sitk.ReadImage(str(path))
+            values = sitk.GetArrayFromImage(image)
+            moved = sitk.GetImageFromArray(np.where(values == old, new, values).astype(values.dtype))
+            moved.CopyInformation(image)
+            case["label"] = f"cases/{case['name']}_label_ignore{new}.nrrd"
+            _writeImage(moved, self.trainingDirectory / case["label"])
+            stale.append(path)
+        dataset["ignore"] = new
+        return stale
+
+    def _removeStale(self, dataset: dict, stale: list) -> None:
+        kept = {self.trainingDirectory / c["label"] for c in dataset["cases"]}
+        for path in stale:
+            if path not in kept:
+                path.unlink(missing_ok=True)
 
     # -- training ---------------------------------------------------------------------------------
     def isRunning(self) -> bool:

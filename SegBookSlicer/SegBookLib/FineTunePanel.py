@@ -9,8 +9,17 @@ from __future__ import annotations
 import qt
 import slicer
 
+from .FineTuneLogic import annotationNote, timeLeft
 from .Parameters import FineTuneParameters, saveToNode
 from .TrainingChart import TrainingChart
+
+
+def viewOrientation() -> str:
+    """The orientation of the red slice view (Axial, Coronal, Sagittal; Axial when there is none)."""
+    layout = slicer.app.layoutManager() if hasattr(slicer.app, "layoutManager") else None
+    widget = layout.sliceWidget("Red") if layout is not None else None
+    orientation = widget.mrmlSliceNode().GetOrientation() if widget is not None else "Axial"
+    return orientation if orientation.lower() in ("axial", "coronal", "sagittal") else "Axial"
 
 
 class FineTunePanel:
@@ -18,7 +27,8 @@ class FineTunePanel:
         self.ui.casesListWidget.clear()
         for case in self.fineTune.cases():
             note = " (missing classes = background)" if case.get("missing_as_background") else ""
-            self.ui.casesListWidget.addItem(f"{case['name']}: {', '.join(case['classes_present'])}{note}")
+            self.ui.casesListWidget.addItem(f"{case['name']}: {', '.join(case['classes_present'])}{note}"
+                                            f"{annotationNote(case)}")
         classes = self.fineTune.classNames()[1:]
         self.ui.classesLabel.text = f"Classes: {', '.join(classes) if classes else '(from the first case)'}"
         self.ui.trainingFolderLabel.text = str(self.fineTune.trainingDirectory)
@@ -29,7 +39,9 @@ class FineTunePanel:
             self.fineTune.addCase(self.ui.trainVolumeSelector.currentNode(),
                                   self.ui.trainSegmentationSelector.currentNode(),
                                   missingAsBackground=self.ui.missingAsBackgroundCheckBox.checked,
-                                  baseClasses=base.classNames if base is not None else None)
+                                  baseClasses=base.classNames if base is not None else None,
+                                  onlyAnnotatedSlices=self.ui.onlyAnnotatedSlicesCheckBox.checked,
+                                  orientation=viewOrientation())
             self.refreshCases()
 
     def onAddFolder(self) -> None:
@@ -79,10 +91,13 @@ class FineTunePanel:
     def onFineTuneEvents(self, events: list) -> None:
         for event in events:
             kind = event.get("event")
-            if kind == "progress":
+            if kind == "estimate":
+                self.estimate = event
+            elif kind == "progress":
                 total = max(int(event.get("total", 1)), 1)
                 self.ui.fineTuneProgressBar.value = int(100 * event.get("done", 0) / total)
-                self.ui.fineTuneStatusLabel.text = f"{event.get('stage')}: {event.get('done')}/{event.get('total')}"
+                self.ui.fineTuneStatusLabel.text = f"{event.get('stage')}: {event.get('done')}/{event.get('total')}" \
+                    + timeLeft(getattr(self, "estimate", None), event)
             elif kind == "metric" and self.chart is not None:
                 self.chart.add(event)
         final = self.fineTune.final

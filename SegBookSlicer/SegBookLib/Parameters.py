@@ -12,7 +12,7 @@ from typing import Optional
 
 DEVICES = ("auto", "cuda", "cpu")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")   # segbook.runners: auto = fp32 on the CPU, fp16 on CUDA
-PRESETS = ("quick", "standard", "segbook")
+PRESETS = ("quick", "standard", "segbook", "adapt")
 
 
 @dataclass

@@ -77,6 +77,7 @@ class FineTunePanel:
         saveToNode(params, self.parameterNode(), "FineTune")
         with slicer.util.tryWithErrorDisplay("Cannot start fine-tuning"):
             self.fineTune.start(params, resume=resume)
+            self.estimate = None             # the new run measures its own speed
             self.chart = TrainingChart.reuse(self.chart, slicer.mrmlScene)
             self.ui.plotWidget.setMRMLPlotViewNode(self.chart.view)
             self.setFineTuneRunning(True)

@@ -4,7 +4,7 @@ PREDICTIONS and LABELS are two label-map files, or two folders whose files are m
 (`case.nii.gz` in both; a `_seg`/`_pred` suffix on the prediction is ignored).
 
 Partly annotated references (nnU-Net v2's "ignore" label): the voxels of `--ignore-label`, by default the
-"ignore" value named in a dataset.json beside the LABELS folder (`labelsTr/../dataset.json`), count in no
+"ignore" value named in the dataset.json of the raw folder when LABELS is its `labelsTr`, count in no
 metric; Dice is computed on the annotated voxels and NSD is not defined there (NaN).
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ def add_arguments(p) -> None:
     p.add_argument("--classes", type=int, nargs="+", default=None,
                    help="label values to score (default: every non-zero value in the references)")
     p.add_argument("--ignore-label", type=int, default=None,
-                   help="reference value of unannotated voxels, scored nowhere (default: the 'ignore' of a "
-                        "dataset.json beside the LABELS folder, else none)")
+                   help="reference value of unannotated voxels, scored nowhere (default: the 'ignore' of "
+                        "LABELS/../dataset.json when LABELS is an nnU-Net labelsTr folder, else none)")
     p.add_argument("--tolerance", type=float, default=1.0, help="NSD tolerance in mm (default 1)")
     p.add_argument("--csv", default=None,
                    help="CSV to write (default: evaluation.csv in the predictions folder, or beside the file)")
@@ -59,9 +59,8 @@ def _pairs(pred: Path, ref: Path) -> list[tuple[str, Path, Path]]:
 
 
 def _dataset_ignore_label(ref: Path) -> int | None:
-    """The "ignore" value of the nnU-Net raw folder holding the LABELS folder, if it names one."""
-    meta = ref.parent / "dataset.json"
-    if not (ref.is_dir() and meta.is_file()):
+    """The "ignore" value of the nnU-Net raw folder whose labelsTr is LABELS, if it names one."""
+    if not (ref.is_dir() and ref.name == "labelsTr" and (ref.parent / "dataset.json").is_file()):
         return None
     from ..dataset import read_dataset
     return read_dataset(ref.parent).ignore_label

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -148,9 +149,15 @@ def _verify_weights(tmp: Path, state: dict[str, torch.Tensor]) -> None:
 def save_weights(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
     """Write a safetensors file atomically, verified complete before it replaces the previous one
     (atomic.WriteError naming `path` when it cannot be written)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
     from .atomic import atomic_write, usual_permissions
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     with atomic_write(path, verify=lambda tmp: _verify_weights(tmp, tensors), suffix=".safetensors") as tmp:
-        save_file(tensors, str(tmp))
+        try:
+            save_file(tensors, str(tmp))
+        except SafetensorError as e:    # "I/O error: File too large (os error 27)": the OS's reason
+            code = re.search(r"os error (\d+)", str(e))
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) if code else OSError(
+                errno.EIO, str(e).splitlines()[0] if str(e) else "safetensors could not write") from None
         usual_permissions(tmp)      # safetensors makes a file of its own, readable by its owner only

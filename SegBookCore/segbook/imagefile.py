@@ -311,7 +311,8 @@ def _check_nrrd_gzip(path: Path) -> None:
     if fields.get("encoding", "raw").lower() not in ("gzip", "gz") or fields.get("data file", fields.get("datafile")):
         return
     try:
-        needs = int(np.prod([int(s) for s in fields["sizes"].split()], dtype=np.int64)) * _NRRD_SIZE[fields["type"].lower()]
+        count = int(np.prod([int(s) for s in fields["sizes"].split()], dtype=np.int64))
+        needs = count * _NRRD_SIZE[fields["type"].lower()]
     except (KeyError, ValueError):
         return
     holds = _inflate(path, 31, offset)

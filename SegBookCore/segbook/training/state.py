@@ -74,8 +74,11 @@ def save_training_state(path, *, network: torch.nn.Module, optimizer, scheduler,
     }
     try:
         with atomic_write(path, verify=_verify_checkpoint, suffix=".pt") as tmp:
-            with open(tmp, "wb") as f:      # a Python file: a failed write raises (the zip writer's may not)
-                torch.save(state, f)
+            with open(tmp, "wb") as f:
+                try:
+                    torch.save(state, f)
+                except RuntimeError as e:   # torch's zip writer reports a failed write as "unexpected pos ..."
+                    raise OSError(errno.EIO, short_write_reason(tmp, str(e).strip().splitlines()[-1][:200])) from None
     except WriteError as e:
         kept = "the previous checkpoint is kept" if path.is_file() else "no checkpoint was saved"
         raise WriteError(f"{e}; {kept}: free space, then continue with --resume") from None
@@ -99,8 +102,9 @@ def load_training_state(path, *, network, optimizer, scheduler, scaler, map_loca
     try:
         state = torch.load(Path(path), map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, OSError) as e:
-        raise CheckpointError(f"{path}: damaged training checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                              f"start the fine-tune anew in another folder") from None
+        what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: damaged training checkpoint ({what}); start the fine-tune anew in another "
+                              f"folder") from None
     network.load_state_dict(state["network"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

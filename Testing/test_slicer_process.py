@@ -217,37 +217,47 @@ def test_stop_saves_a_checkpoint_through_the_launcher_and_resume_continues(scene
 
 
 def test_download_cancel_ends_the_download_through_the_launcher(gui_stubs, tmp_path, monkeypatch, launcher):
-    """The panel's Download -> Cancel while `segbook download` waits on a hub that never answers."""
-    import socket
+    """The panel's Download -> Cancel while `segbook download` is half way through the file: a local hub
+    (Testing/local_hub.py) sends the first half of the checkpoint, then nothing more."""
+    import torch
 
+    import segbook
+    from conftest import write_released_checkpoint
+    from local_hub import LocalHub
     from test_slicer_static import UI_FILE
     from SegBookLib.InstallLogic import setPythonSetting
     from SegBookLib.Widget import Widget
 
-    hub = socket.socket()
-    hub.bind(("127.0.0.1", 0))
-    hub.listen(4)
-    hub.settimeout(120)
+    torch.manual_seed(0)
+    state = {f"module.{k}": v for k, v in segbook.build_stunet("S").state_dict().items()}
+    data = write_released_checkpoint(tmp_path / "small_ep4k.model", state).read_bytes()
+    hub = LocalHub({"ziyanhuang/STU-Net/small_ep4k.model": data}, mode="stall").__enter__()
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub.getsockname()[1]}")
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
     monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "600")
     monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "600")
     setPythonSetting(os.environ["SEGBOOK_HOME"], str(launcher))
     panel = Widget(str(UI_FILE))
     ui = gui_stubs["ui"]
+    hub_cache = Path(os.environ["HF_HOME"]) / "hub"
     try:
         ui.modelComboBox.currentData = "stunet-s-totalseg"
         panel.onDownload()
         assert ui.downloadButton.text == "Cancel download" and panel.download.isRunning()
-        connection, _ = hub.accept()            # the download has asked the hub; no answer comes
+        assert hub.half_sent.wait(120), "the download never asked the hub"
+        # half the file has arrived: it is on disk, unfinished, in huggingface_hub's cache
+        wait_until(lambda: sum(p.stat().st_size for p in hub_cache.rglob("*.incomplete")) > 0, 60.0,
+                   "no bytes of the download reached the disk")
         pids = tree(panel.download)
         assert len(pids) == 2, "launcher and real interpreter"
         t0 = time.monotonic()
         panel.onDownload()                      # Cancel
         assert time.monotonic() - t0 < 1.0 and ui.downloadButton.text == "Download"
         wait_until(lambda: not any(alive(p) for p in pids), 1.0, "the download survived Cancel")
-        connection.close()
-        assert not any(Path(os.environ["SEGBOOK_CACHE"]).rglob("model.json")), "nothing half-downloaded is kept"
+        # nothing half-downloaded is kept as a model or as the file: no model folder, no snapshot entry
+        assert not any(Path(os.environ["SEGBOOK_CACHE"]).rglob("model.json"))
+        assert not list(hub_cache.rglob("small_ep4k.model"))
     finally:
         panel.cleanup()
-        hub.close()
+        hub.__exit__(None, None, None)

@@ -11,7 +11,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 
 LIB_MODULES = ["Parameters", "ProcessRunner", "NodeIO", "ModelCatalog", "InstallLogic", "SegmentationLogic",
-               "FineTuneLogic", "TrainingChart", "Widget"]
+               "FineTuneLogic", "TrainingChart", "InteractiveLogic", "InteractivePanel", "Widget"]
 
 
 class SegBook(ScriptedLoadableModule):

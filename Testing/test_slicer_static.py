@@ -149,10 +149,14 @@ def gui_stubs(monkeypatch, tmp_path):
     import slicer
     qt = types.ModuleType("qt")
     qt.QWidget = _QWidget
-    for name in ("QVBoxLayout", "QTimer", "QListWidgetItem", "Qt", "QFileDialog", "QMessageBox"):
+    for name in ("QVBoxLayout", "QTimer", "QListWidgetItem", "Qt", "QFileDialog", "QMessageBox",
+                 # the widgets the interactive section builds in code (SegBookLib/InteractivePanel.py)
+                 "QFormLayout", "QHBoxLayout", "QComboBox", "QPushButton", "QLabel", "QShortcut", "QKeySequence"):
         setattr(qt, name, mock.MagicMock(name=name))
     monkeypatch.setitem(sys.modules, "qt", qt)
-    monkeypatch.setitem(sys.modules, "ctk", types.ModuleType("ctk"))
+    ctk = types.ModuleType("ctk")
+    ctk.ctkCollapsibleButton = mock.MagicMock(name="ctkCollapsibleButton")
+    monkeypatch.setitem(sys.modules, "ctk", ctk)
 
     slm = types.ModuleType("slicer.ScriptedLoadableModule")
 
@@ -204,7 +208,7 @@ def gui_stubs(monkeypatch, tmp_path):
     monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda widget: loaded["ui"])
     monkeypatch.setenv("SEGBOOK_HOME", str(tmp_path / "home"))
     monkeypatch.setattr("shutil.which", lambda name: None)
-    for name in [m for m in sys.modules if m == "SegBook" or m.startswith("SegBookLib.Widget")]:
+    for name in [m for m in sys.modules if m == "SegBook" or m.startswith(("SegBookLib.Widget", "SegBookLib.InteractivePanel"))]:
         monkeypatch.delitem(sys.modules, name)
     return loaded
 

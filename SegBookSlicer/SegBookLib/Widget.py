@@ -16,6 +16,7 @@ from .FineTuneLogic import FineTuneLogic
 from .InstallLogic import InstallLogic, pythonSetting, setPythonSetting
 from .ModelCatalog import ModelCatalog, userDirectory
 from .FineTunePanel import FineTunePanel
+from .InteractivePanel import InteractivePanel
 from .Parameters import DEVICES, PRECISIONS, PRESETS, SegmentParameters, loadFromNode, saveToNode
 from .ProcessRunner import ProcessRunner, coreEnvironment, pythonExecutable
 from .SegmentationLogic import SegmentationError, SegmentationLogic
@@ -85,6 +86,9 @@ class Widget(FineTunePanel, qt.QWidget):
         self.setSegmentRunning(False)
         self.setFineTuneRunning(False)
         self.restoreParameters()
+        self.interactive = InteractivePanel(self)      # clicks: its own timer drains the "click" jobs
+        grid = self.ui.segmentTab.layout()
+        grid.addWidget(self.interactive.section, grid.rowCount(), 0, 1, 2)
 
     # -- setup ------------------------------------------------------------------------------------
     def refreshInstallStatus(self) -> None:
@@ -349,7 +353,7 @@ class Widget(FineTunePanel, qt.QWidget):
     # -- timer / parameters / cleanup -------------------------------------------------------------
     def onTimer(self) -> None:
         busy = False
-        if self.segmentation.job is not None:
+        if self.segmentation.job is not None and self.segmentation.job["kind"] != "click":
             self.onSegmentEvents(self.segmentation.poll())
             busy |= self.segmentation.isBusy()
         if self.fineTune.runner is not None and (self.fineTune.final is None):
@@ -393,6 +397,7 @@ class Widget(FineTunePanel, qt.QWidget):
 
     def cleanup(self) -> None:
         self.timer.stop()
+        self.interactive.cleanup()
         self.segmentation.shutdown()
         if self.fineTune.isRunning():
             self.fineTune.stop(wait=30)

@@ -237,6 +237,8 @@ class OpenVINORunner:
             except (RuntimeError, OSError) as e:    # a cut model.bin, a garbled model.xml: derived data, made again
                 log.warning("%s: the cached OpenVINO model is damaged (%s); converting it again", self.folder,
                             _last_line(e))
+        elif self.folder.exists():
+            log.warning("%s: the cached OpenVINO model is damaged (no model.xml); converting it again", self.folder)
         if self.compiled is None:
             shutil.rmtree(self.folder, ignore_errors=True)     # a damaged or partial entry would block the rename
             model = _convert(self.network, self.patch, exact_norm, self.folder, self.reporter)

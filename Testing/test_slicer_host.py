@@ -455,3 +455,64 @@ def test_the_panel_shows_the_download_progress(gui_stubs, slow_hub):  # noqa: F8
         assert ui.segmentStatusLabel.text.startswith("Download failed: segbook download: error:")
     finally:
         panel.cleanup()
+
+
+# -- 13: the worker, fine-tuning and downloads end with the program that started them -----------------------------
+_PARENT = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from SegBookLib.ProcessRunner import ProcessRunner, coreEnvironment
+args, request = json.loads(sys.argv[2]), json.loads(sys.argv[3])
+runner = ProcessRunner(args, env=coreEnvironment())
+runner.start()
+if request:
+    runner.send(request)
+print(runner.process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("what", ["worker", "finetune", "download"])
+def test_children_end_when_the_program_that_started_them_is_killed(tmp_path, silent_hub, what):
+    """A real parent (Slicer's part: ProcessRunner through the PythonSlicer emulation) starts the child, which
+    waits on a hub that never answers (a phase that writes nothing, so a closed pipe goes unnoticed); the parent
+    is killed: the launcher and the real interpreter are gone within seconds."""
+    import signal
+    import time
+
+    from app_launcher import alive, descendants, make_launcher
+    launcher = str(make_launcher(tmp_path / "bin"))
+    request = None
+    if what == "worker":
+        args = [launcher, "-m", "segbook.worker"]
+        request = {"id": "r1", "command": "predict", "input": str(IMAGE), "output": str(tmp_path / "o.nrrd"),
+                   "model": "stunet-s-totalseg", "device": "cpu"}
+    elif what == "finetune":
+        from slicer_fixtures import IMAGE2, LABEL, LABEL2
+        dataset = tmp_path / "dataset.json"
+        cases = [{"name": n, "image": str(i), "label": str(lb)} for n, i, lb in (("one", IMAGE, LABEL),
+                                                                                  ("two", IMAGE2, LABEL2))]
+        dataset.write_text(json.dumps({"name": "d", "class_names": ["background", "anterior", "posterior"],
+                                       "channel_names": ["image"], "cases": cases}))
+        args = [launcher, "-m", "segbook", "finetune", str(dataset), "-o", str(tmp_path / "m"), "--base",
+                "stunet-s-totalseg", "--progress", "json"]
+    else:
+        args = [launcher, "-m", "segbook", "download", "stunet-s-totalseg", "--progress", "json"]
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(SLICER_MODULE), json.dumps(args),
+                               json.dumps(request)], stdout=subprocess.PIPE, text=True)
+    try:
+        launcher_pid = int(parent.stdout.readline())
+        connection, _ = silent_hub.accept()      # the child is waiting on the hub, writing nothing
+        pids = [launcher_pid] + descendants(launcher_pid)
+        assert len(pids) == 2 and all(alive(p) for p in pids)
+        parent.kill()
+        parent.wait()                            # reaped, as Slicer's own parent does
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in pids):
+            assert time.monotonic() < deadline, f"still running after the parent died: {[p for p in pids if alive(p)]}"
+            time.sleep(0.1)
+        connection.close()
+    finally:
+        parent.kill()
+        for pid in descendants(parent.pid) if alive(parent.pid) else []:
+            os.kill(pid, signal.SIGKILL)

@@ -11,6 +11,7 @@ import logging
 import re
 import sys
 
+from . import parentwatch
 from .errors import SegBookError
 
 COMMANDS = ["predict", "finetune", "evaluate", "models", "download"]
@@ -59,6 +60,7 @@ def main(argv=None) -> int:
     args.argv = argv   # as typed after the program name: fine-tuning records it in the model's provenance
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    parentwatch.watch()     # started by the Slicer module: end with it
     try:
         return int(args._run(args) or 0)
     except SegBookError as e:

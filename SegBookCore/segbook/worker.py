@@ -41,7 +41,7 @@ import os
 import sys
 import time
 
-from . import dicom_seg
+from . import dicom_seg, parentwatch
 from .errors import SegBookError
 from .events import JsonReporter
 
@@ -220,6 +220,7 @@ def main(argv=None) -> int:
             stream.reconfigure(encoding="utf-8", errors="replace")
     logging.basicConfig(level=logging.INFO if os.environ.get("SEGBOOK_WORKER_VERBOSE") else logging.WARNING,
                         stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    parentwatch.watch()         # started by the Slicer module: end with it, even in the middle of a request
     out = sys.stdout
     sys.stdout = sys.stderr     # stray prints of libraries must not corrupt the event stream
     Worker(out).serve(sys.stdin)

@@ -163,9 +163,12 @@ class ProcessRunner:
             group = {"creationflags": subprocess.CREATE_NO_WINDOW}
         else:           # own session and process group: signals reach the launcher's child too
             group = {"start_new_session": True}
+        # the child ends when this process dies (segbook.parentwatch): through the launcher, its parent
+        # would be PythonSlicer, which outlives a crashed Slicer
+        env = dict(os.environ if self.env is None else self.env, SEGBOOK_PARENT_PID=str(os.getpid()))
         self.process = subprocess.Popen(self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, encoding="utf-8", errors="replace", bufsize=1,
-                                        env=self.env, cwd=self.cwd, **group)
+                                        env=env, cwd=self.cwd, **group)
         process, events, finished = self.process, self._events, self._finished
         errThread = threading.Thread(target=self._readStderr, args=(process,), daemon=True)
         outThread = threading.Thread(target=self._readStdout, args=(process, events, errThread, finished),

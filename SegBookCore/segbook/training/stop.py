@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import signal
 
+from .. import parentwatch
+
 __all__ = ["StopRequest"]
 
 
@@ -11,7 +13,8 @@ class StopRequest:
     """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next iteration and returns.
 
     A stop file does the same where no signal can be sent (Windows, or through a launcher that forwards
-    none, like Slicer's PythonSlicer): the loop stops once the file exists.
+    none, like Slicer's PythonSlicer): the loop stops once the file exists. So does the death of the program
+    that started the run (segbook.parentwatch).
     """
 
     def __init__(self, stop_file=None):
@@ -20,9 +23,11 @@ class StopRequest:
         self._old = {}
 
     def requested(self) -> bool:
-        return self.signum != 0 or (self.stop_file is not None and os.path.exists(self.stop_file))
+        return (self.signum != 0 or parentwatch.gone.is_set()
+                or (self.stop_file is not None and os.path.exists(self.stop_file)))
 
     def __enter__(self):
+        parentwatch.stop_on_death(True)
         for s in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._old[s] = signal.signal(s, self._handle)
@@ -34,5 +39,6 @@ class StopRequest:
         self.signum = signum
 
     def __exit__(self, *exc):
+        parentwatch.stop_on_death(False)
         for s, h in self._old.items():
             signal.signal(s, h)

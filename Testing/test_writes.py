@@ -347,3 +347,39 @@ def test_two_slicer_windows_adding_cases_to_one_store_lose_none(tmp_path):
     for case in dataset["cases"]:
         assert (store / case["image"]).is_file() and (store / case["label"]).is_file()
     assert not [p for p in store.rglob("*") if ".part" in p.name or p.name.endswith(".tmp")]
+
+
+def test_a_log_line_that_does_not_fit_is_not_added_at_all(tmp_path):
+    """Training logs grow by appending: a line that cannot be written whole is cut back, never left half."""
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"epoch": 1}\n')
+    code = ("import resource, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (40, 40))\n"
+            "from segbook.atomic import WriteError\n"
+            "from segbook.training.curves import append_jsonl\n"
+            "try:\n"
+            f"    append_jsonl({str(log)!r}, {{'epoch': 2, 'train_loss': 0.123456789}})\n"
+            "except WriteError as e:\n"
+            "    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == f"{log}: cannot write (File too large); nothing was added", r.stderr
+    assert log.read_text() == '{"epoch": 1}\n'
+
+
+@pytest.mark.parametrize("content", ['{"name": "segbook-training", "class_names": ["background", "a"], "cas', "[]",
+                                     '{"class_names": "a", "cases": {}}'])
+def test_a_damaged_training_store_list_is_one_line_naming_it_and_is_not_overwritten(tmp_path, content):
+    """The Slicer panel's case list: refused in one line (it was a JSON traceback), and kept as it is for the
+    user to restore, not replaced by an empty list when the next case is added."""
+    import slicer_fixtures  # noqa: F401  (puts the Slicer module on sys.path; no Slicer needed here)
+    from SegBookLib.FineTuneLogic import FineTuneLogic, TrainingSetError
+    store = tmp_path / "training"
+    store.mkdir()
+    (store / "dataset.json").write_text(content)
+    logic = FineTuneLogic(store, tmp_path / "models")
+    for action in (logic.cases, lambda: logic.setClasses(["a"]), lambda: logic.removeCase("x")):
+        with pytest.raises(TrainingSetError) as err:
+            action()
+        assert str(err.value).startswith(f"{store / 'dataset.json'}: ") and "\n" not in str(err.value)
+    assert (store / "dataset.json").read_text() == content

@@ -19,8 +19,8 @@ from typing import Callable, Iterator, Optional
 
 from .errors import SegBookError
 
-__all__ = ["WriteError", "atomic_write", "write_bytes", "write_text", "write_json", "fsync_path", "usual_permissions",
-           "io_reason", "short_write_reason"]
+__all__ = ["WriteError", "atomic_write", "write_bytes", "write_text", "write_json", "append_text", "fsync_path",
+           "usual_permissions", "io_reason", "short_write_reason"]
 
 log = logging.getLogger(__name__)
 
@@ -133,3 +133,23 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def write_json(path: str | os.PathLike, obj, indent: int = 1) -> Path:
     return write_text(path, json.dumps(obj, indent=indent))
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append `text` to a log-like file whole or not at all: a failed append (a full disk) is cut back to where
+    the file ended, so a reader never meets half a line; WriteError naming the file."""
+    path = Path(path)
+    data = text.encode("utf-8")
+    try:
+        with open(path, "ab", buffering=0) as f:     # unbuffered: nothing pending to fail again on close
+            start = f.seek(0, os.SEEK_END)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[f.write(view):]
+                os.fsync(f.fileno())
+            except OSError:
+                os.ftruncate(f.fileno(), start)
+                raise
+    except OSError as e:
+        raise WriteError(f"{path}: cannot write ({io_reason(e)}); nothing was added") from None

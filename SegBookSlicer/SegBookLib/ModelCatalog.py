@@ -108,13 +108,23 @@ class ModelCatalog:
         if folder not in extra:
             extra.append(folder)
             self.root.mkdir(parents=True, exist_ok=True)
-            self._extraFile().write_text(json.dumps(extra, indent=1))
+            # a temporary name of this process, then a rename: a full disk or a crash keeps the previous list
+            tmp = self._extraFile().with_name(f".extra_models.{os.getpid()}.tmp")
+            try:
+                tmp.write_text(json.dumps(extra, indent=1))
+                tmp.replace(self._extraFile())
+            finally:
+                tmp.unlink(missing_ok=True)
 
     def _extraFolders(self) -> list:
         try:
-            return [p for p in json.loads(self._extraFile().read_text()) if isinstance(p, str)]
-        except (OSError, ValueError):
+            folders = json.loads(self._extraFile().read_text())
+        except FileNotFoundError:
             return []
+        except (OSError, ValueError) as e:
+            log.warning("%s: cannot read the list of added model folders (%s); add them again", self._extraFile(), e)
+            return []
+        return [p for p in folders if isinstance(p, str)] if isinstance(folders, list) else []
 
     def fineTunedFolders(self) -> list:
         if not self.modelsDirectory.is_dir():

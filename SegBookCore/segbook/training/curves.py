@@ -1,10 +1,13 @@
 """Training curves: one JSON line per epoch (`log.jsonl`) and a PNG of losses and validation Dice."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 from pathlib import Path
+
+from ..atomic import append_text, atomic_write, short_write_reason
 
 __all__ = ["append_jsonl", "plot_curves"]
 
@@ -12,8 +15,8 @@ log = logging.getLogger(__name__)
 
 
 def append_jsonl(path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record, default=float) + "\n")
+    """One line, whole or not at all (atomic.append_text)."""
+    append_text(path, json.dumps(record, default=float) + "\n")
 
 
 def plot_curves(history: list[dict], path) -> None:
@@ -41,8 +44,15 @@ def plot_curves(history: list[dict], path) -> None:
     lines2 = ax2.get_legend_handles_labels()
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="center right")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_write(path, verify=_verify_png, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=90)
+    finally:
+        plt.close(fig)
+
+
+def _verify_png(tmp: Path) -> None:
+    with open(tmp, "rb") as f:
+        f.seek(max(os.path.getsize(tmp) - 12, 0))
+        if b"IEND" not in f.read():     # the PNG's last chunk
+            raise OSError(errno.EIO, short_write_reason(tmp, "incomplete PNG"))

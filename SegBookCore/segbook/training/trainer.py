@@ -32,7 +32,7 @@ from ..events import Reporter
 from ..labels import default_color
 from ..planning import deep_supervision_scales, plan_from_data, pools_for_patch, target_spacing
 from ..zoo import get_config, save_model_folder
-from ..atomic import write_json
+from ..atomic import append_text, write_json, write_text
 from ..lockfile import FolderLock
 from .cache import cache_dataset
 from .config import FinetuneConfig
@@ -239,8 +239,8 @@ def _record_command(train_dir: Path, command: str | None, resume: bool) -> dict:
     {"command": the first, "resumed": the later ones}. A file of its own, so the first command survives a
     stop before the first epoch wrote model.json."""
     path = train_dir / "commands.txt"
-    with open(path, "a" if resume else "w") as f:
-        f.write((command or "(called from Python: segbook.training.finetune)").replace("\n", " ") + "\n")
+    line = (command or "(called from Python: segbook.training.finetune)").replace("\n", " ") + "\n"
+    (append_text if resume else write_text)(path, line)
     first, *later = path.read_text().splitlines()
     return {"command": first, "resumed": later} if later else {"command": first}
 

@@ -263,3 +263,15 @@ def test_worker_answers_clicks_and_keeps_the_image_prepared(tmp_path, case):
     assert done["c3"]["result"]["tiles"] == 0 and done["c3"]["result"]["class"] == "posterior"
     first, _ = read_labels(tmp_path / "c1.nrrd")
     assert set(np.unique(first)) == {0, 1} and dice(first == 1, labels == 1) > 0.8
+
+
+def test_negative_coordinate_lists_bind_to_their_option():
+    """`--roi -50,-20,...` / `--point -12.5,3,4`: argparse alone reads such a value as an unknown option."""
+    from segbook.cli import _bind_negative_lists
+    assert _bind_negative_lists(["predict", "a", "--roi", "-50,-20,1e2,60,80,180", "--point", "-1.5,2,-3",
+                                 "--tta"]) == ["predict", "a", "--roi=-50,-20,1e2,60,80,180",
+                                               "--point=-1.5,2,-3", "--tta"]
+    assert _bind_negative_lists(["--roi", "-5", "-v"]) == ["--roi", "-5", "-v"]      # a single number: argparse's
+    r = run_cli("predict", CASES / "hippocampus_001_image.nii.gz", "-o", "/nonexistent/x.nii.gz", "--model",
+                "hippocampus-demo", "--roi", "-50,-20,100,60,80,180", "--progress", "none")
+    assert "expected one argument" not in r.stderr and r.returncode == 2

@@ -148,7 +148,8 @@ class InteractiveSession:
         return tuple(int(min(max(round(c - p / 2), 0), g - p)) for c, p, g in zip(centre, self.patch, self.grid))
 
     def _run_tile(self, origin, prompts: Prompts | None) -> torch.Tensor:
-        """(K, *patch) float32 logits of the tile at `origin`."""
+        """The runner's output for the tile at `origin`: (K, *patch) logits, or features when the runner has a
+        head (runners.py); `_logit_slices` turns either into logits a z-slice at a time."""
         window = tuple(slice(o, o + p) for o, p in zip(origin, self.patch))
         tile = self.data[(slice(None), *window)]
         if prompts is not None:
@@ -156,9 +157,7 @@ class InteractiveSession:
         p = self.predictor
         threads = _cpu_count() if p.device.type == "cpu" else None
         with _inference_state(p.network, threads):
-            out = p._predict_tile(tile)
-            logits = out if p.runner.head is None else apply_head(out, p.runner.head)
-        return logits.float().cpu()
+            return p._predict_tile(tile).float().cpu()
 
     def _covered(self, tiles: "_Tiles", centre) -> bool:
         """Whether `centre` lies in the inner half of a tile already computed (its labels there are final)."""
@@ -232,9 +231,9 @@ class InteractiveSession:
     def _add(self, tiles: "_Tiles", origin, prompts, value) -> None:
         if origin in tiles.origins:
             return
-        logits = self._run_tile(origin, prompts)
+        out = self._run_tile(origin, prompts)
         self.tiles_run += 1
-        tiles.add(origin, logits, self.gauss, keep_logits=prompts is not None)
+        tiles.add(origin, out, self.predictor.runner.head, self.gauss, keep=prompts is not None)
         if prompts is not None and value is not None:
             tiles.score_class(value)
 
@@ -256,18 +255,20 @@ class InteractiveSession:
         return int(counts.argmax())
 
     def _select(self, tiles: "_Tiles", value, pos, neg, gbox, points, warnings, named: bool) -> np.ndarray:
-        """The structure on the network grid from the tiles computed so far."""
-        if self.prompted:
-            fg = tiles.binary.copy()
-        else:
-            fg = tiles.labels == value
-        fg &= tiles.known
+        """The structure on the network grid from the tiles computed so far (worked out inside their bounding
+        box: nothing is known outside it)."""
+        w = tiles.window()
+        off = np.array([s.start for s in w])
+        labels, known = tiles.labels[w], tiles.weight[w] > 0
+        fg = (tiles.binary[w] if self.prompted else labels == value) & known
         if gbox is not None:
-            inside = np.zeros_like(fg)
-            inside[tuple(slice(a, b) for a, b in zip(gbox[:3], gbox[3:]))] = True
-            fg &= inside
+            fg &= _box_mask(fg.shape, np.asarray(gbox[:3]) - off, np.asarray(gbox[3:]) - off)
+        mask = np.zeros(self.grid, dtype=bool)
         if not pos:             # a box alone: everything of the class inside it
-            return fg
+            mask[w] = fg
+            return mask
+        pos = [p - off for p in pos]
+        neg = [n - off for n in neg if np.all(n - off >= 0) and np.all(n - off <= np.asarray(fg.shape) - 1)]
         parts, _ = ndimage.label(fg)
         chosen = {}             # the selected parts, each a connected part of one class
         for p, original in zip(pos, points):
@@ -276,10 +277,10 @@ class InteractiveSession:
                 key = ("class", int(parts[at]))
                 if key not in chosen:
                     chosen[key] = parts == parts[at]
-            elif not self.prompted and not named and tiles.labels[at] != 0:
+            elif not self.prompted and not named and labels[at] != 0:
                 # a positive point on another class: the user says that part belongs to this structure
-                sub, _ = ndimage.label((tiles.labels == tiles.labels[at]) & tiles.known)
-                key = ("other", int(tiles.labels[at]), int(sub[at]))
+                sub, _ = ndimage.label((labels == labels[at]) & known)
+                key = ("other", int(labels[at]), int(sub[at]))
                 if key not in chosen:
                     chosen[key] = sub == sub[at]
             else:
@@ -291,38 +292,43 @@ class InteractiveSession:
             chosen["near"] = parts == parts[tuple(near[(slice(None), *np.round(pos[0]).astype(int))])]
             warnings.append(f"no positive point lies on {self.config.class_names[value]}: took its part nearest "
                             f"to the first point")
-        mask = np.zeros_like(fg)
         for part in chosen.values():
             if neg and not self.prompted:
                 part = _remove_negative(part, pos, neg, self.config.plan.spacing)
-            mask |= part
+            mask[w] |= part
         return mask
 
     def _open_edge(self, tiles: "_Tiles", mask: np.ndarray, gbox):
         """The origin of a tile not yet computed that the structure runs into (its largest contact with the
         region not computed, inside the box if any), or None when the structure is whole."""
-        if not mask.any():
-            return None
-        touch = ndimage.binary_dilation(mask) & ~tiles.known
+        w = tiles.window(margin=1)
+        off = np.array([s.start for s in w])
+        touch = ndimage.binary_dilation(mask[w]) & (tiles.weight[w] == 0)
         if gbox is not None:
-            inside = np.zeros_like(touch)
-            inside[tuple(slice(a, b) for a, b in zip(gbox[:3], gbox[3:]))] = True
-            touch &= inside
+            touch &= _box_mask(touch.shape, np.asarray(gbox[:3]) - off, np.asarray(gbox[3:]) - off)
         if not touch.any():
             return None
         groups, n = ndimage.label(touch)
         sizes = np.bincount(groups.ravel())[1:]
         half = np.asarray(self.patch) / 2
+        centres = np.asarray(tiles.origins) + half
         for g in np.argsort(-sizes) + 1:
-            contact = np.argwhere(groups == g).mean(axis=0)
+            contact = np.argwhere(groups == g).mean(axis=0) + off
             # past the face of the nearest tile it leaves: the next tile reaches three quarters beyond it
-            centres = np.asarray(tiles.origins) + half
             d = contact - centres[np.argmin(np.abs((contact - centres) / half).max(axis=1))]
             face = np.abs(d) >= half - 1
             origin = self._origin(np.where(face, contact + np.sign(d) * half / 2, contact))
             if origin not in tiles.origins:
                 return origin
         return None
+
+
+def _box_mask(shape, lo, hi) -> np.ndarray:
+    """A boolean array of `shape`, True in [lo, hi) (clipped to it)."""
+    out = np.zeros(shape, dtype=bool)
+    lo, hi = np.clip(lo, 0, shape).astype(int), np.clip(hi, 0, shape).astype(int)
+    out[tuple(slice(a, b) for a, b in zip(lo, hi))] = True
+    return out
 
 
 class _Tiles:
@@ -336,28 +342,50 @@ class _Tiles:
         self.labels = np.zeros(grid, dtype=np.int16)
         self.weight = np.zeros(grid, dtype=np.float32)
         self.binary = np.zeros(grid, dtype=bool)
-        self._logits: list[tuple[tuple, torch.Tensor, np.ndarray]] = []
+        self._kept: list = []       # (window, runner output, head, where the tile is best) to score a class
 
     @property
     def known(self) -> np.ndarray:
         return self.weight > 0
 
-    def add(self, origin, logits: torch.Tensor, gauss: np.ndarray, keep_logits: bool) -> None:
+    def window(self, margin: int = 0) -> tuple[slice, ...]:
+        """The bounding box of the tiles computed so far, grown by `margin` voxels inside the grid."""
+        lo = np.min(self.origins, axis=0) - margin
+        hi = np.max(self.origins, axis=0) + np.asarray(self.patch) + margin
+        return tuple(slice(int(max(a, 0)), int(min(b, g))) for a, b, g in zip(lo, hi, self.grid))
+
+    def add(self, origin, out: torch.Tensor, head, gauss: np.ndarray, keep: bool) -> None:
+        """A tile's runner output `out` (logits, or features with `head`); `keep` it for `score_class`."""
+        self.patch = gauss.shape
         window = tuple(slice(o, o + s) for o, s in zip(origin, gauss.shape))
         better = gauss > self.weight[window]
-        self.labels[window][better] = first_argmax(logits).numpy()[better]
+        labels = np.empty(gauss.shape, dtype=np.int16)
+        for z, logits in _logit_slices(out, head):
+            labels[z] = first_argmax(logits).numpy()
+        self.labels[window][better] = labels[better]
         self.weight[window][better] = gauss[better]
         self.origins.append(tuple(origin))
-        if keep_logits:
-            self._logits.append((window, logits, better))
+        if keep:
+            self._kept.append((window, out, head, better))
 
     def score_class(self, value: int) -> None:
         """The prompted class's mask: p(value) > 1/2 against all other classes together."""
-        for window, logits, better in self._logits:
-            others = torch.cat([logits[:value], logits[value + 1:]])
-            inside = (logits[value] > torch.logsumexp(others, 0)).numpy()
+        for window, out, head, better in self._kept:
+            inside = np.empty(better.shape, dtype=bool)
+            for z, logits in _logit_slices(out, head):
+                others = torch.cat([logits[:value], logits[value + 1:]])
+                inside[z] = (logits[value] > torch.logsumexp(others, 0)).numpy()
             self.binary[window][better] = inside[better]
-        self._logits = []
+        self._kept = []
+
+
+def _logit_slices(out: torch.Tensor, head, slices: int = 8):
+    """(z-range, (K, n, y, x) float32 logits) for each run of `slices` z-slices of a tile's runner output: a
+    tile of 105-class logits (880 MB at 128^3) is never held, and each head product is large enough to run
+    at speed (one slice at a time was 3x slower)."""
+    for z in range(0, out.shape[1], slices):
+        z1 = min(z + slices, out.shape[1])
+        yield slice(z, z1), out[:, z:z1] if head is None else apply_head(out[:, z:z1], head)
 
 
 def _remove_negative(part: np.ndarray, pos, neg, spacing) -> np.ndarray:

@@ -1,0 +1,182 @@
+"""Benchmark: clicks through the worker as the Slicer module sends them, by a simulated user.
+
+The protocol of the interactive-segmentation papers (segbook.clicks): click 1 positive at the voxel of the
+target farthest from its boundary; each next click in the larger of the false-negative / false-positive
+regions, its largest connected part, at its voxel farthest from the boundary; every request carries all
+clicks so far and the previous result (the label map the worker wrote for the click before). Reported per
+model and structure: mean Dice after clicks 1-10 (a case that reached a perfect result keeps it), NoC@85 /
+NoC@90 (clicks to reach that Dice, the number of clicks where it is never reached), the
+automatic Dice (no prompt) on the same cases, and the worker's seconds per click.
+
+    .venv/bin/python benchmarks/bench_interactive.py --model MODEL_DIR [--model MODEL2 ...] \\
+        [--cases N] [--clicks 10] [--json out.json]
+    .venv/bin/python benchmarks/bench_interactive.py --timing-ct     # a warm click on the abdominal CT
+
+The cases are the model's held-out cases (its model.json's provenance.data.validation_cases) from
+../shared/data/hippocampus. `--timing-ct`: STU-Net-S with random weights on ../shared/data/ct/abdomen_ct_3mm,
+a point near the centre, no class named (random weights: the structure is whatever the network makes of it),
+`--repeats` clicks at new points around the centre on one warm worker, with the default settings (OpenVINO
+fp32 where installed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "hippocampus"
+CT = ROOT.parent / "shared" / "data" / "ct" / "abdomen_ct_3mm.nii.gz"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from segbook.clicks import dice, next_click  # noqa: E402
+
+
+class Worker:
+    """`python -m segbook.worker` driven by JSON lines, as the Slicer module drives it."""
+
+    def __init__(self, env=None):
+        self.proc = subprocess.Popen([sys.executable, "-m", "segbook.worker"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+        assert json.loads(self.proc.stdout.readline())["event"] == "ready"
+        self.n = 0
+
+    def request(self, **fields) -> dict:
+        self.n += 1
+        self.proc.stdin.write(json.dumps({"id": f"r{self.n}", "command": "predict", "device": "cpu",
+                                          **fields}) + "\n")
+        self.proc.stdin.flush()
+        while True:
+            event = json.loads(self.proc.stdout.readline())
+            if event["event"] in ("done", "error"):
+                return event
+
+    def close(self):
+        self.proc.stdin.write(json.dumps({"command": "shutdown"}) + "\n")
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def lps(image: sitk.Image, zyx) -> list[float]:
+    return list(image.TransformIndexToPhysicalPoint([int(v) for v in reversed(zyx)]))
+
+
+def run_model(model: str, cases: list[str], clicks: int, work: Path) -> dict:
+    config = json.loads((Path(model) / "model.json").read_text())
+    names = config["class_names"]
+    worker = Worker()
+    curves = {n: [] for n in names[1:]}
+    automatic = {n: [] for n in names[1:]}
+    seconds = []
+    for case in cases:
+        image_path = DATA / "imagesTr" / f"{case}.nii.gz"
+        ref = sitk.ReadImage(str(image_path))
+        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(DATA / "labelsTr" / f"{case}.nii.gz")))
+        spacing = ref.GetSpacing()[::-1]
+        auto = worker.request(input=str(image_path), output=str(work / "auto.nii.gz"), model=model)
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(work / "auto.nii.gz")))
+        for value, name in enumerate(names[1:], start=1):
+            target = truth == value
+            automatic[name].append(dice(labels == value, target))
+            pos, neg, pred, scores = [], [], None, []
+            previous = None
+            for k in range(clicks):
+                click = next_click(target, pred, spacing)
+                if click is None:           # perfect: it stays so
+                    scores.append(1.0)
+                    continue
+                (pos if click[1] else neg).append(lps(ref, click[0]))
+                out = work / f"click{k % 2}.nii.gz"
+                event = worker.request(input=str(image_path), output=str(out), model=model, classes=[name],
+                                       points=pos, negative_points=neg,
+                                       **({"previous": str(previous)} if previous else {}))
+                if event["event"] == "error":
+                    raise SystemExit(f"{case} {name} click {k + 1}: {event['message']}")
+                seconds.append(event["seconds"])
+                pred = sitk.GetArrayFromImage(sitk.ReadImage(str(out))) == value
+                previous = out
+                scores.append(dice(pred, target))
+            curves[name].append(scores)
+        print(f"{case}: " + "  ".join(f"{n} auto {automatic[n][-1]:.3f} clicks "
+                                      + " ".join(f"{d:.2f}" for d in curves[n][-1]) for n in names[1:]),
+              flush=True)
+    worker.close()
+    result = {"model": model, "cases": len(cases), "structures": {}}
+    for name in names[1:]:
+        c = np.array(curves[name])
+        noc = {t: float(np.mean([next((i + 1 for i, d in enumerate(row) if d >= t), clicks) for row in c]))
+               for t in (0.85, 0.90)}
+        result["structures"][name] = {"automatic_dice": float(np.mean(automatic[name])),
+                                      "dice_after_click": [round(float(v), 4) for v in c.mean(0)],
+                                      "noc85": noc[0.85], "noc90": noc[0.90]}
+    all_curves = np.array([row for n in names[1:] for row in curves[n]])
+    result["mean_dice_after_click"] = [round(float(v), 4) for v in all_curves.mean(0)]
+    result["mean_automatic_dice"] = float(np.mean([np.mean(v) for v in automatic.values()]))
+    result["seconds_per_click"] = {"median": float(np.median(seconds)), "p90": float(np.percentile(seconds, 90)),
+                                   "max": float(np.max(seconds)), "n": len(seconds)}
+    return result
+
+
+def timing_ct(repeats: int, work: Path) -> dict:
+    from bench_predict import make_model_folder
+    model = make_model_folder(work / "model-s", "S", None)
+    ref = sitk.ReadImage(str(CT))
+    size = np.array(ref.GetSize())
+    worker = Worker(env={"SEGBOOK_CACHE": str(work / "cache")})
+    times = []
+    rng = np.random.default_rng(0)
+    for i in range(repeats + 1):
+        index = (size - 1) / 2 + (rng.integers(-8, 9, 3) if i else 0)
+        point = list(ref.TransformContinuousIndexToPhysicalPoint([float(v) for v in index]))
+        t0 = time.perf_counter()
+        event = worker.request(input=str(CT), output=str(work / f"ct{i}.nrrd"), model=str(model), points=[point])
+        wall = time.perf_counter() - t0
+        if event["event"] == "error":       # random weights may call the point background: say so, go on
+            print(f"click {i}: {event['message']}", flush=True)
+            continue
+        r = event["result"]["result"]
+        print(f"click {i}: worker {event['seconds']:.2f} s, round trip {wall:.2f} s, {r['tiles']} tiles, "
+              f"class {r['class']}, {r['voxels']} voxels", flush=True)
+        if i:
+            times.append({"seconds": event["seconds"], "tiles": r["tiles"]})
+    worker.close()
+    return {"case": str(CT), "clicks": times}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", default=[])
+    parser.add_argument("--cases", type=int, default=0, help="the first N held-out cases (0: all)")
+    parser.add_argument("--clicks", type=int, default=10)
+    parser.add_argument("--timing-ct", action="store_true")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench_interactive_"))
+    results = []
+    for model in args.model:
+        config = json.loads((Path(model) / "model.json").read_text())
+        cases = config["provenance"]["data"]["validation_cases"]
+        cases = cases[:args.cases] if args.cases else cases
+        r = run_model(model, cases, args.clicks, work)
+        print(json.dumps(r, indent=1), flush=True)
+        results.append(r)
+    if args.timing_ct:
+        r = timing_ct(args.repeats, work)
+        print(json.dumps(r, indent=1), flush=True)
+        results.append(r)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -516,3 +516,100 @@ def test_children_end_when_the_program_that_started_them_is_killed(tmp_path, sil
         parent.kill()
         for pid in descendants(parent.pid) if alive(parent.pid) else []:
             os.kill(pid, signal.SIGKILL)
+
+
+# -- 4, 10, 8: what Slicer ships is kept; the DICOM SEG writer installed after asking --------------------------------
+SLICER_5_8 = {"pydicom": "2.4.4", "highdicom": None}      # SuperBuild python-dicom-requirements at v5.8.1
+
+
+def test_dicom_seg_export_asks_then_installs_highdicom_keeping_slicers_pydicom(monkeypatch, gui_stubs):  # noqa: F811
+    from test_slicer_setup import Host, ready_versions
+    versions = dict(ready_versions(), **SLICER_5_8)
+    host = Host(monkeypatch, versions)
+    logic = host.logic()
+    assert logic.isReady() and not logic.isReady(dicom=True) and logic.missing(dicom=True) == ["highdicom"]
+    # the panel's Export DICOM SEG asks first; declined: nothing installed, nothing exported
+    from test_slicer_static import UI_FILE
+    from SegBookLib.Widget import Widget
+    questions = []
+    monkeypatch.setattr(slicer.util, "confirmYesNoDisplay", lambda text, **kw: questions.append(text) or False)
+    panel = Widget(str(UI_FILE), installLogic=logic)
+    try:
+        ui = gui_stubs["ui"]
+        ui.outputSegmentationSelector.currentNode.return_value = slicer.mrmlScene.AddNewNodeByClass(
+            "vtkMRMLSegmentationNode")
+        sys.modules["qt"].QFileDialog.getSaveFileName.return_value = "/tmp/x.dcm"
+        panel.onExportDicomSeg()
+        assert panel.segmentation.job is None and host.calls == []
+    finally:
+        panel.cleanup()
+    assert len(questions) == 1 and "highdicom>=0.22.0" in questions[0] and "DICOM SEG" in questions[0]
+    assert "pydicom 2.4.4" in questions[0], "the question says what is kept"
+    # accepted: highdicom alone, with Slicer's pydicom, numpy, SimpleITK pinned for pip's resolver
+    assert logic.install(lambda q: True, dicom=True)
+    assert host.calls == [("pip", ["highdicom>=0.22.0"])]
+    assert {"pydicom==2.4.4", f"numpy=={versions['numpy']}", f"SimpleITK=={versions['SimpleITK']}"} <= \
+        set(host.constraints)
+    assert logic.isReady(dicom=True)
+
+
+def _wheel(folder: Path, name: str, version: str, requires=()) -> Path:
+    """A pure-Python wheel with nothing but its metadata (pip installs it like any other)."""
+    import base64
+    import hashlib
+    import zipfile
+    info = f"{name}-{version}.dist-info"
+    files = {f"{info}/METADATA": "Metadata-Version: 2.1\nName: %s\nVersion: %s\n%s" % (
+                 name, version, "".join(f"Requires-Dist: {r}\n" for r in requires)),
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = ""
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record += f"{path},sha256={digest},{len(text.encode())}\n"
+    files[f"{info}/RECORD"] = record + f"{info}/RECORD,,\n"
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for name_, text in files.items():
+            z.writestr(name_, text)
+    return path
+
+
+def test_pip_cannot_replace_a_shipped_package_through_a_dependency(tmp_path, monkeypatch):
+    """Real pip, in a venv holding numpy 99.0 (a stand-in wheel): a requirement whose dependency wants numpy<99
+    would downgrade it (the post-install check passes: numpy is no requirement of its own). With the constraints
+    the install fails, saying so, and numpy is still 99.0."""
+    from SegBookLib.InstallLogic import InstallError, InstallLogic
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for version in ("98.0", "99.0"):
+        _wheel(wheels, "numpy", version)
+    _wheel(wheels, "needsold", "1.0", ["numpy<99"])
+    env = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", str(env)], check=True, timeout=300)
+    python = str(env / "bin" / "python")
+    for name, value in (("PIP_NO_INDEX", "1"), ("PIP_FIND_LINKS", str(wheels)),
+                        ("PIP_DISABLE_PIP_VERSION_CHECK", "1")):
+        monkeypatch.setenv(name, value)
+    subprocess.run([python, "-m", "pip", "install", "-q", "numpy==99.0"], check=True, timeout=300)
+    logic = InstallLogic(python=python, requirements={"core": ["needsold"], "train": [], "dicom": []})
+    assert logic.missing() == ["needsold"]
+    with pytest.raises(InstallError, match="needsold failed") as info:
+        logic.install(lambda question: True)
+    assert "\n" not in str(info.value)
+    version = subprocess.run([python, "-c", "from importlib import metadata; print(metadata.version('numpy'))"],
+                             capture_output=True, text=True, timeout=60).stdout.strip()
+    assert version == "99.0"
+
+
+def test_the_intel_mac_numpy_message_says_what_works():
+    """Slicer >= 5.10 ships numpy 2 where the core caps numpy below 2 (torch 2.2, the last for Intel Macs): the
+    message names Slicer 5.8 and an Engine Python, not "5.8 or later"."""
+    from SegBookLib.InstallLogic import InstallError, InstallLogic, installedVersions
+    have = dict(installedVersions(["torch", "SimpleITK"]), numpy="2.0.2")   # Slicer 5.10's numpy
+    logic = InstallLogic(versions=lambda names: {n: have.get(n) for n in names},
+                         requirements={"core": ["torch>=2.2", "numpy>=1.26", "numpy<2"], "train": [], "dicom": []})
+    with pytest.raises(InstallError) as info:
+        logic.install(lambda question: pytest.fail("asked although it cannot work"))
+    message = str(info.value)
+    assert "numpy 2.0.2 is too new" in message and "use Slicer 5.8" in message and "Engine Python" in message
+    assert "or later" not in message

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -52,14 +53,20 @@ class Host:
         monkeypatch.setattr(slicer.util, "_executePythonModule", self.module, raising=False)
         monkeypatch.setattr(slicer.util, "executePythonModule", self.module, raising=False)
 
-    def pip(self, requirements, **kwargs):
-        self.calls.append(("pip", requirements))
+    def pip(self, arguments, **kwargs):
+        """slicer.util.pip_install(list): each item one `pip install` argument; `-c FILE` is pip's constraints."""
+        arguments = [arguments] if isinstance(arguments, str) else list(arguments)
+        self.constraints = None
+        if arguments[:1] == ["-c"]:
+            self.constraints = Path(arguments[1]).read_text().split()
+            arguments = arguments[2:]
+        self.calls.append(("pip", arguments))
         if self.fail == "pip":
             raise subprocess.CalledProcessError(1, ["PythonSlicer", "-m", "pip", "install"], None, None)
-        for req in [requirements] if isinstance(requirements, str) else requirements:
+        for req in arguments:
             name, bounds = parseRequirement(req)
             if name in self.versions:
-                self.versions[name] = ready_versions()[name]
+                self.versions[name] = installedVersions([name])[name]
 
     def module(self, module, args, *rest, **kwargs):
         self.calls.append((module, list(args)))
@@ -77,7 +84,8 @@ def test_floors_come_from_the_cores_pyproject():
     except ImportError:  # Python < 3.11: the same parser as the tomli package ([test] extra)
         import tomli as tomllib
     project = tomllib.loads(PYPROJECT.read_text())["project"]
-    assert coreRequirements() == {"core": project["dependencies"], "train": project["optional-dependencies"]["train"]}
+    assert coreRequirements() == {"core": project["dependencies"], "train": project["optional-dependencies"]["train"],
+                                  "dicom": project["optional-dependencies"]["dicom"]}
     assert coreRequirements(PYPROJECT) == coreRequirements()
 
 
@@ -100,7 +108,7 @@ def test_torch_alone_through_light_the_torch_then_pip(monkeypatch):
     assert logic.missing() == ["torch", "safetensors", "scipy"]
     assert logic.install(lambda q: True)
     torch_req = floors()["torch"][0]
-    assert host.calls[0] == ("pip", "light-the-torch>=0.5")
+    assert host.calls[0] == ("pip", ["light-the-torch>=0.5"])
     assert host.calls[1] == ("light_the_torch", ["install", torch_req]), "torch alone: no torchvision"
     assert not any("torchvision" in str(c) for c in host.calls)
     assert host.calls[2][0] == "pip" and {parseRequirement(r)[0] for r in host.calls[2][1]} == {"safetensors", "scipy"}

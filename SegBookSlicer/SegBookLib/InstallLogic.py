@@ -8,8 +8,14 @@ from the core's pyproject.toml (shipped beside the `segbook` package), the one p
 
 In Slicer's own Python, torch comes through light-the-torch as the PyTorch extension installs it (it picks
 the CUDA build matching the driver), but torch alone: PyTorchUtils' installTorch always adds torchvision,
-which the core does not use. The small packages come through `slicer.util.pip_install`; numpy and
-SimpleITK ship with Slicer and are never replaced. Nothing here runs at import time.
+which the core does not use. The small packages come through `slicer.util.pip_install`. What Slicer ships
+(numpy, scipy, SimpleITK, pydicom, pillow, requests: its SuperBuild requirements) is never replaced: a version
+too old for the core is refused with what to do, and pip runs with a constraints file pinning the installed
+versions, so that no dependency replaces them on the way (pip runs without constraints unless given some;
+Slicer 5.12's `slicer.packaging.pip_install(constraints=...)` passes the same `-c FILE`, which 5.8 and 5.10 pass
+on as a pip argument). The same holds in an Engine Python for what it already has. The DICOM SEG writer
+(highdicom) is installed when an export first needs it; with pydicom pinned, pip picks the highdicom that works
+with Slicer's pydicom (5.8 and 5.10 ship pydicom 2.4). Nothing here runs at import time.
 """
 from __future__ import annotations
 
@@ -18,12 +24,13 @@ import json
 import logging
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
 log = logging.getLogger(__name__)
 
-SHIPPED_WITH_SLICER = ("numpy", "SimpleITK")
+SHIPPED_WITH_SLICER = ("numpy", "scipy", "SimpleITK", "pydicom", "pillow", "requests")
 _COMPARE = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b, "<=": lambda a, b: a <= b,
             "<": lambda a, b: a < b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
 
@@ -50,9 +57,11 @@ def pyprojectPath() -> Path:
 
 
 def coreRequirements(path: Optional[Path] = None) -> dict:
-    """{"core": [...], "train": [...]} requirement strings, as pyproject.toml's dependencies and train extra."""
+    """{"core": [...], "train": [...], "dicom": [...]} requirement strings, as pyproject.toml's dependencies and
+    its train and dicom extras."""
     text = Path(path or pyprojectPath()).read_text(encoding="utf-8")
-    return {"core": _tomlArray(text, "dependencies"), "train": _tomlArray(text, "train")}
+    return {"core": _tomlArray(text, "dependencies"), "train": _tomlArray(text, "train"),
+            "dicom": _tomlArray(text, "dicom")}
 
 
 def parseRequirement(text: str):
@@ -117,9 +126,10 @@ def gpuAvailable() -> bool:
 
 
 # -- installers (Slicer's own Python) ---------------------------------------------------------------
-def _pipInstall(requirements: list) -> None:
+def _pipInstall(arguments: list) -> None:
+    """`pip install ARGUMENTS` in Slicer's Python (a list: each item one argument, as on every Slicer version)."""
     import slicer
-    slicer.util.pip_install(requirements)
+    slicer.util.pip_install(arguments)
 
 
 def _installTorch(requirement: str) -> None:
@@ -131,9 +141,9 @@ def _installTorch(requirement: str) -> None:
 
 
 def _pipInstallIn(python: str) -> Callable[[list], None]:
-    def install(requirements: list) -> None:
+    def install(arguments: list) -> None:
         from .ProcessRunner import baseEnvironment, noWindow
-        out = subprocess.run([python, "-m", "pip", "install", *requirements], capture_output=True,
+        out = subprocess.run([python, "-m", "pip", "install", *arguments], capture_output=True,
                              encoding="utf-8", errors="replace", stdin=subprocess.DEVNULL,
                              env=baseEnvironment(python), **noWindow())
         if out.returncode != 0:
@@ -147,7 +157,8 @@ class InstallLogic:
                  pipInstall: Optional[Callable] = None, installTorch: Optional[Callable] = None,
                  requirements: Optional[dict] = None):
         """`python`: the engine's interpreter (None: Slicer's own). The callables replace what runs in the
-        application (tests): `versions(names) -> {name: version|None}`, `pipInstall(reqs)`, `installTorch(req)`."""
+        application (tests): `versions(names) -> {name: version|None}`, `pipInstall(pip install arguments)`,
+        `installTorch(req)`."""
         self.python = python or None
         if self.python:
             from .ProcessRunner import callInCore
@@ -166,25 +177,27 @@ class InstallLogic:
     def external(self) -> bool:
         return self.python is not None
 
-    def requirements(self, training: bool = False) -> list:
+    def requirements(self, training: bool = False, dicom: bool = False) -> list:
         reqs = self._requirements or coreRequirements()
-        return [r for r in list(reqs["core"]) + (list(reqs["train"]) if training else []) if applies(r)]
+        wanted = list(reqs["core"]) + (list(reqs["train"]) if training else []) + \
+            (list(reqs.get("dicom", [])) if dicom else [])
+        return [r for r in wanted if applies(r)]
 
-    def problems(self, training: bool = False) -> list:
+    def problems(self, training: bool = False, dicom: bool = False) -> list:
         """[(requirement, installed version or None)] for every requirement not met, torch first."""
         importlib.invalidate_caches()   # packages installed since the last look
-        parsed = [(req, *parseRequirement(req)) for req in self.requirements(training)]
+        parsed = [(req, *parseRequirement(req)) for req in self.requirements(training, dicom)]
         installed = self._versions([name for _, name, _ in parsed])
         out = [(req, installed.get(name)) for req, name, bounds in parsed
                if installed.get(name) is None or not satisfies(installed[name], bounds)]
         return sorted(out, key=lambda p: parseRequirement(p[0])[0] != "torch")
 
-    def missing(self, training: bool = False) -> list:
+    def missing(self, training: bool = False, dicom: bool = False) -> list:
         """Names of the requirements that are absent or at a version the core does not support."""
-        return [parseRequirement(req)[0] for req, _ in self.problems(training)]
+        return [parseRequirement(req)[0] for req, _ in self.problems(training, dicom)]
 
-    def isReady(self, training: bool = False) -> bool:
-        return not self.problems(training)
+    def isReady(self, training: bool = False, dicom: bool = False) -> bool:
+        return not self.problems(training, dicom)
 
     def statusText(self, training: bool = False) -> str:
         problems = self.problems(training)
@@ -204,35 +217,48 @@ class InstallLogic:
                 self._gpu = gpuAvailable()
         return self._gpu
 
+    def constraints(self, installing: list) -> list:
+        """pip constraints ("name==version") keeping what Slicer ships (or the Engine Python has) at its installed
+        version, except the requirements being installed themselves."""
+        names = {parseRequirement(req)[0].lower() for req in installing}
+        installed = self._versions(list(SHIPPED_WITH_SLICER))
+        return [f"{name}=={version}" for name, version in installed.items()
+                if version and name.lower() not in names]
+
     def question(self, problems: list) -> str:
         """What the confirmation dialog says: what will be installed, where, and how long it may take."""
         parts = []
+        kept = [c.replace("==", " ") for c in self.constraints([req for req, _ in problems])]
         for req, have in problems:
             now = "" if have is None else f", replacing {have}"
             if parseRequirement(req)[0] == "torch":
                 how = ("with this Python's pip" if self.external else
                        "through light-the-torch, which picks the GPU build for this computer")
                 parts.append(f"PyTorch {req}{now} ({how}: a download of up to 2-3 GB, typically 5-15 minutes)")
+            elif parseRequirement(req)[0] == "highdicom":
+                parts.append(f"{req}{now} (to write DICOM SEG files)")
             else:
                 parts.append(f"{req}{now}")
+        if kept:
+            parts.append(f"kept as installed: {', '.join(kept)}")
         where = self.python if self.external else "Slicer"
         return f"SegBook needs these Python packages in {where}:\n- " + "\n- ".join(parts) + "\n\nInstall them now?"
 
     def install(self, confirm: Callable[[str], bool], progress: Optional[Callable[[str], None]] = None,
-                training: bool = False) -> bool:
+                training: bool = False, dicom: bool = False) -> bool:
         """Install what is missing or too old after `confirm(question)` says yes; False if the user declined.
 
-        `training` adds the fine-tuning packages. torch goes first so that pip never picks a torch itself.
-        Raises InstallError with what to do when an installer fails or the result still falls short.
+        `training` adds the fine-tuning packages, `dicom` the DICOM SEG writer. torch goes first so that pip
+        never picks a torch itself. Raises InstallError with what to do when an installer fails or the result
+        still falls short.
         """
-        problems = self.problems(training)
+        problems = self.problems(training, dicom)
         if not problems:
             return True
-        shipped = [f"{req} ({have or 'not installed'})" for req, have in problems
-                   if parseRequirement(req)[0] in SHIPPED_WITH_SLICER]
+        shipped = [(req, have) for req, have in problems     # installed, and would be replaced
+                   if have is not None and parseRequirement(req)[0] in SHIPPED_WITH_SLICER]
         if shipped and not self.external:
-            raise InstallError(f"{', '.join(shipped)}: these ship with Slicer; use Slicer 5.8 or later, or "
-                               f"choose another Python for the engine in Setup")
+            raise InstallError(shippedAdvice(shipped))
         if not confirm(self.question(problems)):
             log.info("setup declined by the user")
             return False
@@ -245,18 +271,41 @@ class InstallLogic:
                 self._installTorch(torch[0])
             if pip:
                 say(f"Installing {', '.join(pip)}...")
-                self._pipInstall(pip)
+                with tempfile.TemporaryDirectory(prefix="segbook-pip-") as folder:
+                    constraints = Path(folder) / "constraints.txt"
+                    constraints.write_text("".join(c + "\n" for c in self.constraints(pip)), encoding="utf-8")
+                    self._pipInstall(["-c", str(constraints), *pip])
         except (subprocess.CalledProcessError, OSError, ImportError, RuntimeError) as e:
             detail = getattr(e, "stderr", None) or str(e) or type(e).__name__
             raise InstallError(f"installing {', '.join(torch + pip)} failed ({str(detail).strip()[-300:]}); see the "
                                f"Python console, check the network connection and try again") from None
-        still = self.problems(training)
+        still = self.problems(training, dicom)
         if still:
             raise InstallError("still not as needed after installing: " + "; ".join(
                 f"{req} ({have or 'not installed'})" for req, have in still) +
                 ("; restart Slicer and click Install again" if not self.external else ""))
         say("SegBook is ready.")
         return True
+
+
+def shippedAdvice(problems: list) -> str:
+    """Why what Slicer ships (installed: `problems` are (requirement, version)) does not do, and what does: a
+    package of Slicer's is never replaced.
+
+    The one case the requirements make today: on an Intel Mac, PyTorch stops at 2.2, built for numpy 1.x,
+    while Slicer 5.10 and later ship numpy 2; Slicer 5.8 ships numpy 1.26."""
+    parts, tooNew = [], False
+    for req, have in problems:
+        name, bounds = parseRequirement(req)
+        above = have is not None and any(op in ("<", "<=") and not satisfies(have, [(op, v)]) for op, v in bounds)
+        tooNew |= above
+        parts.append(f"Slicer's {name} {have} is too {'new' if above else 'old'} (SegBook needs "
+                     f"{req.split(';')[0].strip()})")
+    numpyTooNew = tooNew and any(parseRequirement(req)[0] == "numpy" for req, _ in problems)
+    where = ("use Slicer 5.8 (it ships numpy 1.26: the newest PyTorch for Intel Macs, 2.2, needs numpy 1.x)"
+             if numpyTooNew else "use a Slicer version that ships a suitable one")
+    return (f"{'; '.join(parts)}: these ship with Slicer and are not replaced; {where}, or choose an Engine "
+            f"Python with the right version in Setup")
 
 
 def pythonSetting(folder) -> Optional[str]:

@@ -117,17 +117,19 @@ class Widget(FineTunePanel, qt.QWidget):
             self.refreshModels()
             self.updateDeviceHint()
 
-    def ensureInstalled(self, training: bool = False) -> bool:
-        if self.install.isReady(training):
+    def ensureInstalled(self, training: bool = False, dicom: bool = False) -> bool:
+        """Ready, or installed now after asking (`training`: fine-tuning's packages; `dicom`: the DICOM SEG
+        writer)."""
+        if self.install.isReady(training, dicom):
             return True
-        return self.onInstall(training=training)
+        return self.onInstall(training=training, dicom=dicom)
 
-    def onInstall(self, *_, training: bool = False) -> bool:
+    def onInstall(self, *_, training: bool = False, dicom: bool = False) -> bool:
         def confirm(question):
             return slicer.util.confirmYesNoDisplay(question, windowTitle="SegBook setup")
         try:
             with slicer.util.tryWithErrorDisplay("SegBook setup failed", waitCursor=True):
-                ok = self.install.install(confirm, progress=self.showStatus, training=training)
+                ok = self.install.install(confirm, progress=self.showStatus, training=training, dicom=dicom)
                 self.refreshInstallStatus()
                 if ok:
                     self.refreshModels()
@@ -336,7 +338,7 @@ class Widget(FineTunePanel, qt.QWidget):
             return
         path = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), "Export DICOM SEG", f"{node.GetName()}.dcm",
                                               "DICOM SEG (*.dcm)")
-        if not path or not self.ensureInstalled():
+        if not path or not self.ensureInstalled(dicom=True):
             return
         with slicer.util.tryWithErrorDisplay("Cannot export the DICOM SEG"):
             self.segmentation.startDicomSeg(self.ui.inputVolumeSelector.currentNode(), node, path,

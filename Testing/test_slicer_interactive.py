@@ -169,6 +169,16 @@ def test_ras_points_reach_the_voxel_they_lie_on_under_a_parent_transform(scene, 
     assert out["ok"] and out["class"] == "posterior"
     got = mask_of(node, out["segmentId"], volume)
     assert got[point] and dice(got, label == 2) > 0.7
+    # a segmentation that already holds segments, outside the volume's transform: the answer is moved into
+    # its frame (the segment still lies on the voxels clicked)
+    other = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "elsewhere")
+    other.GetSegmentation().AddEmptySegment("", "kept")
+    logic.begin(volume, other, None, PARAMS, CLASSES)
+    assert other.GetParentTransformNode() is None
+    logic.click([world_ras(volume, point)])
+    out = one(logic.wait())
+    got = mask_of(other, out["segmentId"], volume)
+    assert got[point] and dice(got, label == 2) > 0.7
 
 
 def test_a_click_on_background_is_one_line_and_changes_nothing(scene, worker, label):
@@ -189,6 +199,18 @@ def test_a_click_on_background_is_one_line_and_changes_nothing(scene, worker, la
     # a negative point alone sends nothing
     with pytest.raises(SegmentationError, match="positive point or a box"):
         logic.click([], [world_ras(volume, (0, 0, 0))])
+
+
+def test_a_click_while_segment_runs_is_refused_in_one_line(scene, worker, label):
+    logic, volume, node = start(scene, worker)
+    worker.start(volume, SegmentParameters(model="hippocampus-demo", device="cpu", statistics=False))
+    with pytest.raises(SegmentationError, match="segmentation is running"):
+        logic.click([world_ras(volume, deepest(label == 1))])
+    assert not logic.isBusy()
+    worker.wait(timeout=300)
+    result = worker.applyResult(scene, volume)       # Segment's answer is Segment's
+    assert result.GetSegmentation().GetNumberOfSegments() == 2
+    assert node.GetSegmentation().GetNumberOfSegments() == 0
 
 
 def test_clicks_while_one_runs_are_coalesced_to_the_latest(scene, worker, label):
@@ -292,6 +314,9 @@ def test_the_panel_places_points_toggles_and_finishes(gui_stubs, label):  # noqa
         point = deepest(label == 1)
         clicks.positive.AddControlPointWorld(vtk.vtkVector3d(*world_ras(volume, point)))
         assert clicks.logic.isBusy()
+        panel.segmentation.wait(timeout=300)
+        panel.onTimer()         # Segment's timer (running for a fine-tune, say) leaves the click's answer alone
+        assert gui_stubs["errors"] == [] and panel.segmentation.job["kind"] == "click"
         while clicks.logic.isBusy():
             clicks.onTimer()
         seg = output.GetSegmentation()

@@ -56,7 +56,7 @@ def fsync_path(path: str | os.PathLike) -> None:
         finally:
             os.close(fd)
         return
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDWR)      # Windows flushes only a handle open for writing
     try:
         os.fsync(fd)
     finally:

@@ -103,7 +103,7 @@ def _writeVerified(path: Path, write, verify) -> None:
     os.close(fd)
     try:
         write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
+        fd = os.open(tmp, os.O_RDWR)       # Windows flushes only a handle open for writing
         try:
             os.fsync(fd)
         finally:

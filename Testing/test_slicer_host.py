@@ -613,3 +613,64 @@ def test_the_intel_mac_numpy_message_says_what_works():
     message = str(info.value)
     assert "numpy 2.0.2 is too new" in message and "use Slicer 5.8" in message and "Engine Python" in message
     assert "or later" not in message
+
+
+# -- 2: the Engine Python box ---------------------------------------------------------------------------------------
+class PathLineEditEmulation:
+    """ctkPathLineEdit as CTK implements it (Libs/Widgets/ctkPathLineEdit.cpp: its line edit's textChanged runs
+    updateHasValidInput, which emits currentPathChanged whenever the text has acceptable input for the validator,
+    a non-empty name by default): one currentPathChanged per keystroke of a non-empty text, none for an empty
+    one; the line edit's editingFinished on Enter or leaving the box. Drives the slots the panel connected to
+    the stub's signals."""
+
+    def __init__(self, widget):
+        self.widget = widget
+
+    def _slots(self, signal):
+        return [c.args[0] for c in signal.connect.call_args_list]
+
+    def type(self, text: str) -> None:
+        for end in range(1, len(text) + 1):
+            self.widget.currentPath = text[:end]
+            for slot in self._slots(self.widget.currentPathChanged):
+                slot(text[:end])
+
+    def clear(self) -> None:
+        self.widget.currentPath = ""            # "" does not match `.+`: no currentPathChanged
+
+    def finish(self) -> None:
+        for slot in self._slots(self.widget.comboBox().lineEdit().editingFinished):
+            slot()
+
+
+def test_the_engine_python_box_applies_once_when_editing_is_finished(gui_stubs, tmp_path):  # noqa: F811
+    from test_slicer_static import UI_FILE
+    from SegBookLib.InstallLogic import pythonSetting
+    from SegBookLib.Widget import Widget
+    log = tmp_path / "python.log"
+    engine = recording_python(tmp_path / "env" / "bin", log)
+    panel = Widget(str(UI_FILE))
+    ui = gui_stubs["ui"]
+    box = PathLineEditEmulation(ui.pythonPathLineEdit)
+    home = os.environ["SEGBOOK_HOME"]
+    try:
+        box.type(str(engine))
+        assert gui_stubs["errors"] == [] and pythonSetting(home) is None, "nothing happens while typing"
+        assert not log.exists()
+        box.finish()
+        assert pythonSetting(home) == str(engine) and panel.python == str(engine)
+        assert panel.segmentation.python == panel.fineTune.python == panel.catalog.python == str(engine)
+        checks = [line for line in log.read_text().splitlines() if "sys.version_info" in line]
+        assert len(checks) == 1, "validated once"
+        # emptied: back to Slicer's own Python, although the box emits nothing for an empty text
+        box.clear()
+        (ui.pythonApplyButton.clicked.connect.call_args.args[0])()
+        assert pythonSetting(home) is None and panel.python is None and panel.segmentation.python is None
+        # a path that cannot run: one message when applied, the setting unchanged
+        box.type(str(tmp_path / "no-such-python"))
+        assert gui_stubs["errors"] == []
+        with pytest.raises(Exception, match="cannot be run"):
+            box.finish()
+        assert len(gui_stubs["errors"]) == 1 and pythonSetting(home) is None
+    finally:
+        panel.cleanup()

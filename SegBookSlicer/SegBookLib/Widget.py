@@ -62,8 +62,11 @@ class Widget(FineTunePanel, qt.QWidget):
             self.ui.presetComboBox.addItem(preset)
 
         self.ui.installButton.clicked.connect(self.onInstall)
+        # ctkPathLineEdit emits currentPathChanged at every keystroke that matches its validator, and never for
+        # an empty box: the setting is applied when editing is finished (Enter, leaving the box) or by the button
         self.ui.pythonPathLineEdit.currentPath = self.python or ""
-        self.ui.pythonPathLineEdit.currentPathChanged.connect(self.onPythonChanged)
+        self.ui.pythonApplyButton.clicked.connect(self.onPythonApply)
+        self.ui.pythonPathLineEdit.comboBox().lineEdit().editingFinished.connect(self.onPythonApply)
         self.ui.modelComboBox.currentIndexChanged.connect(self.onModelChanged)
         self.ui.downloadButton.clicked.connect(self.onDownload)
         self.ui.addModelFolderButton.clicked.connect(self.onAddModelFolder)
@@ -101,7 +104,10 @@ class Widget(FineTunePanel, qt.QWidget):
         self.ui.installStatusLabel.text = text
         self.ui.installButton.enabled = bool(missing)
 
-    def onPythonChanged(self, path: str) -> None:
+    def onPythonApply(self, *_) -> None:
+        self.applyPython(self.ui.pythonPathLineEdit.currentPath)
+
+    def applyPython(self, path: str) -> None:
         """Run the engine in another Python (any environment with the core's dependencies) or, when empty,
         in Slicer's own. The running worker is stopped; the next Segment starts one in the new Python."""
         python = (path or "").strip() or None

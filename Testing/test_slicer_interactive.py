@@ -238,6 +238,8 @@ def test_markups_placements_send_requests_and_a_box_alone_selects(scene, worker,
     negative.RemoveAllControlPoints()
     positive.AddControlPointWorld(vtk.vtkVector3d(*world_ras(volume, deepest(label == 1))))
     assert logic.isBusy()                                   # the placement sent the request
+    positive.InvokeEvent(positive.PointEndInteractionEvent)     # the same prompts again: not sent twice
+    assert logic.pending is None
     out = one(logic.wait())
     assert out["ok"] and out["class"] == "anterior"
     logic.unobserve()
@@ -348,6 +350,21 @@ def test_the_panel_places_points_toggles_and_finishes(gui_stubs, label):  # noqa
         # undo through the panel: the new segment goes, the first one stays as the negative point left it
         clicks.logic.undo.undo()
         assert seg.GetNumberOfSegments() == 1 and np.array_equal(mask_of(output, sid, volume), after)
+
+        # a box: placed once (no persistent place mode), sent when its placement ends
+        clicks.onFinish()
+        clicks.onPlace("box")
+        interaction.SetPlaceModePersistence.assert_called_with(False)
+        zyx = np.argwhere(label == 2)
+        corners = [world_ras(volume, zyx.min(axis=0)), world_ras(volume, zyx.max(axis=0))]
+        lo, hi = np.min(corners, axis=0), np.max(corners, axis=0)
+        clicks.box.SetCenter(*((lo + hi) / 2))
+        clicks.box.SetSize(*(hi - lo + 2.0))
+        clicks.onPlacementEnded()           # what the interaction node's EndPlacementEvent calls
+        assert clicks.placing is None
+        while clicks.logic.isBusy():
+            clicks.onTimer()
+        assert seg.GetNumberOfSegments() == 2 and "posterior" in clicks.statusLabel.text
     finally:
         panel.cleanup()
     assert panel.segmentation.worker is None or not panel.segmentation.worker.isRunning()

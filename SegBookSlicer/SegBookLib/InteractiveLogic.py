@@ -101,7 +101,7 @@ class EditorUndo:
 
     def __init__(self, scene):
         self.scene = scene
-        self.widget = self._applicationEditor()
+        self.widget = None      # found at the first attach: the Segment Editor's widget is built on demand
         self.logic = None
         self.node = None
 
@@ -114,6 +114,8 @@ class EditorUndo:
             return None
 
     def attach(self, segmentationNode, volumeNode) -> None:
+        if self.widget is None and self.logic is None:
+            self.widget = self._applicationEditor()
         if self.widget is not None:
             if self.widget.segmentationNode() is not segmentationNode:
                 self.widget.setSegmentationNode(segmentationNode)
@@ -174,6 +176,7 @@ class InteractiveLogic:
         self.classNames: list = []
         self.pending: Optional[dict] = None     # the newest prompts, waiting for the answer in flight
         self.active: Optional[str] = None       # the request id in flight
+        self.sent: Optional[dict] = None        # its prompts
         self._ids = 0
         self._input = None                      # (key of the exported volume, its file)
         self._inputDir: Optional[Path] = None
@@ -222,14 +225,14 @@ class InteractiveLogic:
             if node is None:
                 continue
             for event in (node.PointPositionDefinedEvent, node.PointEndInteractionEvent):
-                self._observed.append((node, node.AddObserver(event, self._onPlaced)))
+                self._observed.append((node, node.AddObserver(event, self.onPlaced)))
 
     def unobserve(self) -> None:
         for node, tag in self._observed:
             node.RemoveObserver(tag)
         self._observed = []
 
-    def _onPlaced(self, caller, event) -> None:
+    def onPlaced(self, caller, event) -> None:
         try:
             self.clickFromNodes()
         except SegmentationError as e:          # a message for the panel: nothing is sent
@@ -251,8 +254,9 @@ class InteractiveLogic:
         prompts = {"points": worldRasToLps(positiveRas, self.volume) if len(positiveRas) else [],
                    "negative_points": worldRasToLps(negativeRas, self.volume) if len(negativeRas) else [],
                    "box_lps": NodeIO.roiToLpsBox(roiNode, self.volume) if roiNode is not None else None}
-        if self.active is not None and self.segmentation.job is not None and self.segmentation.job["id"] == self.active:
-            self.pending = prompts
+        if self.active is not None and self._mine():
+            # one placement can raise several events (defined, end of interaction): the same prompts go once
+            self.pending = None if prompts == self.sent else prompts
             return None
         return self._send(prompts)
 
@@ -276,7 +280,7 @@ class InteractiveLogic:
                        previous=str(previous) if previous else None)
         lg._send(requestId, request, tmp, self.volume, kind=KIND, output=tmp / "click.nrrd")
         lg.job["segmentation"] = self.segmentationNode
-        self.active, self.pending = requestId, None
+        self.active, self.sent, self.pending = requestId, prompts, None
         log.info("click %s sent: %s", requestId, prompts)
         return requestId
 

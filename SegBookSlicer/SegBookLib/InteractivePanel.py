@@ -31,6 +31,8 @@ class InteractivePanel:
         self.logic = InteractiveLogic(widget.segmentation, slicer.mrmlScene)
         self.positive = self.negative = self.box = None
         self.placing = None                 # the markups node being placed, or None
+        self.interaction = None             # the interaction node observed for the end of a box placement
+        self.interactionTag = None
 
         self.section = ctk.ctkCollapsibleButton()
         self.section.text = "Interactive (clicks)"
@@ -170,6 +172,10 @@ class InteractivePanel:
         selection.SetActivePlaceNodeID(node.GetID())
         interaction.SetPlaceModePersistence(which != "box")
         interaction.SetCurrentInteractionMode(interaction.Place)
+        if self.interaction is None:
+            # a box is placed by two clicks: its end is the interaction node's, not always the ROI's own event
+            self.interaction = interaction
+            self.interactionTag = interaction.AddObserver(interaction.EndPlacementEvent, self.onPlacementEnded)
         self.positiveButton.checked = which == "positive"
         self.negativeButton.checked = which == "negative"
         self.boxButton.checked = which == "box"
@@ -185,6 +191,11 @@ class InteractivePanel:
             button.checked = False
         for shortcut in self.shortcuts:
             shortcut.enabled = False
+
+    def onPlacementEnded(self, *_) -> None:
+        if self.placing is self.box and self.box is not None:
+            self.logic.onPlaced(self.box, None)
+            self.stopPlacing()
 
     def onToggle(self) -> None:
         self.onPlace("negative" if self.placing is self.positive else "positive")
@@ -223,6 +234,9 @@ class InteractivePanel:
     def cleanup(self) -> None:
         self.timer.stop()
         self.stopPlacing()
+        if self.interaction is not None:
+            self.interaction.RemoveObserver(self.interactionTag)
+            self.interaction = None
         for shortcut in self.shortcuts:
             shortcut.setParent(None)
         self.logic.shutdown()

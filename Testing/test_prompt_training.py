@@ -138,6 +138,13 @@ def test_finetune_with_prompts_gives_a_model_that_segments_alone_and_from_clicks
     # a prompted model recomputes its tile for new prompts
     mask2, info = session.segment(points=[point], negative_points=[(0, 0, 0)], previous=mask, class_name="anterior")
     assert info["tiles"] == 1
+    # the default CPU engine (OpenVINO, a default dependency) takes the prompt channels too, same answers
+    fast = Predictor(str(out), device="cpu", backend="openvino")
+    assert fast.runner.name == "openvino"
+    assert np.mean(fast.predict_array(image, g.spacing_zyx) == automatic) > 0.999
+    clicked, _ = InteractiveSession(fast, image, g.spacing_zyx).segment(
+        points=[point], negative_points=[(0, 0, 0)], previous=mask, class_name="anterior")
+    assert np.mean(clicked == mask2) > 0.999
     # a base that takes prompts passes them on, with their trained weights, even without --prompts
     again, _, info = build_network(str(out), config["class_names"], 1, POOLS)
     key = "conv_blocks_context.0.0.conv1.weight"

@@ -208,6 +208,8 @@ def test_a_click_while_segment_runs_is_refused_in_one_line(scene, worker, label)
         logic.click([world_ras(volume, deepest(label == 1))])
     assert not logic.isBusy()
     worker.wait(timeout=300)
+    with pytest.raises(SegmentationError, match="segmentation is running"):    # finished, not yet applied
+        logic.click([world_ras(volume, deepest(label == 1))])
     result = worker.applyResult(scene, volume)       # Segment's answer is Segment's
     assert result.GetSegmentation().GetNumberOfSegments() == 2
     assert node.GetSegmentation().GetNumberOfSegments() == 0

@@ -262,9 +262,9 @@ class InteractiveLogic:
 
     def _send(self, prompts: dict) -> str:
         lg = self.segmentation
-        if lg.isBusy():
+        if lg.isBusy() or (lg.job is not None and lg.job["kind"] != KIND):    # running, or its result not yet in
             raise SegmentationError("a segmentation is running; click again when it has finished")
-        lg._forgetJob()     # a finished job nobody applied (its temporary folder goes)
+        lg._forgetJob()     # a click's answer nobody collected (its temporary folder goes)
         inputPath = self._inputFile()
         tmp = Path(tempfile.mkdtemp(prefix="segbook-click-"))
         try:

@@ -674,3 +674,40 @@ def test_the_engine_python_box_applies_once_when_editing_is_finished(gui_stubs, 
         assert len(gui_stubs["errors"]) == 1 and pythonSetting(home) is None
     finally:
         panel.cleanup()
+
+
+# -- 12: no blocking child process at every refresh and click with an Engine Python ---------------------------------
+def test_the_engine_python_is_not_asked_again_at_every_refresh_and_click(gui_stubs, tmp_path):  # noqa: F811
+    from test_slicer_static import UI_FILE
+    from SegBookLib.InstallLogic import setPythonSetting
+    from SegBookLib.Widget import Widget
+    log = tmp_path / "python.log"
+    engine = recording_python(tmp_path / "env" / "bin", log)
+    setPythonSetting(os.environ["SEGBOOK_HOME"], str(engine))
+    panel = Widget(str(UI_FILE))
+    try:
+        def children(what):
+            return sum(what in line for line in log.read_text().splitlines())
+        assert children("_entryDicts") == 1 and children("installedVersions") == 1
+        for _ in range(3):                      # Segment, Download, Export clicks; the Setup status; refreshes
+            assert panel.ensureInstalled()
+            panel.refreshInstallStatus()
+            panel.refreshModels()
+        assert children("_entryDicts") == 1 and children("installedVersions") == 1
+        # what changes the list is seen: a model folder of one's own appears; a download finished
+        from slicer_fixtures import make_tiny_model
+        make_tiny_model(panel.catalog.modelsDirectory / "mine", name="mine")
+        panel.refreshModels()
+        assert children("_entryDicts") == 2 and any(e.name.endswith("mine") for e in panel.entries)
+        panel.catalog.invalidate()
+        panel.refreshModels()
+        assert children("_entryDicts") == 3
+        # what is missing is asked again at the next click (it may have been installed meanwhile)
+        from SegBookLib.InstallLogic import InstallLogic
+        lacking = InstallLogic(python=str(engine), requirements={"core": ["segbook-absent-package"], "train": [],
+                                                                 "dicom": []})
+        before = children("installedVersions")
+        assert not any([lacking.isReady(), lacking.isReady(), lacking.isReady()])
+        assert children("installedVersions") == before + 3
+    finally:
+        panel.cleanup()

@@ -172,6 +172,9 @@ class InstallLogic:
             self._installTorch = installTorch or _installTorch
         self._requirements = requirements
         self._gpu: Optional[bool] = None
+        # (training, dicom) sets found complete: not asked again (in an Engine Python each question is a child
+        # process, and the panel asks at every click); what is missing is asked again, it may have been installed
+        self._ready: set = set()
 
     @property
     def external(self) -> bool:
@@ -185,11 +188,15 @@ class InstallLogic:
 
     def problems(self, training: bool = False, dicom: bool = False) -> list:
         """[(requirement, installed version or None)] for every requirement not met, torch first."""
+        if (training, dicom) in self._ready:
+            return []
         importlib.invalidate_caches()   # packages installed since the last look
         parsed = [(req, *parseRequirement(req)) for req in self.requirements(training, dicom)]
         installed = self._versions([name for _, name, _ in parsed])
         out = [(req, installed.get(name)) for req, name, bounds in parsed
                if installed.get(name) is None or not satisfies(installed[name], bounds)]
+        if not out:
+            self._ready.add((training, dicom))
         return sorted(out, key=lambda p: parseRequirement(p[0])[0] != "torch")
 
     def missing(self, training: bool = False, dicom: bool = False) -> list:

@@ -84,6 +84,8 @@ class ModelCatalog:
         only importable there, so the catalog is read there."""
         self.root = Path(root) if root is not None else userDirectory()
         self.python = python or None
+        self._cached = None             # (fingerprint, entries) of the last list read in an Engine Python
+        self._generation = 0
 
     @property
     def modelsDirectory(self) -> Path:
@@ -131,12 +133,28 @@ class ModelCatalog:
             return []
         return sorted(p for p in self.modelsDirectory.iterdir() if (p / "model.json").is_file())
 
+    def invalidate(self) -> None:
+        """Read the list again next time (a model was downloaded)."""
+        self._generation += 1
+
+    def _fingerprint(self) -> tuple:
+        """What the list depends on that can change while Slicer runs, read without the core."""
+        folders = tuple((p.name, (p / "model.json").stat().st_mtime_ns) for p in self.fineTunedFolders())
+        return self.python, str(self.root), folders, tuple(self._extraFolders()), self._generation
+
     def entries(self) -> list:
         """Every model the selector offers: the TotalSegmentator STU-Nets S, B, L, H first, the other released
-        and bundled ones, then the user's."""
+        and bundled ones, then the user's.
+
+        In an Engine Python the list is read by a child process that imports the core (and torch: seconds, on
+        the GUI thread), so the answer is kept until a model folder appears or changes, or `invalidate()`."""
         if self.python:
             from .ProcessRunner import callInCore
-            return [ModelEntry(**e) for e in callInCore(self.python, f"{__name__}:_entryDicts", str(self.root))]
+            fingerprint = self._fingerprint()
+            if self._cached is None or self._cached[0] != fingerprint:
+                found = callInCore(self.python, f"{__name__}:_entryDicts", str(self.root))
+                self._cached = (fingerprint, found)
+            return [ModelEntry(**e) for e in self._cached[1]]
         from segbook.zoo import get_config, is_cached, list_models
         released = []
         for name in list_models():

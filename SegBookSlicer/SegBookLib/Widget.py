@@ -379,6 +379,7 @@ class Widget(FineTunePanel, qt.QWidget):
                 self.download = None
                 self.setDownloadRunning(False)
                 self.showStatus("Download finished." if code == 0 else f"Download failed: {last}")
+                self.catalog.invalidate()
                 self.refreshModels()
                 if code == 0 and self.segmentAfterDownload:
                     self.segmentAfterDownload = False

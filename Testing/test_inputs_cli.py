@@ -126,7 +126,12 @@ def test_predict_series_choice_spaces_non_ascii_and_a_new_folder(tmp_path, model
     seg = sitk.ReadImage(str(out))
     assert seg.GetSize() == (56, 48, 16)
     np.testing.assert_allclose(seg.GetSpacing(), (3.0, 3.0, 3.0), rtol=1e-5)
-    assert expected_volume(chosen).shape == (16, 48, 56)
+    # the chosen series was segmented, not the scout: its labels are those of that series' voxels
+    from segbook.inference import Predictor
+    volume = expected_volume(chosen).astype(np.float32)[None]
+    labels = Predictor(str(model_dir), device="cpu").predict_array(volume, (3.0, 3.0, 3.0))
+    assert len(np.unique(labels)) >= 2
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(seg), labels)
     assert _files(out.parent) == ["seg 1.json", "seg 1.nii.gz"]
 
 

@@ -100,6 +100,11 @@ def test_a_new_roi_covers_the_input_volume(scene):
     ras = (NodeIO.ijkToRasArray(volume) @ np.stack([i, j, k, np.ones_like(i)]).astype(float))[:3]
     lps = np.diag([-1.0, -1.0, 1.0]) @ ras
     assert (lps.min(axis=1) >= np.array(box[:3]) - 1e-6).all() and (lps.max(axis=1) <= np.array(box[3:]) + 1e-6).all()
+    # and no more than the volume: the box is exactly the hull of the voxels' corners (centres +- half a voxel)
+    shape = np.array(slicer.util.arrayFromVolume(volume).shape[::-1])            # i, j, k
+    corners = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in shape], indexing="ij")).reshape(3, -1)
+    corners_lps = np.diag([-1.0, -1.0, 1.0]) @ (NodeIO.ijkToRasArray(volume) @ np.vstack([corners, np.ones(8)]))[:3]
+    assert box == pytest.approx([*corners_lps.min(axis=1), *corners_lps.max(axis=1)], abs=1e-4)
     # a box the user already sized is left alone; without a volume, a 100 mm cube at the origin
     roi.SetSize(5.0, 6.0, 7.0)
     NodeIO.initializeRoi(roi, volume)

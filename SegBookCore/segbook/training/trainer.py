@@ -13,6 +13,7 @@ MODEL_DIR/training/ (checkpoint.pt, config.json, split.json, commands.txt, log.j
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -105,6 +106,10 @@ def _prepare_config(cfg: FinetuneConfig, train_dir: Path) -> FinetuneConfig:
         if not (train_dir / "checkpoint.pt").is_file():
             raise TrainingError(f"{train_dir}: no checkpoint.pt to resume from")
         old = FinetuneConfig.load(saved)
+        changed = _changed_recipe(cfg, old)
+        if changed:
+            raise TrainingError(f"{cfg.output}: --resume continues the run as it was started, which differs in "
+                                f"{', '.join(changed)}: leave these out, or train into another output folder")
         # what may change between runs: where it runs, how it reports, and a longer schedule
         for k in ("device", "num_workers", "threads", "progress", "val_every"):
             setattr(old, k, getattr(cfg, k))
@@ -116,6 +121,27 @@ def _prepare_config(cfg: FinetuneConfig, train_dir: Path) -> FinetuneConfig:
         raise TrainingError(f"{cfg.output} already holds a training run; continue it with --resume "
                             f"or choose another output folder")
     return cfg
+
+
+# what --resume may change (where the run is, where it runs, how it reports, a longer schedule); every other
+# field is the recipe the checkpoint was trained with
+_RESUMABLE = ("dataset", "output", "resume", "device", "num_workers", "threads", "progress", "val_every", "epochs")
+
+
+def _changed_recipe(new: FinetuneConfig, old: FinetuneConfig) -> list[str]:
+    """The recipe flags given to --resume (not left at their default) with another value than the run's,
+    e.g. ["--batch-size 1 (the run has 2)"]. A flag left out takes the run's value."""
+    def shown(v):
+        return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+    out = []
+    for f in dataclasses.fields(FinetuneConfig):
+        value, was = getattr(new, f.name), getattr(old, f.name)
+        if f.name in _RESUMABLE or value == f.default or value == was:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        flag = flag if isinstance(value, bool) else f"{flag} {shown(value)}"
+        out.append(f"{flag} (the run has {'its default' if was is None else shown(was)})")
+    return out
 
 
 def _adapt_start(cfg, ds, out: Path, d: Dist) -> None:

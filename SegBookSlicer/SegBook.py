@@ -10,8 +10,10 @@ import slicer
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 
-LIB_MODULES = ["Parameters", "ProcessRunner", "NodeIO", "ModelCatalog", "InstallLogic", "SegmentationLogic",
-               "FineTuneLogic", "TrainingChart", "InteractiveLogic", "InteractivePanel", "Widget"]
+# every module of SegBookLib, each after those it imports: Reload reloads them in this order
+LIB_MODULES = ["Parameters", "ProcessRunner", "NodeIO", "StatisticsTable", "ModelCatalog", "InstallLogic",
+               "SegmentationLogic", "FineTuneLogic", "TrainingChart", "FineTunePanel", "InteractiveLogic",
+               "InteractivePanel", "Widget"]
 
 
 class SegBook(ScriptedLoadableModule):

@@ -711,3 +711,51 @@ def test_the_engine_python_is_not_asked_again_at_every_refresh_and_click(gui_stu
         assert children("installedVersions") == before + 3
     finally:
         panel.cleanup()
+
+
+# -- smaller: Reload, the extension's dependencies, console windows ---------------------------------------------------
+def test_reload_reloads_every_library_module_after_what_it_imports():
+    """SegBookWidget.onReload reloads LIB_MODULES in order (Slicer's default reload re-reads SegBook.py only): a
+    module missing there stays stale after Reload; one reloaded before a module it imports binds the old one."""
+    import ast
+    import re
+    tree = ast.parse((SLICER_MODULE / "SegBook.py").read_text())
+    order = next(ast.literal_eval(n.value) for n in tree.body
+                 if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "LIB_MODULES")
+    library = SLICER_MODULE / "SegBookLib"
+    modules = {p.stem for p in library.glob("*.py") if p.stem != "__init__"}
+    assert sorted(order) == sorted(modules)
+    for name in modules:
+        text = (library / f"{name}.py").read_text()
+        imported = set(re.findall(r"from \.(\w+) import", text)) | set(re.findall(r"from \. import (\w+)", text))
+        for dependency in imported & modules:
+            assert order.index(dependency) < order.index(name), f"{name} is reloaded before {dependency}"
+
+
+def test_the_extension_depends_on_the_pytorch_extension_only_if_it_uses_it():
+    """Setup installs torch itself (light-the-torch) and may need none in Slicer (an Engine Python): the
+    PyTorch extension's PyTorchUtils is never called, so the extension does not depend on it."""
+    import re
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    depends = re.search(r'set\(EXTENSION_DEPENDS\s+"([^"]*)"\)', cmake).group(1).split()
+    uses = any("PyTorchUtils" in re.sub(r"#.*|\"\"\"[\s\S]*?\"\"\"", "", p.read_text())
+               for p in SLICER_MODULE.rglob("*.py"))
+    assert ("PyTorch" in depends) == uses
+    assert json.loads((ROOT / "SegBook.json").read_text()).get("build_dependencies", []) == \
+        [d for d in depends if d != "NA"]
+
+
+def test_every_child_process_opens_no_console_window_on_windows():
+    """Each subprocess.run / Popen of the module passes CREATE_NO_WINDOW (noWindow() or creationflags)."""
+    import ast
+    calls = []
+    for path in SLICER_MODULE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                    node.func.attr in ("run", "Popen") and getattr(node.func.value, "id", "") == "subprocess":
+                flags = any(k.arg == "creationflags" or (k.arg is None and "noWindow" in ast.dump(k.value))
+                            for k in node.keywords)
+                group = any(k.arg is None and ast.unparse(k.value) == "group" for k in node.keywords) and \
+                    "group = noWindow() if _WINDOWS" in path.read_text()
+                calls.append((f"{path.name}:{node.lineno}", flags or group))
+    assert calls and all(ok for _, ok in calls), [c for c, ok in calls if not ok]

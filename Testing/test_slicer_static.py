@@ -284,7 +284,7 @@ def test_top_level_cmake_is_a_slicer_extension():
     text = (ROOT / "CMakeLists.txt").read_text()
     assert re.search(r"project\(SegBook\)", text)
     assert cmake_value(text, "EXTENSION_CATEGORY") == "Segmentation"
-    assert "PyTorch" in cmake_value(text, "EXTENSION_DEPENDS").split()
+    assert cmake_value(text, "EXTENSION_DEPENDS").split()      # "NA" or extensions (test_slicer_host.py decides)
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_DESCRIPTION", "EXTENSION_CONTRIBUTORS", "EXTENSION_ICONURL",
                 "EXTENSION_SCREENSHOTURLS"):
         assert cmake_value(text, key).strip(), key

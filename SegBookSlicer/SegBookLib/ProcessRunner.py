@@ -159,10 +159,9 @@ class ProcessRunner:
         self._stderr.clear()
         if self.stopFile is not None:
             self.stopFile.unlink(missing_ok=True)
-        if _WINDOWS:    # no console window; taskkill /T finds the tree through the launcher
-            group = {"creationflags": subprocess.CREATE_NO_WINDOW}
-        else:           # own session and process group: signals reach the launcher's child too
-            group = {"start_new_session": True}
+        # Windows: no console window, and taskkill /T finds the tree through the launcher; POSIX: own session
+        # and process group, so that signals reach the launcher's child too
+        group = noWindow() if _WINDOWS else {"start_new_session": True}
         # the child ends when this process dies (segbook.parentwatch): through the launcher, its parent
         # would be PythonSlicer, which outlives a crashed Slicer
         env = dict(os.environ if self.env is None else self.env, SEGBOOK_PARENT_PID=str(os.getpid()))

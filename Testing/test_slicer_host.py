@@ -759,3 +759,18 @@ def test_every_child_process_opens_no_console_window_on_windows():
                     "group = noWindow() if _WINDOWS" in path.read_text()
                 calls.append((f"{path.name}:{node.lineno}", flags or group))
     assert calls and all(ok for _, ok in calls), [c for c, ok in calls if not ok]
+
+
+def test_the_fine_tune_chart_draws_the_losses_and_the_mean_dice_not_one_series_per_class():
+    from SegBookLib.TrainingChart import TrainingChart
+    scene = slicer.vtkMRMLScene()
+    chart = TrainingChart(scene)
+    classes = [f"structure{i}" for i in range(104)]
+    for epoch in (1, 2):        # the metric event of segbook.training.trainer with a TotalSegmentator base
+        chart.add({"event": "metric", "epoch": epoch, "train_loss": 1.0 / epoch, "val_loss": 1.2 / epoch,
+                   "val_mean_dice": 0.3 * epoch, "lr": 0.01, **{f"val_dice_{c}": 0.1 for c in classes}})
+    series = sorted(chart.chart.GetNthPlotSeriesNode(i).GetYColumnName()
+                    for i in range(chart.chart.GetNumberOfPlotSeriesNodes()))
+    assert series == ["train_loss", "val_loss", "val_mean_dice"]
+    assert scene.GetNumberOfNodesByClass("vtkMRMLPlotSeriesNode") == 3
+    assert chart.column("val_dice_structure7") == [0.1, 0.1], "the per-class Dice stays in the table"

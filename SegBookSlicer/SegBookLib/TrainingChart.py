@@ -1,16 +1,23 @@
 """The live loss / validation Dice chart of a fine-tuning run, as MRML table and plot nodes.
 
 Each `metric` event of `segbook finetune` (`{"event": "metric", "epoch": 3, "train_loss": 0.4, ...}`) is a
-row; every numeric key becomes a column, and the loss and Dice columns become plot series against the epoch. The chart node is shown
-in the panel's plot widget (through `view`), and the table can be saved with the scene.
+row; every numeric key becomes a column, and the losses and the mean Dice become plot series against the
+epoch. The chart node is shown in the panel's plot widget (through `view`), and the table can be saved with the
+scene.
 """
 from __future__ import annotations
 
 import numbers
 
 X_KEYS = ("epoch", "iteration", "step")
-PLOTTED = ("loss", "dice")          # series drawn; other numbers (lr, seconds) stay in the table
 SKIP = {"event", "request"}
+
+
+def plotted(key: str) -> bool:
+    """Whether a metric is drawn: the losses and the mean Dice (`val_mean_dice`, `val_dice`). The per-class
+    Dice (`val_dice_<class>`, 104 of them for a TotalSegmentator base), the learning rate and timings stay in
+    the table only."""
+    return "loss" in key or key.endswith("dice")
 
 
 class TrainingChart:
@@ -75,7 +82,7 @@ class TrainingChart:
             table.AddColumn(column)
         self.table.SetAndObserveTable(table)
         for key in self.columns:
-            if key == xKey or key in self.series or not any(word in key for word in PLOTTED):
+            if key == xKey or key in self.series or not plotted(key):
                 continue
             series = self.scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", key)
             series.SetAndObserveTableNodeID(self.table.GetID())

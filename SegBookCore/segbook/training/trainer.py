@@ -409,7 +409,7 @@ def _run(cfg, d, device, out, train_dir, reporter, command, stop_file=None) -> d
                 append_jsonl(train_dir / "log.jsonl", {k: v for k, v in record.items() if k != "validation"})
                 plot_curves(history, train_dir / "curves.png")
                 save_model()
-            # flat numbers for the progress protocol (the Slicer chart plots every key holding "loss"/"dice")
+            # flat numbers for the progress protocol (the Slicer chart plots the losses and the mean Dice)
             flat = {k: v for k, v in record.items() if k not in ("validation", "val_dice")}
             if record.get("val_dice"):
                 flat["val_mean_dice"] = last_val["mean_dice"]

@@ -108,6 +108,8 @@ def test_a_click_segments_the_structure_a_negative_point_changes_it_and_undo_ste
     logic.click([world_ras(volume, point)], [world_ras(volume, far)])
     second = one(logic.wait())
     assert second["ok"] and second["segmentId"] == sid and worker.workerPid() == pid     # the same worker
+    # the volume was not written again: the worker kept the image and its tile (no network run)
+    assert first["tiles"] == 1 and second["tiles"] == 0
     after2 = mask_of(node, sid, volume)
     assert not after2[far] and after2[point] and 0 < after2.sum() < after1.sum()
     assert seg.GetSegment(sid).GetName() == "anterior" and seg.GetNumberOfSegments() == 1
@@ -144,6 +146,40 @@ def test_the_segment_name_is_the_class_asked_for_and_its_voxels_are_the_previous
     # a segment not named after a class asks for none
     logic.segmentId = node.GetSegmentation().AddEmptySegment("", "my lesion")
     assert logic.className() is None
+
+
+@pytest.fixture(scope="module")
+def prompted_model(tmp_path_factory):
+    """`hippocampus-demo` taking prompt channels, their weights at zero: a prompt-taking model (its prompts go
+    in as input, its answer is the class against all others) that computes what the base computes."""
+    import dataclasses
+
+    from segbook.training.model_init import build_network
+    from segbook.zoo import get_config, save_model_folder
+    base = get_config("hippocampus-demo")
+    net, _, _ = build_network("hippocampus-demo", base.class_names, 1, base.arch.pool_op_kernel_sizes, prompts=True)
+    config = dataclasses.replace(base, name="hippocampus-prompted", arch=net.arch, prompts=net.prompts)
+    return save_model_folder(tmp_path_factory.mktemp("models") / "prompted", config, net.state_dict())
+
+
+def test_a_prompt_taking_model_answers_through_the_same_clicks(scene, worker, label, prompted_model):
+    logic, volume, node = start(scene, worker)
+    logic.begin(volume, node, None, SegmentParameters(model=str(prompted_model), device="cpu"), CLASSES)
+    point = deepest(label == 2)
+    logic.click([world_ras(volume, point)])
+    first = one(logic.wait())
+    assert first["ok"] and first["class"] == "posterior", first
+    sid = first["segmentId"]
+    before = mask_of(node, sid, volume)
+    assert before[point] and dice(before, label == 2) > 0.7
+    # the second click carries the segment as "previous" (on the input's grid, or the worker refuses it)
+    inside = np.argwhere(before)
+    far = tuple(inside[np.argmax(((inside - np.array(point)) ** 2).sum(axis=1))])
+    logic.click([world_ras(volume, point)], [world_ras(volume, far)])
+    second = one(logic.wait())
+    assert second["ok"] and second["segmentId"] == sid, second
+    assert mask_of(node, sid, volume)[point]
+    assert second["tiles"] >= 1         # prompts are its input: each click runs the network
 
 
 def test_ras_points_reach_the_voxel_they_lie_on_under_a_parent_transform(scene, worker, label):

@@ -166,7 +166,7 @@ class InteractiveLogic:
     `begin` chooses the volume, segmentation, segment (None: a new one, made from the first answer), the
     Segment parameters and the model's class names; `observe` connects the markups nodes; each placement
     calls `click`. `poll` returns the outcomes of the answers received ({"ok", "message", "segmentId",
-    "class", "voxels", "seconds"})."""
+    "class", "voxels", "seconds", "tiles": network runs})."""
 
     def __init__(self, segmentationLogic, scene, undo: Optional[EditorUndo] = None):
         self.segmentation = segmentationLogic
@@ -375,6 +375,7 @@ class InteractiveLogic:
                    f"({info.get('class')}, {final.get('seconds', final.get('elapsed'))} s)")
         return {"ok": True, "message": "; ".join([message] + warnings), "segmentId": self.segmentId,
                 "class": info.get("class"), "voxels": int(mask.sum()), "seconds": final.get("seconds"),
+                "tiles": info.get("tiles"),
                 "warnings": warnings}
 
     @staticmethod

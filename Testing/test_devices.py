@@ -69,7 +69,62 @@ def test_auto_picks_cuda_then_mps_then_cpu(gpus, monkeypatch):
     assert resolve_device("auto") == torch.device("mps")
     assert resolve_device("mps") == torch.device("mps")
     gpus(1)
-    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("auto") == torch.device("cuda:0")
+
+
+def test_bare_cuda_is_a_definite_device_whatever_was_current(gpus, monkeypatch):
+    """After a cuda:1 request made GPU 1 the current device, "cuda" and "auto" still mean cuda:0 (what the
+    result's sidecar then says); under torchrun they mean this process's GPU, LOCAL_RANK."""
+    calls = gpus(2)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    distributed.setup("cuda:1")
+    assert calls == [torch.device("cuda:1")]
+    assert resolve_device("cuda") == resolve_device("auto") == torch.device("cuda:0")
+    distributed.setup("cuda")
+    assert calls[-1] == torch.device("cuda:0")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("cuda") == resolve_device("auto") == torch.device("cuda:1")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")      # an explicit index is kept
+
+
+def test_predict_device_cuda_under_torchrun_uses_the_local_rank(gpus, monkeypatch):
+    """`torchrun ... predict --device cuda`: rank r of a node runs on GPU LOCAL_RANK, not every rank on GPU 0."""
+    from segbook.commands.predict import _shard
+    gpus(2)
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        _, _, device = _shard(["a", "b"], ["x", "y"], "cuda")
+        assert resolve_device(device) == torch.device(f"cuda:{rank}")
+
+
+def test_fp32_on_cuda_runs_without_tf32(gpus):
+    gpus(1)
+    was = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True   # cuDNN's default
+        distributed.setup("cpu")
+        assert torch.backends.cudnn.allow_tf32                            # the CPU leaves them alone
+        distributed.setup("cuda")
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = was
+
+
+def test_mixed_precision_on_mps_needs_torch_2_5(monkeypatch):
+    """`--precision bf16 --device mps` on torch < 2.5 is one line before any work, not autocast's error."""
+    from segbook.devices import mps_autocast_available
+    from segbook.runners import resolve_precision
+    for version, ok in (("2.2.2", False), ("2.4.1+cpu", False), ("2.5.0", True), ("2.13.0+cpu", True)):
+        monkeypatch.setattr(torch, "__version__", version)
+        assert mps_autocast_available() is ok, version
+        if ok:
+            assert resolve_precision("bf16", torch.device("mps")) == "bf16"
+        else:
+            with pytest.raises(InputError, match="bf16 on Apple's MPS needs torch >= 2.5"):
+                resolve_precision("bf16", torch.device("mps"))
+        assert resolve_precision("auto", torch.device("mps")) == "fp32"
 
 
 def test_a_disabled_autocast_is_never_constructed(monkeypatch):

@@ -24,6 +24,7 @@ import logging
 import torch
 from torch import nn
 
+from .devices import mps_autocast_available, mps_available
 from .errors import InputError
 from .sliding_window import apply_head
 
@@ -54,6 +55,8 @@ def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+    elif mps_available():          # Apple's allocator caches freed blocks the same way
+        torch.mps.empty_cache()
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -64,6 +67,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return "fp16" if device.type == "cuda" else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise InputError("precision fp16 needs a CUDA device; on the CPU use fp32 (default) or bf16")
+    if precision == "bf16" and device.type == "mps" and not mps_autocast_available():
+        raise InputError(f"precision bf16 on Apple's MPS needs torch >= 2.5 (this is {torch.__version__}); "
+                         f"use fp32")
     return precision
 
 
@@ -115,6 +121,8 @@ class TorchRunner:
         # GPU-only: not testable here. The cost is one pipeline stall per tile, small beside a tile's forward.
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        elif self.device.type == "mps":    # Metal queues its kernels too
+            torch.mps.synchronize()
 
 
 def tile_logits(runner, x: torch.Tensor) -> torch.Tensor:

@@ -774,3 +774,25 @@ def test_the_fine_tune_chart_draws_the_losses_and_the_mean_dice_not_one_series_p
     assert series == ["train_loss", "val_loss", "val_mean_dice"]
     assert scene.GetNumberOfNodesByClass("vtkMRMLPlotSeriesNode") == 3
     assert chart.column("val_dice_structure7") == [0.1, 0.1], "the per-class Dice stays in the table"
+
+
+def test_the_batch_script_leaves_no_volume_behind_when_an_input_fails(tmp_path, monkeypatch):
+    """`run` in this process on a scene standing for Slicer's: every input read and then failed (an unknown
+    model) is removed again, so a long folder does not pile up volumes in memory."""
+    import importlib.util
+    import shutil
+    spec = importlib.util.spec_from_file_location("SegBookBatch", BATCH)
+    batch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(batch)
+    monkeypatch.setenv("SEGBOOK_HOME", str(tmp_path / "home"))
+    scene = slicer.vtkMRMLScene()
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a.nii.gz", "b.nii.gz"):
+        shutil.copy(IMAGE, inputs / name)
+    status = batch.run(["--input", str(inputs), "--output", str(tmp_path / "out"), "--model", "no-such-model",
+                        "--device", "cpu"])
+    assert status == 1
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0

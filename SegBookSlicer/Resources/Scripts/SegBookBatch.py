@@ -96,6 +96,7 @@ def readVolume(scene, path: Path, series=None):
         for f in files:
             storage.AddFileName(str(f))
     if not storage.ReadData(node):
+        scene.RemoveNode(node)
         raise RuntimeError(f"{path}: Slicer cannot read this image")
     return node
 
@@ -147,16 +148,19 @@ def run(argv) -> int:
             if args.skip_existing and output.is_file():
                 log.info("%s: %s exists, skipped", path, output)
                 continue
+            volume = node = None
             try:
                 volume = readVolume(scene, path, args.series)
                 node = logic.segment(scene, volume, params, timeout=args.timeout)
                 writeSegmentation(node, output)
                 log.info("%s -> %s (%d segments)", path, output, node.GetSegmentation().GetNumberOfSegments())
-                scene.RemoveNode(node)
-                scene.RemoveNode(volume)
             except Exception as e:  # report, go on with the next input, fail at the end
                 failures += 1
                 log.error("%s: %s", path, e)
+            finally:                # a long folder must not pile up volumes, failed ones included
+                for done in (node, volume):
+                    if done is not None and scene.IsNodePresent(done):
+                        scene.RemoveNode(done)
     finally:
         logic.shutdown()
     return 1 if failures else 0

@@ -346,3 +346,20 @@ def test_finetune_on_two_ranks_trains_the_weights_of_one_process_on_the_combined
     off = sum(float((got[k] - want[k]).norm() ** 2) for k in want) ** 0.5
     # measured: moved 0.51, off 2e-15 (the reduction order); without the trainer's DDP wrapping off 0.26
     assert moved > 0.1 and off < 1e-9 * moved, (off, moved)
+
+
+def test_torchrun_with_one_process_joins_a_process_group_and_trains_as_a_plain_run(tmp_path):
+    """`torchrun --nproc_per_node 1 ... finetune`: the process group is set up and the network DDP-wrapped
+    (on a GPU these are the NCCL paths a larger run takes), and the weights equal a plain run's."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, plain = tmp_path / "one", tmp_path / "plain"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                           "-m", "segbook", "-v", "finetune", str(MINI), "-o", str(one), "--batch-size", "2",
+                           *THREE_STEPS], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0/1 on cpu (gloo)" in proc.stderr and "rank 0 epoch 1 train_loss" in proc.stderr, proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, "-m", "segbook", "finetune", str(MINI), "-o", str(plain), "--batch-size",
+                           "2", *THREE_STEPS], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load_checkpoint(one / "weights.safetensors"), load_checkpoint(plain / "weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,7 +1,8 @@
 """DistributedDataParallel under torchrun: process group setup, rank helpers.
 
-torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them training runs as a single process. CUDA
-uses NCCL with one GPU per local rank, CPU uses gloo.
+torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; without them training runs as a
+plain single process. Under torchrun the process group is set up whatever the world size: CUDA uses NCCL
+with one GPU per local rank, CPU uses gloo.
 
 Work that writes a shared folder (the converted base download, the preprocessed cache) runs on rank 0
 first (`main_first`); work that is the same per item (preprocessing, validation cases) is split over the
@@ -30,10 +31,13 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    launched: bool = False      # started by torchrun: in a process group even when it is alone in it
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """In a process group: the collectives and DDP run (with one rank too, so that `torchrun
+        --nproc_per_node 1` on one GPU exercises the NCCL paths a larger run takes)."""
+        return self.world_size > 1 or self.launched
 
     @property
     def is_main(self) -> bool:
@@ -99,13 +103,19 @@ class Dist:
         return first if self.is_main else fn()
 
 
+def launched() -> bool:
+    """Started by torchrun (or any launcher that sets the env:// rendezvous variables it sets)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
 def setup(device: str) -> tuple[Dist, torch.device]:
-    """Join the torchrun process group if there is one; returns (Dist, this rank's device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    """Join the torchrun process group whenever launched by torchrun, with one process too; returns
+    (Dist, this rank's device)."""
     dev = resolve_device(device)
-    if world <= 1:
+    if not launched():
         use_device(dev)
         return Dist(), dev
+    world = int(os.environ["WORLD_SIZE"])
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if dev.type == "cuda":     # one GPU per local rank, whatever index was asked for
         dev, backend = resolve_device(f"cuda:{local}"), "nccl"
@@ -117,7 +127,7 @@ def setup(device: str) -> tuple[Dist, torch.device]:
         # longest remaining wait is rank 0 downloading a registry base once (STU-Net-H: 11.7 GB)
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=60))
     log.info("rank %d/%d on %s (%s)", rank, world, dev, backend)
-    return Dist(rank, world, local), dev
+    return Dist(rank, world, local, launched=True), dev
 
 
 def teardown(d: Dist) -> None:

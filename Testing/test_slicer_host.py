@@ -796,3 +796,50 @@ def test_the_batch_script_leaves_no_volume_behind_when_an_input_fails(tmp_path, 
     assert status == 1
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+
+
+def test_the_statistics_button_refreshes_the_table_after_edits_and_shows_it(gui_stubs, monkeypatch):  # noqa: F811
+    """The application's parts the button uses are the real slicer-core classes where they exist
+    (vtkMRMLApplicationLogic propagating the table to the table view node, vtkSlicerTablesLogic choosing the
+    layout); the layout manager is a stub recording the layout set."""
+    import types
+
+    import numpy as np
+    from test_slicer_static import UI_FILE
+    from SegBookLib.StatisticsTable import REFERENCE_ROLE
+    from SegBookLib.Widget import Widget
+    scene = slicer.mrmlScene
+    applicationLogic = slicer.vtkMRMLApplicationLogic()
+    applicationLogic.SetMRMLScene(scene)
+    slicer.app.applicationLogic.return_value = applicationLogic
+    slicer.app.layoutManager.return_value.layout = slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView
+    monkeypatch.setattr(slicer, "modules", types.SimpleNamespace(
+        tables=types.SimpleNamespace(logic=slicer.vtkSlicerTablesLogic)), raising=False)
+    view = scene.AddNewNodeByClass("vtkMRMLTableViewNode")
+    panel = Widget(str(UI_FILE))
+    ui = gui_stubs["ui"]
+    try:
+        volume = load_volume(scene, IMAGE)
+        node = segmentation_of_boxes(scene, volume, BOXES)
+        ui.outputSegmentationSelector.currentNode.return_value = node
+        ui.inputVolumeSelector.currentNode.return_value = None      # the segmentation's own volume is used
+        click = ui.statisticsButton.clicked.connect.call_args.args[0]
+        click()
+        assert gui_stubs["errors"] == []
+        table = node.GetNodeReference(REFERENCE_ROLE)
+        assert view.GetTableNodeID() == table.GetID(), "shown in the table view"
+        layout = slicer.app.layoutManager.return_value.setLayout.call_args.args[0]
+        assert layout == slicer.vtkSlicerTablesLogic().GetLayoutWithTable(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView)
+        expected = np.zeros(slicer.util.arrayFromVolume(volume).shape, np.uint8)
+        for index, box in enumerate(BOXES):
+            expected[box] = index + 1
+        voxels = [int(table.GetTable().GetValueByName(r, "Voxels").ToInt()) for r in range(3)]
+        assert voxels == [int((expected == v).sum()) for v in (1, 2, 3)]
+        # an edit in the Segment Editor, then Statistics again: the same table, the segments as they are now
+        node.GetSegmentation().RemoveSegment(node.GetSegmentation().GetNthSegmentID(0))
+        click()
+        assert node.GetNodeReference(REFERENCE_ROLE) is table and table.GetNumberOfRows() == 2
+        names = [table.GetTable().GetValueByName(r, "Structure").ToString() for r in range(2)]
+        assert names == ["s1", "s2"]
+    finally:
+        panel.cleanup()

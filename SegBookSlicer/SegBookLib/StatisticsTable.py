@@ -3,6 +3,9 @@
 The numbers are the worker's (segbook.statistics, on the input volume's own voxels), the same as
 `segbook predict --statistics` writes to its CSV; the table is only their display. The segmentation node
 references its table ("SegBook.Statistics"), so segmenting into the same node again updates it in place.
+After edits in the Segment Editor, `refreshStatistics` computes them again with the same core function from the
+segments as they are now (Label: the segment's place in the node), and `showTable` shows the table in the
+layout's table view, as Slicer's Segment Statistics module does.
 """
 from __future__ import annotations
 
@@ -36,3 +39,27 @@ def updateStatisticsTable(scene, segmentationNode, rows: list):
     finally:
         table.EndModify(wasModifying)
     return table
+
+
+def refreshStatistics(scene, segmentationNode, volumeNode):
+    """Fill the statistics table from the segments as they are now, over `volumeNode`'s voxels (the core's
+    segbook.statistics in this process: it needs numpy only, no torch); returns the table node."""
+    import slicer
+    from segbook.statistics import label_statistics
+
+    from . import NodeIO
+    if segmentationNode is None or volumeNode is None:
+        raise ValueError("select the segmentation and the volume it lies on")
+    labels, classes = NodeIO.segmentsToLabels(segmentationNode, volumeNode)
+    rows = label_statistics(labels, slicer.util.arrayFromVolume(volumeNode), volumeNode.GetSpacing(), classes)
+    return updateStatisticsTable(scene, segmentationNode, rows)
+
+
+def showTable(table) -> None:
+    """Switch to a layout with a table view and show `table` there."""
+    import slicer
+    layoutManager = slicer.app.layoutManager()
+    layoutManager.setLayout(slicer.modules.tables.logic().GetLayoutWithTable(layoutManager.layout))
+    applicationLogic = slicer.app.applicationLogic()
+    applicationLogic.GetSelectionNode().SetActiveTableID(table.GetID())
+    applicationLogic.PropagateTableSelection()

@@ -19,7 +19,8 @@ from .FineTunePanel import FineTunePanel
 from .InteractivePanel import InteractivePanel
 from .Parameters import DEVICES, PRECISIONS, PRESETS, SegmentParameters, loadFromNode, saveToNode
 from .ProcessRunner import ProcessRunner, coreEnvironment, pythonExecutable
-from .SegmentationLogic import SegmentationError, SegmentationLogic
+from .SegmentationLogic import SegmentationError, SegmentationLogic, referenceVolume
+from .StatisticsTable import refreshStatistics, showTable
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class Widget(FineTunePanel, qt.QWidget):
         self.ui.segmentButton.clicked.connect(self.onSegmentOrCancel)
         self.ui.roiSelector.nodeAddedByUser.connect(self.onRoiAdded)
         self.ui.show3DButton.clicked.connect(self.onShow3D)
+        self.ui.statisticsButton.clicked.connect(self.onStatistics)
         self.ui.exportDicomSegButton.clicked.connect(self.onExportDicomSeg)
         self.ui.addCaseButton.clicked.connect(self.onAddCase)
         self.ui.addFolderButton.clicked.connect(self.onAddFolder)
@@ -352,6 +354,13 @@ class Widget(FineTunePanel, qt.QWidget):
             self.setSegmentRunning(True)
             self.showStatus("Writing the DICOM SEG...")
             self.timer.start()
+
+    def onStatistics(self) -> None:
+        """The output segmentation's statistics as it is now (after edits), over the volume it was made on."""
+        node = self.ui.outputSegmentationSelector.currentNode()
+        volume = (referenceVolume(node) if node is not None else None) or self.ui.inputVolumeSelector.currentNode()
+        with slicer.util.tryWithErrorDisplay("Cannot compute the statistics"):
+            showTable(refreshStatistics(slicer.mrmlScene, node, volume))
 
     def onShow3D(self) -> None:
         node = self.ui.outputSegmentationSelector.currentNode()

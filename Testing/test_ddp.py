@@ -51,6 +51,24 @@ def test_ranks_sample_their_own_reproducible_batches(tmp_path):
     assert all(b0["target"][0][1].max() > 0 for b0 in (r0[k] for k in range(6)))
 
 
+@pytest.mark.parametrize("world,batch", [(2, 1), (1, 2), (4, 1), (2, 3), (3, 2)])
+def test_foreground_patches_are_the_last_of_the_global_batch(tmp_path, monkeypatch, world, batch):
+    """nnU-Net's DDP trainer: of the global batch (world x batch patches, rank after rank) the patches from
+    index round(B x (1 - 0.33)) on are centred on foreground; with 1 patch per rank some ranks' patches
+    are, and not none of them as when each rank decided for its own batch alone."""
+    ds = read_dataset(MINI)
+    cached = cache_dataset(ds, ds.cases, Plan([1.0] * 3, [16, 24, 16]), tmp_path / "cache")
+    scales = deep_supervision_scales(pools_for_patch([16, 24, 16], [1, 1, 1]))
+    seen = []
+    real = BatchDataset._lower_corner
+    monkeypatch.setattr(BatchDataset, "_lower_corner", lambda self, c, s, force, rng: seen.append(force)
+                        or real(self, c, s, force, rng))
+    for rank in range(world):
+        BatchDataset(cached, [16, 24, 16], scales, batch, seed=0, rank=rank, world_size=world)[3]
+    total = world * batch
+    assert seen == [not i < round(total * (1 - 0.33)) for i in range(total)]
+
+
 def test_torchrun_two_cpu_processes_train_and_resume_exactly(tmp_path):
     straight = tmp_path / "straight"
     proc = _torchrun(straight, "--epochs", "2", "--progress", "json", verbose=True)
@@ -295,6 +313,7 @@ from segbook.training import sampling, trainer
 class Batches:
     def __init__(self, cases, patch, scales, batch_size, *, rank=0, **kw):
         ranks = [rank] if MODE == "ranks" else [0, 1]
+        kw["world_size"] = 2       # the batches of 2 ranks (foreground patches are spread over both)
         self.parts = [sampling.BatchDataset(cases, patch, scales, 1, rank=r, **kw) for r in ranks]
 
     def __len__(self):

@@ -186,3 +186,35 @@ def test_grad_scaler_only_for_cuda_and_on_torch_before_2_3(monkeypatch):
         assert isinstance(grad_scaler(torch.device("cuda")), getattr(torch.amp, "GradScaler", torch.cuda.amp.GradScaler))
         monkeypatch.delattr(torch.amp, "GradScaler", raising=False)   # torch 2.2 has only torch.cuda.amp.GradScaler
         assert type(grad_scaler(torch.device("cuda"))).__name__ == "GradScaler"
+
+
+def test_loader_workers_are_sized_by_device_and_ranks(monkeypatch):
+    """nnU-Net gives a GPU up to 12 augmentation processes; the ranks on one machine share its cores."""
+    from segbook.training.sampling import default_workers
+    cuda, cpu = torch.device("cuda:0"), torch.device("cpu")
+    for cores, ranks, on_gpu, on_cpu in ((32, 1, 12, 4), (32, 4, 7, 4), (16, 2, 7, 4), (2, 1, 1, 1), (4, 4, 0, 0)):
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+        monkeypatch.setattr("os.cpu_count", lambda: cores)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+        assert (default_workers(cuda), default_workers(cpu)) == (on_gpu, on_cpu), (cores, ranks)
+        assert make_loader(list(range(4)), 0, 2, None, cuda).num_workers == on_gpu
+
+
+def test_batches_made_in_the_training_process_leave_the_cuda_generators_alone(tmp_path, monkeypatch):
+    """0 loader workers: each batch seeds the CPU generators it draws from, not every CUDA generator."""
+    from segbook.config import Plan
+    from segbook.dataset import read_dataset
+    from segbook.planning import deep_supervision_scales, pools_for_patch
+    from segbook.training.cache import cache_dataset
+    from segbook.training.sampling import BatchDataset
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
+    ds = read_dataset(MINI)
+    cached = cache_dataset(ds, ds.cases[:2], Plan([1.0] * 3, [16, 24, 16]), tmp_path / "cache")
+    data = BatchDataset(cached, [16, 24, 16], deep_supervision_scales(pools_for_patch([16, 24, 16], [1] * 3)), 2)
+    reseeded.clear()
+    batches = [b["image"] for b in make_loader(data, 0, 3, 0, torch.device("cpu"))]
+    assert reseeded == []
+    again = [b["image"] for b in make_loader(data, 0, 3, 0, torch.device("cpu"))]
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))   # still one stream per (seed, rank, k)

@@ -5,8 +5,8 @@ from generators seeded with those three numbers. So the stream does not depend o
 workers, ranks sample different batches, and `--resume` at iteration k sees exactly the batches an
 uninterrupted run would have seen.
 
-Foreground oversampling follows nnU-Net: of a batch of B patches the last ones, from index
-round(B * (1 - 1/3)) on, are centred on a random voxel of a random foreground class present in the case.
+Foreground oversampling follows nnU-Net: of a global batch of B patches (all ranks' together) the last
+ones, from index round(B * (1 - 1/3)) on, are centred on a random voxel of a random foreground class present in the case.
 In a partly annotated case ("ignore" label) the other patches are centred on a random annotated voxel
 (nnU-Net v2 does the same), so that a patch is not wasted on voxels that count in no loss.
 """
@@ -51,7 +51,9 @@ def _seeded(seed: int):
     np_state, py_state, torch_state = np.random.get_state(), random.getstate(), torch.get_rng_state()
     np.random.seed(seed % 2 ** 32)
     random.seed(seed)
-    torch.manual_seed(seed)
+    # the CPU generator alone: torch.manual_seed would also reseed every CUDA generator, each batch, when
+    # the batches are made in the training process (0 workers)
+    torch.default_generator.manual_seed(seed)
     try:
         yield
     finally:
@@ -64,9 +66,13 @@ class BatchDataset(torch.utils.data.Dataset):
     """Item k = batch k: {"image": (B, C, *patch) float32, "target": [(B, 1, *patch * scale) int64, ...]}."""
 
     def __init__(self, cases: list[CachedCase], patch_size, ds_scales, batch_size: int, seed: int = 0,
-                 rank: int = 0, mirror_axes=(0, 1, 2), length: int = 10 ** 9):
+                 rank: int = 0, mirror_axes=(0, 1, 2), length: int = 10 ** 9, world_size: int = 1):
         self.cases, self.patch_size = cases, [int(p) for p in patch_size]
         self.batch_size, self.seed, self.rank, self.length = batch_size, seed, rank, length
+        # Foreground patches are the last of the global batch (world_size ranks x batch_size), as nnU-Net's
+        # DDP trainer spreads them: decided per rank, 1 patch per rank would never be one.
+        first = int(round(batch_size * world_size * (1 - FOREGROUND_FRACTION)))
+        self.forced = [rank * batch_size + b >= first for b in range(batch_size)]
         self.sample_size = [max(e, p) for e, p in zip(enlarged_patch_size(self.patch_size), self.patch_size)]
         self.transform = training_transforms(self.patch_size, ds_scales, mirror_axes)
         self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -105,12 +111,11 @@ class BatchDataset(torch.utils.data.Dataset):
         seed = int(np.random.SeedSequence([self.seed, self.rank, int(k)]).generate_state(1)[0])
         rng = np.random.default_rng(seed)
         images, targets = [], None
-        first_fg = int(round(self.batch_size * (1 - FOREGROUND_FRACTION)))
         with _seeded(seed), torch.no_grad():
             for b in range(self.batch_size):
                 case = self.cases[rng.integers(len(self.cases))]
                 image, seg = self._arrays_of(case)
-                lower = self._lower_corner(case, image.shape[1:], b >= first_fg, rng)
+                lower = self._lower_corner(case, image.shape[1:], self.forced[b], rng)
                 img, sg = crop_patch(image, seg, lower, self.sample_size)
                 out = self.transform(image=torch.from_numpy(img), segmentation=torch.from_numpy(sg))
                 images.append(out["image"])
@@ -127,14 +132,22 @@ def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def default_workers() -> int:
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+def default_workers(device: torch.device | None = None) -> int:
+    """Loader processes of one training process: up to 12 for a GPU (nnU-Net's default: augmentation must
+    keep up with it), 4 on the CPU (where the network needs the cores itself); at most this process's share
+    of the cores (LOCAL_WORLD_SIZE ranks on this machine), less the one it trains on."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:      # not on Linux
+        cores = os.cpu_count() or 1
+    share = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(12 if device is not None and device.type == "cuda" else 4, share - 1))
 
 
 def make_loader(dataset: BatchDataset, start: int, stop: int, num_workers: int | None = None,
                 device: torch.device | None = None):
     """Iterate batches start..stop-1 with `num_workers` processes (0: in this process) for `device`."""
-    workers = default_workers() if num_workers is None else num_workers
+    workers = default_workers(device) if num_workers is None else num_workers
     # pinned (page-locked) batches only serve copies to a CUDA device; for the CPU they cost a copy each
     kwargs = dict(num_workers=workers, worker_init_fn=_worker_init if workers else None,
                   persistent_workers=False, pin_memory=device is not None and device.type == "cuda")

@@ -342,7 +342,7 @@ def _run(cfg, d, device, out, train_dir, reporter, command, stop_file=None) -> d
         cfg.save(train_dir / "config.json")
         write_json(train_dir / "split.json", split)
     dataset = BatchDataset(cached, plan.patch_size, deep_supervision_scales(pools), cfg.batch_size,
-                           seed=cfg.seed, rank=d.rank, mirror_axes=plan.mirror_axes)
+                           seed=cfg.seed, rank=d.rank, mirror_axes=plan.mirror_axes, world_size=d.world_size)
     total = epochs * its
     loader = iter(make_loader(dataset, start_epoch * its + start_it, total, cfg.num_workers, device))
     eta = Estimate(total - start_epoch * its - start_it, str(device))

@@ -73,10 +73,18 @@ def make_optimizer(net, lr: float, epochs: int):
     return opt, sched
 
 
+# fp16 (CUDA, with a GradScaler): a step whose loss is not finite is skipped and the loss scale lowered, as
+# GradScaler does for overflowing gradients and nnU-Net's trainer relies on; only this many in a row stop
+# the run (a lower scale no longer helps: the weights or the data are the problem)
+MAX_SKIPPED_STEPS = 5
+
+
 def train_step(net, batch, loss_fn, opt, scaler, device, d: Dist = Dist()) -> float:
     """One optimisation step on a batch from BatchDataset; returns the loss. If the loss is not finite on
-    any rank, no rank steps (a rank alone in backward would wait forever for DDP's gradient all-reduce)
-    and this returns NaN (this rank's own value where it is the bad one): the caller decides."""
+    any rank, no rank steps and this returns NaN (this rank's own value where it is the bad one): the
+    caller decides. Without a scaler no rank runs backward (a rank alone in backward would wait forever
+    for DDP's gradient all-reduce); with one every rank does, and the scaler skips the step and lowers its
+    scale, as on an overflow."""
     image = batch["image"].to(device, non_blocking=True)
     targets = [t.to(device, non_blocking=True) for t in batch["target"]]
     extra = (batch["prompt_class"].to(device),) if "prompt_class" in batch else ()   # training.prompting
@@ -85,13 +93,17 @@ def train_step(net, batch, loss_fn, opt, scaler, device, d: Dist = Dist()) -> fl
         outputs = net(image)
     loss = loss_fn(outputs, targets, *extra)
     value = float(loss.detach().item())
-    if d.broadcast_flag(not math.isfinite(value)):
+    finite = not d.broadcast_flag(not math.isfinite(value))
+    if not finite and scaler is None:
         return value if not math.isfinite(value) else math.nan
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
-        scaler.step(opt)
+        if not finite:
+            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+            return value if not math.isfinite(value) else math.nan
+        scaler.step(opt)       # skips the step itself when a gradient overflowed
         scaler.update()
     else:
         loss.backward()
@@ -360,6 +372,7 @@ def _run(cfg, d, device, out, train_dir, reporter, command, stop_file=None) -> d
 
     # 5. the loop
     result = {"model_dir": str(out), "stopped": False}
+    skipped = 0    # non-finite steps in a row
     with StopRequest(stop_file) as stop:
         for epoch in range(start_epoch, epochs):
             net.train()
@@ -371,12 +384,19 @@ def _run(cfg, d, device, out, train_dir, reporter, command, stop_file=None) -> d
                 if prompter is not None:
                     batch = prompter(net, batch, epoch * its + it)
                 loss = train_step(model, batch, loss_fn, opt, scaler, device, d)
-                if not math.isfinite(loss):
-                    good = f"{ckpt} (after epoch {len(history)})" if ckpt.is_file() else "none yet"
-                    raise TrainingError(f"loss became {loss} at epoch {epoch + 1} iteration {it + 1}; training "
-                                        f"stopped; last good checkpoint kept: {good}. Lower --lr or check "
-                                        f"the data")
-                losses.append(loss)
+                if math.isfinite(loss):
+                    skipped = 0
+                    losses.append(loss)
+                else:
+                    skipped += 1
+                    if scaler is None or skipped >= MAX_SKIPPED_STEPS:
+                        good = f"{ckpt} (after epoch {len(history)})" if ckpt.is_file() else "none yet"
+                        raise TrainingError(
+                            f"loss became {loss} at epoch {epoch + 1} iteration {it + 1}"
+                            f"{f' ({skipped} steps in a row)' if skipped > 1 else ''}; training stopped; last "
+                            f"good checkpoint kept: {good}. Lower --lr or check the data")
+                    log.warning("loss %s at epoch %d iteration %d: step skipped, loss scale lowered to %g",
+                                loss, epoch + 1, it + 1, scaler.get_scale())
                 estimate = eta.step()
                 if estimate is not None:   # how long this run takes here, said once early on
                     log.info("%s", estimate["message"])

@@ -225,11 +225,14 @@ def test_readers_and_a_second_fine_tune_while_a_fine_tune_writes_the_folder(tmp_
     readers = []
     try:
         assert json.loads(writer.stdout.readline())["event"] == "started"
+        # at once: before the first run's first checkpoint, which alone made a second run refuse before
+        second = subprocess.Popen(_finetune_cmd(out, "--epochs", "1", "--progress", "none"), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
         readers = [subprocess.Popen([sys.executable, "-c", reader_code, str(out), str(done)], stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True) for _ in range(2)]
-        second = run_cli("finetune", MINI, "-o", out, *TINY, "--epochs", "1", "--progress", "none")
-        assert second.returncode == 2
-        assert one_line(second.stderr) == (
+        refused = second.communicate(timeout=300)[1]
+        assert second.returncode == 2, refused
+        assert one_line(refused) == (
             f"segbook finetune: error: {out / 'training'}: process {writer.pid} on {os.uname().nodename} is using "
             f"it (a fine-tune writes it); wait for it to finish or choose another folder")
         epochs = 0

@@ -156,8 +156,9 @@ def save_weights(state: dict[str, torch.Tensor], path: str | os.PathLike) -> Non
     with atomic_write(path, verify=lambda tmp: _verify_weights(tmp, tensors), suffix=".safetensors") as tmp:
         try:
             save_file(tensors, str(tmp))
-        except SafetensorError as e:    # "I/O error: File too large (os error 27)": the OS's reason
-            code = re.search(r"os error (\d+)", str(e))
-            raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) if code else OSError(
+        except SafetensorError as e:    # "... (os error 27)", older: "IoError(Os { code: 27, ... })"
+            code = re.search(r"os error (\d+)|Os \{ code: (\d+)", str(e))
+            number = int(code.group(1) or code.group(2)) if code else None
+            raise OSError(number, os.strerror(number)) if number else OSError(
                 errno.EIO, str(e).splitlines()[0] if str(e) else "safetensors could not write") from None
         usual_permissions(tmp)      # safetensors makes a file of its own, readable by its owner only

@@ -467,6 +467,8 @@ runner = ProcessRunner(args, env=coreEnvironment())
 runner.start()
 if request:
     runner.send(request)
+if len(sys.argv) > 4:
+    runner.waitFor(lambda e: e.get("event") == sys.argv[4], timeout=600)
 print(runner.process.pid, flush=True)
 time.sleep(600)
 """
@@ -844,3 +846,40 @@ def test_the_statistics_button_refreshes_the_table_after_edits_and_shows_it(gui_
         assert names == ["s1", "s2"]
     finally:
         panel.cleanup()
+
+
+def test_a_fine_tune_whose_parent_dies_saves_its_checkpoint_and_ends(tmp_path):
+    """Killed while training (the parent died after the first epoch's metric): the trainer notices within a
+    second, saves a checkpoint at its next iteration (its output now goes nowhere, so no write fails), ends."""
+    import time
+
+    from app_launcher import alive, descendants, make_launcher
+    from slicer_fixtures import IMAGE2, LABEL, LABEL2
+    launcher = str(make_launcher(tmp_path / "bin"))
+    base = make_tiny_model(tmp_path / "base", classes=["background", "anterior", "posterior"], name="base", stages=6)
+    cases = [{"name": n, "image": str(i), "label": str(lb)} for n, i, lb in (("one", IMAGE, LABEL),
+                                                                              ("two", IMAGE2, LABEL2))]
+    dataset = tmp_path / "dataset.json"
+    dataset.write_text(json.dumps({"name": "d", "class_names": ["background", "anterior", "posterior"],
+                                   "channel_names": ["image"], "cases": cases}))
+    out = tmp_path / "m"
+    args = [launcher, "-m", "segbook", "finetune", str(dataset), "-o", str(out), "--base", str(base),
+            "--epochs", "50", "--iterations-per-epoch", "4", "--patch-size", "32", "32", "32", "--batch-size", "1",
+            "--threads", "1", "--num-workers", "0", "--val-every", "1", "--progress", "json"]
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(SLICER_MODULE), json.dumps(args), "null",
+                               "metric"], stdout=subprocess.PIPE, text=True)
+    try:
+        launcher_pid = int(parent.stdout.readline())
+        pids = [launcher_pid] + descendants(launcher_pid)
+        checkpoint = out / "training" / "checkpoint.pt"
+        killed = time.time()
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 120
+        while any(alive(p) for p in pids):
+            assert time.monotonic() < deadline, "the fine-tune went on after its parent died"
+            time.sleep(0.2)
+        assert checkpoint.is_file() and checkpoint.stat().st_mtime >= killed, "a checkpoint saved on the way out"
+    finally:
+        parent.kill()
+

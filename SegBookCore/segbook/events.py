@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 
+from . import parentwatch
 from .errors import Cancelled
 
 __all__ = ["Reporter", "JsonReporter", "BarReporter", "make_reporter"]
@@ -59,8 +60,12 @@ class JsonReporter(Reporter):
         self.stream = stream or sys.stdout
 
     def emit(self, event: dict) -> None:
-        self.stream.write(json.dumps(event, default=float) + "\n")
-        self.stream.flush()
+        try:
+            self.stream.write(json.dumps(event, default=float) + "\n")
+            self.stream.flush()
+        except BrokenPipeError:     # the Slicer module that reads us died: stop as it asks (segbook.parentwatch)
+            if not parentwatch.output_lost():
+                raise
 
 
 class BarReporter(Reporter):

@@ -6,7 +6,8 @@ dead parent closes our pipes, but that is only noticed at the next write (a down
 validation pass writes nothing for minutes) while the GPU memory stays held. A thread checks the pid every
 second; when it is gone, stdout and stderr are pointed at the null device (nothing to read them: a write would
 raise), `gone` is set and, unless fine-tuning has said it will stop by itself (`stop_on_death`: it saves a
-checkpoint at its next iteration), the process exits at once.
+checkpoint at its next iteration), the process exits at once. A progress event that finds the pipe closed
+first counts the same (`output_lost`, from segbook.events): no write fails on the way to that checkpoint.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import os
 import threading
 import time
 
-__all__ = ["ENV", "gone", "watch", "stop_on_death"]
+__all__ = ["ENV", "gone", "watch", "stop_on_death", "output_lost"]
 
 ENV = "SEGBOOK_PARENT_PID"
 INTERVAL_S = 1.0
@@ -23,6 +24,7 @@ GRACE_S = 300.0         # how long a fine-tune that stops by itself may take to 
 
 gone = threading.Event()
 _stops_by_itself = threading.Event()
+_watching = threading.Event()
 log = logging.getLogger(__name__)
 
 
@@ -63,8 +65,21 @@ def _silence() -> None:
             pass
 
 
+def output_lost() -> bool:
+    """A write to our output pipe failed (its reader is gone): when the parent is watched, that is its death,
+    seen before the next check. The output goes to the null device from now on and `gone` is set (the watch
+    thread then ends the process as it would have); True. Not watched: False, the caller raises."""
+    if not _watching.is_set():
+        return False
+    _silence()
+    gone.set()
+    return True
+
+
 def _watch(process: _Process) -> None:
-    while process.alive():
+    while process.alive() and not gone.is_set():
+        time.sleep(INTERVAL_S)
+    while process.alive():      # the pipe broke first: the parent is going; wait for it as for any death
         time.sleep(INTERVAL_S)
     _silence()
     gone.set()
@@ -86,5 +101,6 @@ def watch() -> bool:
     if not process.alive():
         _silence()
         os._exit(1)
+    _watching.set()
     threading.Thread(target=_watch, args=(process,), daemon=True, name="parent-watch").start()
     return True

@@ -20,6 +20,7 @@ except ImportError:  # marked dicom
     pydicom = None
 pytestmark = [pytest.mark.slicer, pytest.mark.dicom]
 
+from conftest import run_cli  # noqa: E402
 from dicom_fixtures import run_tool, tool, write_ct_series  # noqa: E402
 from slicer_fixtures import load_volume  # noqa: E402
 from test_predict_cli import CT, model_dir  # noqa: E402,F401  (fixture: a tiny model with TotalSegmentator names)
@@ -63,9 +64,21 @@ def test_corrected_segmentation_becomes_a_valid_seg_of_the_loaded_series(scene, 
     assert slicer.vtkSlicerSegmentationsModuleLogic().ImportLabelmapToSegmentationNode(labelmap, segmentation)
     seg.GetNthSegment(seg.GetNumberOfSegments() - 1).SetName("lesion (drawn)")
     scene.RemoveNode(labelmap)
-    expected, table = NodeIO.segmentsToLabels(segmentation, volume)
+    _, table = NodeIO.segmentsToLabels(segmentation, volume)        # the export's class table (names, codes)
     names = [c["name"] for c in table]
     assert removed not in names and names[-1] == "lesion (drawn)"
+    # what the SEG must hold, built without the export's code: the model's labels of the same image (the CLI,
+    # another process), the deleted structure removed, the hand-drawn box on top, numbered in segment order
+    predicted = tmp_path / "predicted.nii.gz"
+    r = run_cli("predict", CT, "-o", predicted, "--model", model_dir, "--device", "cpu", "--progress", "none")
+    assert r.returncode == 0, r.stderr
+    model_labels = sitk.GetArrayFromImage(sitk.ReadImage(str(predicted)))
+    value_of = {c["name"]: c["value"] for c in json.loads(predicted.with_suffix("").with_suffix(".json").read_text())["labels"]}
+    expected = np.zeros(model_labels.shape, np.uint8)
+    for i, name in enumerate(names[:-1]):
+        expected[model_labels == value_of[name]] = i + 1
+    expected[hand > 0] = len(names)
+    assert removed in value_of and (model_labels == value_of[removed]).any()    # the deletion removes something
 
     out = tmp_path / "out" / "seg.dcm"
     logic.startDicomSeg(volume, segmentation, out, "tiny-cli", fileForInstance=series[1].get)
@@ -74,7 +87,9 @@ def test_corrected_segmentation_becomes_a_valid_seg_of_the_loaded_series(scene, 
     assert result["segments"] == len([v for v in np.unique(expected) if v])
 
     report = run_tool(tool("dciodvfy"), out)
-    assert not [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]
+    lines = (report.stdout + report.stderr).splitlines()
+    assert report.returncode == 0 and lines and lines[0] == "Segmentation", lines   # validated as the SEG IOD
+    assert not [line for line in lines if line.startswith("Error")], lines
     ds = pydicom.dcmread(str(out))
     source = pydicom.dcmread(next(iter(series[1].values())), stop_before_pixels=True)
     assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.FrameOfReferenceUID == source.FrameOfReferenceUID

@@ -26,6 +26,12 @@ class StopRequest:
         return (self.signum != 0 or parentwatch.gone.is_set()
                 or (self.stop_file is not None and os.path.exists(self.stop_file)))
 
+    def reason(self) -> str:
+        """What asked for the stop, for the log."""
+        if self.signum:
+            return f"signal {self.signum}"
+        return "the end of the program that started the run" if parentwatch.gone.is_set() else str(self.stop_file)
+
     def __enter__(self):
         parentwatch.stop_on_death(True)
         for s in (signal.SIGINT, signal.SIGTERM):

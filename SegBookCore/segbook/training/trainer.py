@@ -410,7 +410,7 @@ def _run(cfg, d, device, out, train_dir, reporter, command, stop_file=None) -> d
                         history.pop()
                     d.barrier()
                     log.warning("stopped by %s at epoch %d iteration %d; checkpoint saved",
-                                f"signal {stop.signum}" if stop.signum else stop.stop_file, epoch + 1, it + 1)
+                                stop.reason(), epoch + 1, it + 1)
                     result.update(stopped=True, signal=stop.signum or signal.SIGTERM, epoch=epoch + 1,
                                   iteration=it + 1, epochs_done=len(history))
                     return result

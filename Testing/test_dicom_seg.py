@@ -38,6 +38,18 @@ def outputs(tmp_path_factory, series, model_dir):  # noqa: F811
     return out
 
 
+def _dicom_cielab(rgb) -> np.ndarray:
+    """sRGB (0..255) -> CIE L*a*b* (D65) in DICOM's 0..65535 encoding (PS3.3 C.10.7.1.1), from the CIE and
+    sRGB (IEC 61966-2-1) definitions."""
+    c = np.asarray(rgb, float) / 255
+    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]) @ linear
+    t = xyz / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(t > (6 / 29) ** 3, np.cbrt(t), t / (3 * (6 / 29) ** 2) + 4 / 29)
+    lab = np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+    return np.round([lab[0] * 65535 / 100, (lab[1] + 128) * 65535 / 255, (lab[2] + 128) * 65535 / 255])
+
+
 def test_seg_is_valid_dicom(outputs):
     r = run_tool(tool("dciodvfy"), outputs / "seg.dcm")
     report = r.stdout + r.stderr
@@ -101,10 +113,11 @@ def test_seg_references_the_series_study_and_frame_of_reference(outputs, series)
         assert "segbook" in algorithm.AlgorithmVersion
         assert segment.SegmentAlgorithmType == "AUTOMATIC"
         entry = next(c for c in labels if c["name"] == segment.SegmentLabel)
-        if hasattr(hd.color.CIELabColor, "from_rgb"):                # highdicom >= 0.23 converts too
-            theirs = hd.color.CIELabColor.from_rgb(*entry["color"]).value
-            # DICOM scales L*a*b* to 0..65535: within 0.1 % of the range (rounding of the constants)
-            assert np.abs(np.array(segment.RecommendedDisplayCIELabValue) - theirs).max() <= 65
+        # highdicom >= 0.23 converts too; before (Slicer 5.8's 0.22) the CIE formulas below stand in
+        from_rgb = getattr(hd.color.CIELabColor, "from_rgb", None)
+        theirs = from_rgb(*entry["color"]).value if from_rgb else _dicom_cielab(entry["color"])
+        # DICOM scales L*a*b* to 0..65535: within 0.1 % of the range (rounding of the constants)
+        assert np.abs(np.array(segment.RecommendedDisplayCIELabValue) - theirs).max() <= 65
     # the statistics sidecar and CSV come with the SEG as with a label map
     assert (outputs / "seg.statistics.csv").read_text() == (outputs / "seg.nii.gz").parent.joinpath(
         "seg.statistics.csv").read_text()

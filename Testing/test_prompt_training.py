@@ -155,3 +155,23 @@ def test_finetune_with_prompts_gives_a_model_that_segments_alone_and_from_clicks
                 "--progress", "none", timeout=600)
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "model.json").read_text())["prompts"]["channels"] == list(CHANNELS)
+
+
+def test_prompt_weights_learn_at_their_own_rate():
+    """The zero-started prompt weights get PROMPT_LR_FACTOR times their gradient; the image's are untouched."""
+    from segbook.training.prompting import PROMPT_LR_FACTOR, boost_prompt_weights
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(1, 1, 40, 56, 40), (torch.rand(1, 4, 40, 56, 40) > 0.9).float()], 1)
+    grads = []
+    for boost in (False, True):
+        net, _, _ = build_network("hippocampus-demo", ["background", "anterior", "posterior"], 1, POOLS,
+                                  prompts=True)
+        if boost:
+            boost_prompt_weights(net, 1)
+        net(x)[0].square().mean().backward()
+        block = net.conv_blocks_context[0][0]
+        grads.append([block.conv1.weight.grad.clone(), block.conv3.weight.grad.clone()])
+    for plain, boosted in zip(*grads):
+        assert torch.equal(plain[:, :1], boosted[:, :1])
+        assert torch.allclose(plain[:, 1:] * PROMPT_LR_FACTOR, boosted[:, 1:], rtol=1e-5, atol=1e-9)
+        assert plain[:, 1:].abs().sum() > 0

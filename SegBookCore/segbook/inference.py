@@ -33,7 +33,7 @@ from .io import DICOM_SEG_SUFFIX, atomic_path, check_writable, output_format, re
 from .labels import class_table
 from .statistics import csv_path, label_statistics, write_csv
 from .preprocess import preprocess, separate_axis
-from .runners import make_runner, release_memory
+from .runners import is_out_of_memory, make_runner, release_memory
 from .sliding_window import (accumulate, compute_steps, gaussian_weights, mirror_axes_sets, padding_for_patch,
                              shift_left)
 
@@ -141,6 +141,8 @@ class Predictor:
         Returns a (z, y, x) uint8 (uint16 above 255 classes) label map on the input grid.
         """
         image, spacing = self.check_image(image, spacing)
+        # a long-lived worker: a batch halved for the last image's out-of-memory may fit this one again
+        self._batch = self.runner.max_batch
         label_of_channel = self.label_values(classes)
         shape = image.shape[1:]
         out = np.zeros(shape, dtype=self._label_dtype())
@@ -214,8 +216,9 @@ class Predictor:
             try:
                 self._sliding_window(pre.data, view, modes, label_of_channel, self.runner.device, keep_z)
                 return
-            except torch.cuda.OutOfMemoryError:
-                pass
+            except RuntimeError as e:
+                if not is_out_of_memory(e):
+                    raise
             # Retried here, outside the except block: while it runs, the traceback pins the failed attempt's
             # frames (accumulators, activations), and empty_cache() can only return blocks nothing references.
             log.warning("out of GPU memory for the logits; accumulating them in CPU memory instead")
@@ -240,11 +243,14 @@ class Predictor:
         acc = torch.zeros((k, patch[0], *padded[1:]), dtype=torch.float16, device=results_device)
         weight = torch.zeros((patch[0], *padded[1:]), dtype=torch.float16, device=results_device)
         source = torch.from_numpy(data)
+        if results_device.type == "cuda":   # the volume on the GPU once, tiles cut there (as nnU-Net)
+            source = source.to(results_device)
         # Only what is exported is accumulated: not the padding, nor an ROI's context slices (four fifths of an
         # ROI click's tile); the network still sees whole tiles.
         lo, hi = exporter.source_range
         needed = [(inner[0].start + lo, inner[0].start + hi)] + [(s.start, s.stop) for s in inner[1:]]
         done, clock = 0, {"network": 0.0, "accumulate": 0.0, "export": 0.0}
+        timing = log.isEnabledFor(logging.INFO)
         self.reporter.progress("predict", 0, total)
         for zi, z in enumerate(steps[0]):
             for y in steps[1]:
@@ -252,7 +258,8 @@ class Predictor:
                     t0 = time.perf_counter()
                     tile = source[:, z:z + patch[0], y:y + patch[1], x:x + patch[2]]
                     pred = self._predict_tile(tile).to(results_device)
-                    self.runner.synchronize()       # CUDA is asynchronous: time the work, not the launches
+                    if timing:      # CUDA is asynchronous: time the work, not the launches (costs a stall)
+                        self.runner.synchronize()
                     t1 = time.perf_counter()
                     part = tuple(slice(max(a - t, 0), min(b - t, p))
                                  for (a, b), t, p in zip(needed, (z, y, x), patch))
@@ -262,7 +269,8 @@ class Predictor:
                                self.runner.head)
                     weight[window] += gauss[part]
                     del pred
-                    self.runner.synchronize()
+                    if timing:
+                        self.runner.synchronize()
                     clock["network"] += t1 - t0
                     clock["accumulate"] += time.perf_counter() - t1
                     done += 1
@@ -300,7 +308,7 @@ class Predictor:
         """(C, pz, py, px) -> (K, pz, py, px) float32 logits (or the runner's features, runners.py) on the
         runner's device, averaged over the mirror flips when TTA is on. Flips share a runner call up to
         `self._batch`, halved on CUDA out-of-memory."""
-        x = tile[None]
+        x = tile[None].to(self.runner.device)      # flips where the network runs: no copies through the host
         missing = self.config.arch.input_channels - x.shape[1]
         if missing:     # a prompt-taking model segmenting on its own: its prompt channels are empty
             x = torch.cat([x, x.new_zeros((1, missing, *x.shape[2:]))], dim=1)
@@ -310,8 +318,8 @@ class Predictor:
             group = flips[i:i + self._batch]
             try:
                 out = self.runner(torch.cat([torch.flip(x, f) if f else x for f in group]))
-            except torch.cuda.OutOfMemoryError:
-                if self._batch == 1:
+            except RuntimeError as e:
+                if self._batch == 1 or not is_out_of_memory(e):
                     raise
                 out = None
             if out is None:             # retried outside the except block, as in _segment

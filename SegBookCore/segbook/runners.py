@@ -29,7 +29,7 @@ from .errors import InputError
 from .sliding_window import apply_head
 
 __all__ = ["BACKENDS", "PRECISIONS", "TorchRunner", "make_runner", "resolve_backend", "resolve_precision",
-           "openvino_available", "release_memory", "tile_logits"]
+           "openvino_available", "release_memory", "tile_logits", "is_out_of_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,19 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
     elif mps_available():          # Apple's allocator caches freed blocks the same way
         torch.mps.empty_cache()
+
+
+# What CUDA libraries raise when they cannot allocate: PyTorch's allocator raises OutOfMemoryError, cuBLAS and
+# cuDNN a RuntimeError naming their status (nnU-Net's predictor catches RuntimeError for the same reason).
+_OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                 "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` says the GPU ran out of memory (and a smaller batch or the CPU may succeed)."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in _OOM_MESSAGES)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -43,7 +43,7 @@ from .distributed import Dist, setup, teardown
 from .eta import Estimate
 from .loss import DeepSupervisionLoss
 from .model_init import build_network, fetch_base
-from .prompting import PromptedLoss, PromptSimulator
+from .prompting import PromptedLoss, PromptSimulator, boost_prompt_weights
 from ..prompts import PromptSpec
 from .sampling import BatchDataset, make_loader
 from .state import load_training_state, save_training_state
@@ -341,6 +341,7 @@ def _run(cfg, d, device, out, train_dir, reporter, command, stop_file=None) -> d
     loss_fn = DeepSupervisionLoss(len(pools), ignore_label=ds.ignore_label)
     prompter = None
     if net.prompts:     # clicks simulated on each batch, a binary loss for the prompted structure
+        boost_prompt_weights(net, len(ds.cases[0].images))
         prompter = PromptSimulator(PromptSpec(**net.prompts), cfg.seed, ds.ignore_label)
         loss_fn = PromptedLoss(lambda ignore: DeepSupervisionLoss(len(pools), ignore_label=ignore),
                                ds.ignore_label)

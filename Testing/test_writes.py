@@ -208,26 +208,26 @@ def test_a_checkpoint_that_cannot_be_written_keeps_the_last_good_one_and_resumes
 
 
 def test_readers_and_a_second_fine_tune_while_a_fine_tune_writes_the_folder(tmp_path):
-    """Two processes load the model folder again and again while a fine-tune rewrites it each epoch: every
-    load succeeds. A second fine-tune into the folder is refused in one line naming the first one's pid."""
+    """Two processes load the model folder again and again while a fine-tune (a resumed one) rewrites it each
+    epoch: every load succeeds. A second `--resume` of the same run, which was accepted and trained into the
+    same folder at the same time, is refused in one line naming the first one's pid."""
     out, stop, done = tmp_path / "ft", tmp_path / "stop", tmp_path / "done"
-    writer = subprocess.Popen(_finetune_cmd(out, "--epochs", "40", "--progress", "json", "--stop-file", stop),
+    assert main(["finetune", str(MINI), "-o", str(out), *TINY, "--epochs", "1", "--progress", "none"]) == 0
+    writer = subprocess.Popen(_finetune_cmd(out, "--epochs", "40", "--progress", "json", "--stop-file", stop,
+                                            "--resume"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=dict(os.environ, OMP_NUM_THREADS="1"))
-    reader_code = ("import sys, time\nfrom pathlib import Path\nfrom segbook.zoo import create_model\n"
+    reader_code = ("import sys\nfrom pathlib import Path\nfrom segbook.zoo import create_model\n"
                    "out, done = Path(sys.argv[1]), Path(sys.argv[2])\nloads, errors = 0, []\n"
                    "while not done.exists():\n"
-                   "    if (out / 'model.json').is_file():\n"
-                   "        try:\n            create_model(out); loads += 1\n"
-                   "        except Exception as e:\n            errors.append(repr(e))\n"
-                   "    else:\n        time.sleep(0.05)\n"
+                   "    try:\n        create_model(out); loads += 1\n"
+                   "    except Exception as e:\n        errors.append(repr(e))\n"
                    "print(loads, errors)\n")
-    readers = []
+    readers, second = [], None
     try:
         assert json.loads(writer.stdout.readline())["event"] == "started"
-        # at once: before the first run's first checkpoint, which alone made a second run refuse before
-        second = subprocess.Popen(_finetune_cmd(out, "--epochs", "1", "--progress", "none"), stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
+        second = subprocess.Popen(_finetune_cmd(out, "--epochs", "2", "--progress", "none", "--resume"),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         readers = [subprocess.Popen([sys.executable, "-c", reader_code, str(out), str(done)], stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True) for _ in range(2)]
         refused = second.communicate(timeout=300)[1]
@@ -244,8 +244,9 @@ def test_readers_and_a_second_fine_tune_while_a_fine_tune_writes_the_folder(tmp_
         writer.wait(timeout=300)
     finally:
         done.touch()
-        if writer.poll() is None:
-            writer.kill()
+        for proc in (writer, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
     assert writer.returncode == 128 + signal.SIGTERM, writer.stderr.read()
     for reader in readers:
         text, err = reader.communicate(timeout=120)
@@ -253,7 +254,7 @@ def test_readers_and_a_second_fine_tune_while_a_fine_tune_writes_the_folder(tmp_
         assert errors.strip() == "[]" and int(loads) >= 1, (text, err)
     assert not (out / "training" / "lock").exists()
     # the lock went with the first run: a resume of it may start
-    assert main(["finetune", str(MINI), "-o", str(out), *TINY, "--epochs", str(epochs + 1), "--progress", "none",
+    assert main(["finetune", str(MINI), "-o", str(out), *TINY, "--epochs", str(epochs + 2), "--progress", "none",
                  "--resume"]) == 0
 
 

@@ -72,7 +72,7 @@ image.SetDirection(crop.GetDirection())
 sitk.WriteImage(image, out)
 plan = compute_new_shape(a.shape, spacing[::-1], [1.5] * 3)
 info = {"size": size, "spacing": spacing, "at_1.5mm": [int(v) for v in plan],
-        "tiles_128": len(tile_starts(plan, [128] * 3, 0.5))}
+        "tiles_128": len(tile_starts([max(n, 128) for n in plan], [128] * 3, 0.5))}   # (a smaller case is padded)
 json.dump(info, open(record, "w"))
 print(info)
 PY

@@ -115,8 +115,8 @@ def _parse_numbers(text: str | None, n: int, option: str):
     except ValueError:
         values = []
     if len(values) != n:
-        what = "X0,Y0,Z0,X1,Y1,Z1" if n == 6 else "X,Y,Z"
-        raise InputError(f"{option} '{text}': need {n} numbers {what} (LPS mm)")
+        what = "six numbers X0,Y0,Z0,X1,Y1,Z1" if n == 6 else "three numbers X,Y,Z"
+        raise InputError(f"{option} '{text}': need {what} (LPS mm)")
     return values
 
 

@@ -229,3 +229,20 @@ def test_a_requirement_for_another_platform_does_not_apply_here(monkeypatch):
     versions = dict(ready_versions(), numpy="2.1.0")
     logic = InstallLogic(versions=lambda names: {n: versions.get(n) for n in names})
     assert ("numpy" in [parseRequirement(r)[0] for r, _ in logic.problems()]) is here
+
+
+@pytest.mark.parametrize("text", ['{"python": "/usr/bin/pyth', "", "[1, 2]", '{"python": 3}', "\x00\x01"])
+def test_a_damaged_settings_file_is_named_in_one_line_and_slicers_python_is_used(tmp_path, caplog, text):
+    (tmp_path / "settings.json").write_text(text)
+    with caplog.at_level("WARNING"):
+        assert pythonSetting(tmp_path) is None
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and str(tmp_path / "settings.json") in lines[0] and "\n" not in lines[0]
+
+
+def test_a_settings_file_that_cannot_be_written_keeps_the_previous_one(tmp_path):
+    setPythonSetting(tmp_path, sys.executable)
+    (tmp_path / ".settings.json.tmp").mkdir()       # the temporary name is taken: the write fails
+    with pytest.raises(InstallError, match="settings.json: cannot write"):
+        setPythonSetting(tmp_path, None)
+    assert pythonSetting(tmp_path) == sys.executable

@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import re
 import subprocess
 import tempfile
@@ -316,10 +317,19 @@ def shippedAdvice(problems: list) -> str:
 
 
 def pythonSetting(folder) -> Optional[str]:
-    """The engine's interpreter the user chose (None: Slicer's own), kept in FOLDER/settings.json."""
+    """The engine's interpreter the user chose (None: Slicer's own), kept in FOLDER/settings.json. A damaged
+    file is named in one warning line and Slicer's own Python is used (the panel keeps working)."""
+    path = Path(folder) / "settings.json"
+    if not path.exists():
+        return None
     try:
-        value = json.loads((Path(folder) / "settings.json").read_text()).get("python")
-    except (OSError, ValueError, AttributeError):
+        value = json.loads(path.read_text(encoding="utf-8")).get("python")
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"'python' holds a {type(value).__name__}")
+    except (OSError, ValueError, AttributeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        logging.warning("%s: not a valid settings file (%s); using Slicer's own Python: choose the Engine "
+                        "Python again in Setup", path, first)
         return None
     return value or None
 
@@ -339,6 +349,18 @@ def setPythonSetting(folder, python: Optional[str]) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / ".settings.json.tmp"
-    tmp.write_text(json.dumps({"python": python or None}, indent=1))
-    tmp.replace(folder / "settings.json")
+    text = json.dumps({"python": python or None}, indent=1)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if tmp.read_text(encoding="utf-8") != text:      # read back before it replaces the previous one
+            raise OSError("the file read back differs from what was written")
+        tmp.replace(folder / "settings.json")
+    except OSError as e:
+        if tmp.is_file():
+            tmp.unlink()
+        raise InstallError(f"{folder / 'settings.json'}: cannot write ({e.strerror or e}); the previous "
+                           f"setting is kept") from None
 

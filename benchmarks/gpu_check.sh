@@ -1,6 +1,6 @@
 #!/bin/bash
 # `make gpu-check`: what SegBook does on this machine's GPU, cheapest and most important first, each step's
-# result written to $OUT (default gpu_check_out/) as soon as it is known, so a run cut short keeps what it did:
+# result written to $RESULTS (default gpu_check_out/) as soon as it is known, so a run cut short keeps what it did:
 #   1. card.txt            the card, the driver, torch's CUDA build
 #   2. tests.log           the CUDA tests (Testing/test_gpu.py, test_devices.py: fp16 + batched-TTA prediction
 #                          of the trained demo against the CPU, a mixed-precision fine-tune, memory hand-back)
@@ -18,13 +18,13 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
-OUT=${OUT:-gpu_check_out}
+RESULTS=${RESULTS:-gpu_check_out}
 DEVICE=${DEVICE:-cuda}                  # DEVICE=cpu runs the same steps on a machine without a GPU
 SIZE=${SIZE:-512 512 300}               # voxels x y z of the case
 SPACING=${SPACING:-0.75 0.75 1.5}       # mm
 MODEL=${MODEL:-B}                       # STU-Net size of steps 5 and 6
 NNUNET_TIMEOUT=${NNUNET_TIMEOUT:-900}
-mkdir -p "$OUT"
+mkdir -p "$RESULTS"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 export PYTHONUNBUFFERED=1
@@ -35,24 +35,24 @@ if [ -d .gpu ]; then                    # the offline payload: unpacked with Pyt
 fi
 step() { echo "== $1 ($(date -u +%H:%M:%S))"; }
 
-step "1 card" > "$OUT/card.txt"
+step "1 card" > "$RESULTS/card.txt"
 { nvidia-smi || true
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())"
-} >> "$OUT/card.txt" 2>&1
-cat "$OUT/card.txt"
+} >> "$RESULTS/card.txt" 2>&1
+cat "$RESULTS/card.txt"
 
-step "2 CUDA tests" | tee "$OUT/tests.log"
-$PY -m pytest -q -p no:cacheprovider -rs Testing/test_gpu.py Testing/test_devices.py >> "$OUT/tests.log" 2>&1
-tail -3 "$OUT/tests.log"
+step "2 CUDA tests" | tee "$RESULTS/tests.log"
+$PY -m pytest -q -p no:cacheprovider -rs Testing/test_gpu.py Testing/test_devices.py >> "$RESULTS/tests.log" 2>&1
+tail -3 "$RESULTS/tests.log"
 
-step "3 torchrun, 1 process" | tee "$OUT/torchrun.log"
+step "3 torchrun, 1 process" | tee "$RESULTS/torchrun.log"
 $PY -m torch.distributed.run --standalone --nproc_per_node 1 -m segbook -v finetune Testing/data/hippocampus_mini \
     -o "$WORK/ft" --scratch --width 0.5 --patch-size 32 48 32 --epochs 2 --iterations-per-epoch 10 \
-    --val-every 1 --device "$DEVICE" --progress none >> "$OUT/torchrun.log" 2>&1
-echo "exit $?" | tee -a "$OUT/torchrun.log"
+    --val-every 1 --device "$DEVICE" --progress none >> "$RESULTS/torchrun.log" 2>&1
+echo "exit $?" | tee -a "$RESULTS/torchrun.log"
 
 step "4 case"
-$PY - "$WORK/case.nii.gz" "$OUT/case.json" $SIZE $SPACING <<'PY'
+$PY - "$WORK/case.nii.gz" "$RESULTS/case.json" $SIZE $SPACING <<'PY'
 import json, sys
 import numpy as np
 import SimpleITK as sitk
@@ -78,7 +78,7 @@ print(info)
 PY
 
 step "5 segbook on $DEVICE vs CPU"
-$PY - "$WORK" "$OUT/cuda_vs_cpu.json" "$DEVICE" "$MODEL" <<'PY'
+$PY - "$WORK" "$RESULTS/cuda_vs_cpu.json" "$DEVICE" "$MODEL" <<'PY'
 import json, subprocess, sys, time
 from pathlib import Path
 import numpy as np
@@ -112,8 +112,8 @@ PY
 if $PY -c "import nnunetv2" 2>/dev/null; then
   step "6 segbook vs nnU-Net v2 on $DEVICE (at most ${NNUNET_TIMEOUT} s)"
   timeout "$NNUNET_TIMEOUT" $PY benchmarks/bench_predict.py --input "$WORK/case.nii.gz" --size "$MODEL" --tta \
-      --device "$DEVICE" --workdir "$WORK/bench" --json "$OUT/bench_predict.json" 2>&1 | tee "$OUT/bench_predict.log"
+      --device "$DEVICE" --workdir "$WORK/bench" --json "$RESULTS/bench_predict.json" 2>&1 | tee "$RESULTS/bench_predict.log"
 else
-  step "6 skipped: nnU-Net v2 is not installed (make test installs it)" | tee "$OUT/bench_predict.log"
+  step "6 skipped: nnU-Net v2 is not installed (make test installs it)" | tee "$RESULTS/bench_predict.log"
 fi
-step "done: $OUT"
+step "done: $RESULTS"

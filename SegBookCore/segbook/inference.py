@@ -141,8 +141,7 @@ class Predictor:
         Returns a (z, y, x) uint8 (uint16 above 255 classes) label map on the input grid.
         """
         image, spacing = self.check_image(image, spacing)
-        # a long-lived worker: a batch halved for the last image's out-of-memory may fit this one again
-        self._batch = self.runner.max_batch
+        self._batch = self.runner.max_batch     # a batch halved for an earlier image's out-of-memory may fit now
         label_of_channel = self.label_values(classes)
         shape = image.shape[1:]
         out = np.zeros(shape, dtype=self._label_dtype())
@@ -250,7 +249,8 @@ class Predictor:
         lo, hi = exporter.source_range
         needed = [(inner[0].start + lo, inner[0].start + hi)] + [(s.start, s.stop) for s in inner[1:]]
         done, clock = 0, {"network": 0.0, "accumulate": 0.0, "export": 0.0}
-        timing = log.isEnabledFor(logging.INFO)
+        # the clock synchronises (asynchronous) CUDA to time work, not launches; a stall each, so only when logged
+        sync = self.runner.synchronize if log.isEnabledFor(logging.INFO) else (lambda: None)
         self.reporter.progress("predict", 0, total)
         for zi, z in enumerate(steps[0]):
             for y in steps[1]:
@@ -258,8 +258,7 @@ class Predictor:
                     t0 = time.perf_counter()
                     tile = source[:, z:z + patch[0], y:y + patch[1], x:x + patch[2]]
                     pred = self._predict_tile(tile).to(results_device)
-                    if timing:      # CUDA is asynchronous: time the work, not the launches (costs a stall)
-                        self.runner.synchronize()
+                    sync()
                     t1 = time.perf_counter()
                     part = tuple(slice(max(a - t, 0), min(b - t, p))
                                  for (a, b), t, p in zip(needed, (z, y, x), patch))
@@ -269,8 +268,7 @@ class Predictor:
                                self.runner.head)
                     weight[window] += gauss[part]
                     del pred
-                    if timing:
-                        self.runner.synchronize()
+                    sync()
                     clock["network"] += t1 - t0
                     clock["accumulate"] += time.perf_counter() - t1
                     done += 1
@@ -281,7 +279,7 @@ class Predictor:
             if final < patch[0]:
                 shift_left(acc, final)
                 shift_left(weight, final)
-            self.runner.synchronize()
+            sync()
             clock["export"] += time.perf_counter() - t0
         if not exporter.complete:
             raise RuntimeError("export did not cover the whole output (internal error)")

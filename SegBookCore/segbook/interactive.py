@@ -28,9 +28,7 @@ exclusive. The network grid is the preprocessed one (crop to non-zero, plan spac
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
 
 import numpy as np
@@ -38,11 +36,12 @@ import torch
 from scipy import ndimage
 
 from .errors import InputError
-from .export import first_argmax, linear_weights, _nearest
+from .click_tiles import Tiles
+from .export import linear_weights, _nearest
 from .inference import Predictor, _cpu_count, _inference_state
 from .preprocess import preprocess, separate_axis
 from .prompts import Prompts, encode
-from .sliding_window import apply_head, compute_steps, gaussian_weights, padding_for_patch
+from .sliding_window import compute_steps, gaussian_weights, padding_for_patch
 
 __all__ = ["InteractiveSession"]
 
@@ -69,7 +68,7 @@ class InteractiveSession:
         self.prompted = bool(self.config.prompts)
         self.radius = float(self.config.prompts["radius"]) if self.prompted else 0.0
         self.gauss = gaussian_weights(self.patch, dtype=np.float32)
-        self._cache = _Tiles(self.grid)      # tiles of a model without prompt input, kept across clicks
+        self._cache = Tiles(self.grid)      # tiles of a model without prompt input, kept across clicks
         self.tiles_run = 0                   # network runs, all calls together
 
     # ------------------------------------------------------------------ coordinates
@@ -159,7 +158,7 @@ class InteractiveSession:
         with _inference_state(p.network, threads):
             return p._predict_tile(tile).float().cpu()
 
-    def _covered(self, tiles: "_Tiles", centre) -> bool:
+    def _covered(self, tiles: Tiles, centre) -> bool:
         """Whether `centre` lies in the inner half of a tile already computed (its labels there are final)."""
         c = np.asarray(centre)
         return any(np.all(np.abs(c - (np.asarray(o) + np.asarray(self.patch) / 2)) <= np.asarray(self.patch) / 4)
@@ -183,7 +182,7 @@ class InteractiveSession:
         if self.prompted:
             prompts = Prompts([tuple(p) for p in pos], [tuple(p) for p in neg], gbox,
                               self._mask_to_grid(previous) if previous is not None else None)
-            tiles = _Tiles(self.grid)      # the prompts change what every tile computes
+            tiles = Tiles(self.grid)      # the prompts change what every tile computes
         else:
             prompts, tiles = None, self._cache
         # the tiles the prompts themselves need: one per positive point, the box's
@@ -228,7 +227,7 @@ class InteractiveSession:
         return [tuple(s + o + p / 2 for s, o, p in zip(starts, offset, self.patch))
                 for offset in np.array(np.meshgrid(*steps, indexing="ij")).reshape(3, -1).T]
 
-    def _add(self, tiles: "_Tiles", origin, prompts, value) -> None:
+    def _add(self, tiles: Tiles, origin, prompts, value) -> None:
         if origin in tiles.origins:
             return
         out = self._run_tile(origin, prompts)
@@ -237,7 +236,7 @@ class InteractiveSession:
         if prompts is not None and value is not None:
             tiles.score_class(value)
 
-    def _choose_class(self, tiles: "_Tiles", pos, gbox, points) -> int:
+    def _choose_class(self, tiles: Tiles, pos, gbox, points) -> int:
         """The class the model gives at the first positive point; with only a box, the class most present in
         it; background -> InputError."""
         if pos:
@@ -254,7 +253,7 @@ class InteractiveSession:
             raise InputError("the model finds only background inside the box: name the class to segment")
         return int(counts.argmax())
 
-    def _select(self, tiles: "_Tiles", value, pos, neg, gbox, points, warnings, named: bool) -> np.ndarray:
+    def _select(self, tiles: Tiles, value, pos, neg, gbox, points, warnings, named: bool) -> np.ndarray:
         """The structure on the network grid from the tiles computed so far (worked out inside their bounding
         box: nothing is known outside it)."""
         w = tiles.window()
@@ -298,7 +297,7 @@ class InteractiveSession:
             mask[w] |= part
         return mask
 
-    def _open_edge(self, tiles: "_Tiles", mask: np.ndarray, gbox):
+    def _open_edge(self, tiles: Tiles, mask: np.ndarray, gbox):
         """The origin of a tile not yet computed that the structure runs into (its largest contact with the
         region not computed, inside the box if any), or None when the structure is whole."""
         w = tiles.window(margin=1)
@@ -331,63 +330,6 @@ def _box_mask(shape, lo, hi) -> np.ndarray:
     return out
 
 
-class _Tiles:
-    """What the tiles computed so far say on the network grid: for each voxel, the labels (and for a prompted
-    model the chosen class's mask) of the tile whose Gaussian weight is highest there, i.e. the tile it lies
-    most inside of."""
-
-    def __init__(self, grid):
-        self.grid = grid
-        self.origins: list[tuple[int, int, int]] = []
-        self.labels = np.zeros(grid, dtype=np.int16)
-        self.weight = np.zeros(grid, dtype=np.float32)
-        self.binary = np.zeros(grid, dtype=bool)
-        self._kept: list = []       # (window, runner output, head, where the tile is best) to score a class
-
-    @property
-    def known(self) -> np.ndarray:
-        return self.weight > 0
-
-    def window(self, margin: int = 0) -> tuple[slice, ...]:
-        """The bounding box of the tiles computed so far, grown by `margin` voxels inside the grid."""
-        lo = np.min(self.origins, axis=0) - margin
-        hi = np.max(self.origins, axis=0) + np.asarray(self.patch) + margin
-        return tuple(slice(int(max(a, 0)), int(min(b, g))) for a, b, g in zip(lo, hi, self.grid))
-
-    def add(self, origin, out: torch.Tensor, head, gauss: np.ndarray, keep: bool) -> None:
-        """A tile's runner output `out` (logits, or features with `head`); `keep` it for `score_class`."""
-        self.patch = gauss.shape
-        window = tuple(slice(o, o + s) for o, s in zip(origin, gauss.shape))
-        better = gauss > self.weight[window]
-        labels = np.empty(gauss.shape, dtype=np.int16)
-        for z, logits in _logit_slices(out, head):
-            labels[z] = first_argmax(logits).numpy()
-        self.labels[window][better] = labels[better]
-        self.weight[window][better] = gauss[better]
-        self.origins.append(tuple(origin))
-        if keep:
-            self._kept.append((window, out, head, better))
-
-    def score_class(self, value: int) -> None:
-        """The prompted class's mask: p(value) > 1/2 against all other classes together."""
-        for window, out, head, better in self._kept:
-            inside = np.empty(better.shape, dtype=bool)
-            for z, logits in _logit_slices(out, head):
-                others = torch.cat([logits[:value], logits[value + 1:]])
-                inside[z] = (logits[value] > torch.logsumexp(others, 0)).numpy()
-            self.binary[window][better] = inside[better]
-        self._kept = []
-
-
-def _logit_slices(out: torch.Tensor, head, slices: int = 8):
-    """(z-range, (K, n, y, x) float32 logits) for each run of `slices` z-slices of a tile's runner output: a
-    tile of 105-class logits (880 MB at 128^3) is never held, and each head product is large enough to run
-    at speed (one slice at a time was 3x slower)."""
-    for z in range(0, out.shape[1], slices):
-        z1 = min(z + slices, out.shape[1])
-        yield slice(z, z1), out[:, z:z1] if head is None else apply_head(out[:, z:z1], head)
-
-
 def _remove_negative(part: np.ndarray, pos, neg, spacing) -> np.ndarray:
     """`part` (one connected part of the result) without what the negative points in it take: all of it when
     no positive point lies in it, else the voxels nearer (in mm) to one of its negative points than to its
@@ -410,85 +352,3 @@ def _remove_negative(part: np.ndarray, pos, neg, spacing) -> np.ndarray:
     held = {pieces[tuple(np.round(p).astype(int))] for p in mine} - {0}
     return np.isin(pieces, sorted(held))
 
-
-def physical_to_voxel(geometry, point_lps) -> tuple[float, float, float]:
-    """An LPS mm point -> continuous (z, y, x) voxel index of `geometry` (oblique directions included)."""
-    import SimpleITK as sitk
-    values = [float(v) for v in point_lps]
-    if len(values) != 3 or not all(map(math.isfinite, values)):
-        raise InputError(f"a point needs three finite numbers X,Y,Z (LPS mm), got {list(point_lps)}")
-    ref = geometry.apply_to(sitk.Image([1, 1, 1], sitk.sitkUInt8))
-    x, y, z = ref.TransformPhysicalPointToContinuousIndex(values)
-    return z, y, x
-
-
-class FileSession:
-    """An InteractiveSession on an image file or DICOM folder, writing each answer as a label map file.
-
-    The worker keeps one per image: `matches` says whether a request is for the same image (path, series and
-    modification time) and Predictor, so that the next click reuses its preprocessing and tiles."""
-
-    def __init__(self, predictor: Predictor, input_path, series=None):
-        from .io import read_image
-        self.predictor, self.input, self.series = predictor, str(input_path), series
-        self._stamp, self._tta = _stamp(input_path), predictor.tta     # kept tiles were computed with this TTA
-        self.image, self.geometry = read_image(input_path, series=series)
-        try:
-            self.session = InteractiveSession(predictor, self.image, self.geometry.spacing_zyx)
-        except InputError as e:
-            raise InputError(f"{input_path}: {e}") from None
-
-    def matches(self, predictor: Predictor, input_path, series=None) -> bool:
-        return (predictor is self.predictor and str(input_path) == self.input and series == self.series
-                and _stamp(input_path) == self._stamp and predictor.tta == self._tta)
-
-    def segment(self, output_path, *, points_lps=(), negative_points_lps=(), box_lps=None, previous=None,
-                class_name=None) -> dict:
-        """One structure into `output_path` (its label value inside, 0 elsewhere, the input's geometry) and a
-        sidecar JSON beside it; returns the sidecar. previous: a label map file on the input's grid (its
-        non-zero voxels). Points and box in LPS mm, as `--roi`."""
-        from .io import atomic_path, check_writable, read_labels, sidecar_path, write_labels
-        from .labels import class_table
-        t0 = time.perf_counter()
-        check_writable(output_path)
-        g = self.geometry
-        points = [physical_to_voxel(g, p) for p in points_lps]
-        negative = [physical_to_voxel(g, p) for p in negative_points_lps]
-        box = list(g.physical_box_to_voxels(box_lps)) if box_lps is not None else None
-        prev = None
-        if previous:
-            labels, pg = read_labels(previous)
-            if pg.size != g.size or not np.allclose(pg.origin, g.origin, atol=1e-3) or \
-                    not np.allclose(pg.spacing, g.spacing, rtol=1e-4):
-                raise InputError(f"{previous}: the previous segmentation is not on the grid of {self.input}")
-            prev = labels != 0
-        try:
-            mask, info = self.session.segment(points, negative, box, prev, class_name)
-        except InputError as e:
-            raise InputError(f"{self.input}: {e}") from None
-        config = self.predictor.config
-        out = np.zeros(g.shape_zyx, dtype=np.uint8 if len(config.class_names) <= 256 else np.uint16)
-        out[mask] = info["value"]
-        table = [c for c in class_table(config.class_names, config.colors) if c["value"] == info["value"]]
-        sidecar = {"input": self.input, "output": str(output_path), "model": config.name,
-                   "checkpoint": self.predictor.checkpoint, "labels": table,
-                   "prompts": {"points_lps": [list(map(float, p)) for p in points_lps],
-                               "negative_points_lps": [list(map(float, p)) for p in negative_points_lps],
-                               "box_lps": [float(v) for v in box_lps] if box_lps is not None else None,
-                               "previous": str(previous) if previous else None, "class": class_name},
-                   "result": info,
-                   "settings": {"device": str(self.predictor.device), "backend": self.predictor.runner.name,
-                                "precision": self.predictor.runner.precision, "tta": self.predictor.tta},
-                   "geometry": {"size": list(g.size), "spacing": list(g.spacing)}}
-        sidecar["elapsed_s"] = round(time.perf_counter() - t0, 3)
-        # the label map is complete before the sidecar is renamed into place: a sidecar means a finished file
-        with atomic_path(sidecar_path(output_path)) as tmp:
-            tmp.write_text(json.dumps(sidecar, indent=1))
-            write_labels(out, g, output_path, table)
-        return sidecar
-
-
-def _stamp(path) -> tuple:
-    from pathlib import Path
-    p = Path(path)
-    return (p.stat().st_mtime_ns, p.stat().st_size) if p.exists() else ()

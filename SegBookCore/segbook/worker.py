@@ -89,7 +89,7 @@ class Worker:
         self.reporter = _TaggedReporter(out_stream)
         self._key = None                # (model, checkpoint, device, backend, precision) of the loaded Predictor
         self._predictor_obj = None
-        self._session = None            # the last prompted image's FileSession (segbook.interactive)
+        self._session = None            # the last prompted image's FileSession (segbook.click_file)
 
     # -- requests -------------------------------------------------------------------------------------
     def handle(self, request: dict) -> bool:
@@ -169,7 +169,7 @@ class Worker:
 
     def _prompted(self, predictor, request: dict, classes) -> dict:
         """One structure from clicks; the image's session (preprocessing, tiles) is kept for the next click."""
-        from .interactive import FileSession
+        from .click_file import FileSession
         if request.get("roi_lps"):
             raise SegBookError("a predict request with prompts takes no roi_lps (use box_lps)")
         if classes and len(classes) > 1:

@@ -126,7 +126,7 @@ def _parse_roi(text: str | None):
 
 def _prompted(args, predictor, image: Path, target: Path, classes, reporter) -> None:
     """One structure from the prompts on the command line into `target`."""
-    from ..interactive import FileSession
+    from ..click_file import FileSession
     if classes and len(classes) > 1:
         raise InputError("with prompts, --classes names the one structure to segment")
     points = [_parse_numbers(p, 3, "--point") for p in args.point]

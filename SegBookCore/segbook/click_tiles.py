@@ -1,0 +1,67 @@
+"""What the tiles of one click request (or, for a model without prompt input, of one image) say."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .export import first_argmax
+from .sliding_window import apply_head
+
+__all__ = ["Tiles"]
+
+
+class Tiles:
+    """What the tiles computed so far say on the network grid: for each voxel, the labels (and for a prompted
+    model the chosen class's mask) of the tile whose Gaussian weight is highest there, i.e. the tile it lies
+    most inside of."""
+
+    def __init__(self, grid):
+        self.grid = grid
+        self.origins: list[tuple[int, int, int]] = []
+        self.labels = np.zeros(grid, dtype=np.int16)
+        self.weight = np.zeros(grid, dtype=np.float32)
+        self.binary = np.zeros(grid, dtype=bool)
+        self._kept: list = []       # (window, runner output, head, where the tile is best) to score a class
+
+    @property
+    def known(self) -> np.ndarray:
+        return self.weight > 0
+
+    def window(self, margin: int = 0) -> tuple[slice, ...]:
+        """The bounding box of the tiles computed so far, grown by `margin` voxels inside the grid."""
+        lo = np.min(self.origins, axis=0) - margin
+        hi = np.max(self.origins, axis=0) + np.asarray(self.patch) + margin
+        return tuple(slice(int(max(a, 0)), int(min(b, g))) for a, b, g in zip(lo, hi, self.grid))
+
+    def add(self, origin, out: torch.Tensor, head, gauss: np.ndarray, keep: bool) -> None:
+        """A tile's runner output `out` (logits, or features with `head`); `keep` it for `score_class`."""
+        self.patch = gauss.shape
+        window = tuple(slice(o, o + s) for o, s in zip(origin, gauss.shape))
+        better = gauss > self.weight[window]
+        labels = np.empty(gauss.shape, dtype=np.int16)
+        for z, logits in _logit_slices(out, head):
+            labels[z] = first_argmax(logits).numpy()
+        self.labels[window][better] = labels[better]
+        self.weight[window][better] = gauss[better]
+        self.origins.append(tuple(origin))
+        if keep:
+            self._kept.append((window, out, head, better))
+
+    def score_class(self, value: int) -> None:
+        """The prompted class's mask: p(value) > 1/2 against all other classes together."""
+        for window, out, head, better in self._kept:
+            inside = np.empty(better.shape, dtype=bool)
+            for z, logits in _logit_slices(out, head):
+                others = torch.cat([logits[:value], logits[value + 1:]])
+                inside[z] = (logits[value] > torch.logsumexp(others, 0)).numpy()
+            self.binary[window][better] = inside[better]
+        self._kept = []
+
+
+def _logit_slices(out: torch.Tensor, head, slices: int = 8):
+    """(z-range, (K, n, y, x) float32 logits) for each run of `slices` z-slices of a tile's runner output: a
+    tile of 105-class logits (880 MB at 128^3) is never held, and each head product is large enough to run
+    at speed (one slice at a time was 3x slower)."""
+    for z in range(0, out.shape[1], slices):
+        z1 = min(z + slices, out.shape[1])
+        yield slice(z, z1), out[:, z:z1] if head is None else apply_head(out[:, z:z1], head)

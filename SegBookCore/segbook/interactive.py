@@ -168,8 +168,8 @@ class InteractiveSession:
     def segment(self, points=(), negative_points=(), box=None, previous=None, class_name: str | None = None):
         """One structure from all prompts so far. Returns (mask, info): mask a boolean (z, y, x) array on
         the input grid, info {"class": name, "value": label value, "tiles": network runs of this call,
-        "warnings": [...]}. Raises InputError (one line) for a point the model calls background with no
-        class named, or prompts that select nothing."""
+        "warnings": [...]} (an empty result says so there). Raises InputError (one line) for a point the
+        model calls background with no class named, or prompts it cannot use (outside the image, none)."""
         t0, runs0 = time.perf_counter(), self.tiles_run
         if not len(points) and box is None:
             raise InputError("give at least one positive point or a box")

@@ -123,3 +123,15 @@ def test_broken_model_folder_is_a_clear_error(tmp_path):
     (folder / "weights.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(CheckpointError, match="weights.safetensors.*download it again"):
         segbook.create_model(folder)
+
+
+def test_submodules_are_attributes_of_a_bare_import():
+    """`import segbook; segbook.zoo...` works without importing segbook.zoo first (the lazy package loads it),
+    and a name that is neither a submodule nor exported is an AttributeError."""
+    import subprocess
+    import sys
+    code = ("import segbook, sys; assert 'segbook.zoo' not in sys.modules; "
+            "assert 'stunet-s-totalseg' in segbook.zoo.REGISTRY; "
+            "assert not hasattr(segbook, 'no_such_thing'); print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

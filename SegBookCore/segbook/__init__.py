@@ -17,6 +17,12 @@ __all__ = sorted(_LAZY)
 
 def __getattr__(name):
     if name not in _LAZY:
+        # `segbook.zoo` etc. after a bare `import segbook`, as when this file imported them all
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     globals()[name] = value

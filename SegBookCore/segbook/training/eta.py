@@ -36,7 +36,8 @@ class Estimate:
             per_iteration = (self.clock() - self.t0) / MEASURED
             remaining = self.left - self.done
             seconds = per_iteration * remaining
-            return {"seconds": round(seconds, 1), "seconds_per_iteration": round(per_iteration, 4),
+            # milliseconds kept: a short run on a fast machine is a fraction of a second, not zero
+            return {"seconds": round(seconds, 3), "seconds_per_iteration": round(per_iteration, 4),
                     "iterations": self.left, "device": self.device,
                     "message": f"training will take about {describe_duration(seconds)} more on {self.device} "
                                f"({remaining} iterations at {per_iteration:.2f} s, measured; validation "

@@ -62,3 +62,22 @@ def test_other_runtime_errors_are_not_taken_for_memory(tiny):
 def _case():
     image, g = read_image(IMAGE)
     return image, g.spacing_zyx
+
+
+def test_a_gpu_ranks_preprocessing_gets_the_ranks_cores_not_torchruns_one_thread(tiny, monkeypatch):
+    """torchrun starts every rank with OMP_NUM_THREADS=1; on a GPU the preprocessing and the export still run on
+    the CPU, so a CUDA rank takes its share of the machine's cores for them, as a CPU rank does."""
+    import segbook.inference as inference
+    p = Predictor(tiny, device="cpu", backend="torch")
+    p.device = torch.device("cuda")        # what a CUDA rank's Predictor holds; its runner stays this machine's
+    seen, real = [], inference.preprocess
+    monkeypatch.setattr(inference, "preprocess", lambda *a: (seen.append(torch.get_num_threads()), real(*a))[1])
+    monkeypatch.setattr(inference, "_cpu_count", lambda: 3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        p.predict_array(*_case())
+        assert torch.get_num_threads() == 1            # restored afterwards
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [3]

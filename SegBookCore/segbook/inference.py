@@ -197,7 +197,9 @@ class Predictor:
         """Fill `out` (z, y, x) with the labels of `image` (C, z, y, x); only slices keep_z = (start, stop)
         of it if given."""
         plan = self.config.plan
-        threads = _cpu_count() if self.device.type == "cpu" else None
+        # All of this process's cores on every device: on a GPU the preprocessing and the export still run on
+        # the CPU, and torchrun starts each rank with OMP_NUM_THREADS=1.
+        threads = _cpu_count()
         self.reporter.progress("preprocess", 0, 1)
         with _inference_state(self.network, threads):
             t0 = time.perf_counter()

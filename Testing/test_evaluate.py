@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from segbook.cli import main
-from segbook.metrics import dice, evaluate_case, surface_dice
+from segbook.metrics import dice, surface_dice
 
 
 def _brute_nsd(p: np.ndarray, r: np.ndarray, spacing, tol: float) -> float:
@@ -66,15 +66,17 @@ def test_evaluate_command_folders_table_and_csv(tmp_path, capsys):
         _write(p, tmp_path / "pred" / f"{case}_seg.nii.gz")
     assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "ref")]) == 0
     out = capsys.readouterr().out
-    expected_a1 = dice(pred == 1, ref == 1)
+    # by hand: class 1 of case a keeps 4x4x3 = 48 of the reference's 4x4x4 = 64 voxels, all inside it:
+    # Dice 2 x 48 / (48 + 64) = 6/7; every other (case, class) is identical, Dice 1
+    expected_a1 = 6 / 7
     assert f"{expected_a1:8.4f}" in out and out.splitlines()[0].split()[:3] == ["case", "Dice", "1"]
     rows = list(csv.DictReader(open(tmp_path / "pred" / "evaluation.csv")))
     assert [(r["case"], r["class"]) for r in rows] == [("a", "1"), ("a", "2"), ("b", "1"), ("b", "2"),
                                                        ("mean", "1"), ("mean", "2")]
-    assert float(rows[0]["dice"]) == pytest.approx(expected_a1)
-    assert float(rows[4]["dice"]) == pytest.approx((expected_a1 + 1) / 2)
-    scores = evaluate_case(pred, ref, [1], (1, 1, 1))
-    assert float(rows[0]["nsd"]) == pytest.approx(scores[1]["nsd"])
+    assert [float(r["dice"]) for r in rows] == pytest.approx([expected_a1, 1, 1, 1, (expected_a1 + 1) / 2, 1])
+    # NSD at the default 1 mm: the brute-force border distances above, not the command's own metric code
+    nsd_a1 = _brute_nsd(pred == 1, ref == 1, (1, 1, 1), 1.0)
+    assert [float(r["nsd"]) for r in rows] == pytest.approx([nsd_a1, 1, 1, 1, (nsd_a1 + 1) / 2, 1], abs=1e-12)
 
 
 def test_evaluate_command_errors_name_the_case(tmp_path, capsys):

@@ -1,7 +1,9 @@
 """Safe checkpoint loading: allowlisted unpickling, both numpy spellings, clear errors, prefixes."""
+import json
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,6 +101,19 @@ def test_prefixes_are_stripped(tmp_path):
 def test_safetensors_round_trip(tmp_path):
     net = _tiny_net()
     segbook.checkpoint.save_weights(net.state_dict(), tmp_path / "w.safetensors")
+    # the file read by hand, as the safetensors format describes it: an 8-byte little-endian header length,
+    # a JSON header {name: {dtype, shape, data_offsets}}, then the raw little-endian tensors
+    raw = (tmp_path / "w.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header.pop("__metadata__", None)
+    assert set(header) == set(net.state_dict())
+    for k, v in net.state_dict().items():
+        assert header[k]["dtype"] == {torch.float32: "F32", torch.int64: "I64"}[v.dtype] and \
+            header[k]["shape"] == list(v.shape)
+        a, b = header[k]["data_offsets"]
+        stored = np.frombuffer(raw[8 + n + a:8 + n + b], {"F32": "<f4", "I64": "<i8"}[header[k]["dtype"]])
+        assert np.array_equal(stored.reshape(v.shape), v.numpy()), k
     state = load_checkpoint(tmp_path / "w.safetensors")
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 20)

@@ -3,6 +3,7 @@ answer to an overflow, which nnU-Net's trainer relies on), and the run stopped o
 fp16 runs on CUDA only; GradScaler's CPU form (torch >= 2.3) runs the same code here."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -67,28 +68,48 @@ def test_a_non_finite_loss_skips_the_step_and_lowers_the_scale():
     assert loss > 0 and not all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
 
 
-def _run(tmp_path, monkeypatch, bad_steps: set, capsys):
-    """A real fine-tune with a CPU GradScaler whose loss is NaN at the given (0-based) steps."""
+def _run(tmp_path, monkeypatch, bad_steps: set, capsys, seen=None):
+    """A real fine-tune with a CPU GradScaler whose loss is NaN at the given (0-based) steps; `seen` collects
+    the scalers made and the losses of the good steps, as the loss function computed them."""
     real = trainer.DeepSupervisionLoss
     step = {"n": 0}
+    seen = {"scalers": [], "good": []} if seen is None else seen
 
     class Loss(real):
         def forward(self, *args):
             out = super().forward(*args)
             step["n"] += 1
-            return out * float("nan") if step["n"] - 1 in bad_steps else out
+            if step["n"] - 1 in bad_steps:
+                return out * float("nan")
+            seen["good"].append(float(out.detach()))
+            return out
+
+    def scaler(device):
+        seen["scalers"].append(_scaler())
+        return seen["scalers"][-1]
     monkeypatch.setattr(trainer, "DeepSupervisionLoss", Loss)
-    monkeypatch.setattr(trainer, "grad_scaler", lambda device: _scaler())
+    monkeypatch.setattr(trainer, "grad_scaler", scaler)
     code = main(["finetune", str(MINI), "-o", str(tmp_path / "ft"), "--scratch", "--width", "0.25", "--patch-size",
                  "16", "24", "16", "--val-fraction", "0", "--epochs", "1", "--iterations-per-epoch", "8",
                  "--num-workers", "0", "--threads", "1", "--progress", "none"])
     return code, capsys.readouterr().err
 
 
-def test_a_few_non_finite_steps_are_skipped_and_training_goes_on(tmp_path, monkeypatch, capsys):
-    code, err = _run(tmp_path, monkeypatch, {2, 3, 4, 5}, capsys)
+def test_a_few_non_finite_steps_are_skipped_and_training_goes_on(tmp_path, monkeypatch, capsys, caplog):
+    seen = {"scalers": [], "good": []}
+    code, err = _run(tmp_path, monkeypatch, {2, 3, 4, 5}, capsys, seen)
     assert code == 0, err
     assert (tmp_path / "ft" / "weights.safetensors").is_file()
+    # 4 skipped steps halve the scale 4 times (2^10 -> 2^6; GradScaler grows it again only after 2000 good
+    # steps), one warning each, iterations 3 to 6 (1-based)
+    (scaler,) = seen["scalers"]
+    assert scaler.get_scale() == 2.0 ** 6
+    warned = [r.getMessage() for r in caplog.records if "step skipped" in r.getMessage()]
+    assert [(line.split(" iteration ")[1].split(":")[0], line.split("lowered to ")[1]) for line in warned] == \
+        [("3", "512"), ("4", "256"), ("5", "128"), ("6", "64")], warned
+    # the epoch's logged loss is the mean of the 4 good steps' losses, the skipped ones left out
+    (record,) = [json.loads(x) for x in (tmp_path / "ft" / "training" / "log.jsonl").read_text().splitlines()]
+    assert len(seen["good"]) == 4 and record["train_loss"] == pytest.approx(sum(seen["good"]) / 4, rel=1e-12)
 
 
 def test_several_non_finite_steps_in_a_row_stop_the_run(tmp_path, monkeypatch, capsys):

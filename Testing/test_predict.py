@@ -208,18 +208,30 @@ def test_model_folder_and_bad_arrays(tmp_path):
 
 
 def test_cancel_stops_prediction():
+    """Cancel asked (as from another thread) once the first tile is done: the tile running then finishes and
+    no further tile is computed. The crop is 30x48x56 voxels at 3 mm, 60x96x112 at the plan's 1.5 mm: with
+    patch 32x48x48 and half-patch steps, 3 x 3 x 4 = 36 tiles."""
     from segbook.errors import Cancelled
     from segbook.events import Reporter
 
     class CancelAfterFirstTile(Reporter):
-        def progress(self, stage, done, total, **extra):
-            if stage == "predict" and done == 1:
-                self.cancel()
-            super().progress(stage, done, total, **extra)
+        totals = []
+
+        def emit(self, event):
+            if event.get("stage") == "predict":
+                self.totals.append(event["total"])
+                if event["done"] == 1:
+                    self.cancel()         # seen at the next check, not in this call
 
     image, _ = ct_crop()
+    reporter = CancelAfterFirstTile()
+    p = Predictor(tiny_net(), reporter=reporter)
+    tiles, run_tile = [], p._predict_tile
+    p._predict_tile = lambda tile: (tiles.append(tile.shape), run_tile(tile))[1]
     with pytest.raises(Cancelled):
-        Predictor(tiny_net(), reporter=CancelAfterFirstTile()).predict_array(image, (3, 3, 3))
+        p.predict_array(image, (3, 3, 3))
+    assert set(reporter.totals) == {36}
+    assert len(tiles) == 2 and set(tiles) == {(1, 32, 48, 48)}
 
 
 def test_cpu_fast_layers_give_the_same_logits():

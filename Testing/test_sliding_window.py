@@ -38,11 +38,18 @@ def test_tile_order_and_count_as_nnunet(shape):
     assert tile_starts(shape, patch, 0.5) == [tuple(s.start for s in sl[1:]) for sl in slicers]
 
 
-def test_steps_reject_small_image_and_bad_step():
-    with pytest.raises(ValueError):
-        compute_steps((100, 128, 128), (128, 128, 128), 0.5)
-    with pytest.raises(ValueError):
-        compute_steps((128, 128, 128), (128, 128, 128), 0)
+def test_steps_at_the_edges_and_refusals():
+    """Worked by hand: n = ceil((size - patch) / (step x patch)) + 1 tiles, spread evenly from 0 to size - patch
+    (one voxel past the patch: 2 tiles 1 apart; 200 = 128 + 72: 3 tiles, 36 apart; step 1: abutting tiles)."""
+    patch = (128, 128, 128)
+    assert compute_steps(patch, patch, 0.5) == [[0], [0], [0]]
+    assert compute_steps((128, 129, 200), patch, 0.5) == [[0], [0, 1], [0, 36, 72]]
+    assert compute_steps((256, 128, 130), patch, 1.0) == [[0, 128], [0], [0, 2]]
+    with pytest.raises(ValueError, match=r"image \(128, 100, 128\) smaller than the patch \(128, 128, 128\)"):
+        compute_steps((128, 100, 128), patch, 0.5)
+    for bad in (0, -0.5, 1.01):
+        with pytest.raises(ValueError, match=r"step must be in \(0, 1\]"):
+            compute_steps(patch, patch, bad)
 
 
 @pytest.mark.nnunet

@@ -16,8 +16,8 @@ except ImportError:  # every test here is marked slicer: they skip visibly witho
 pytestmark = pytest.mark.slicer
 
 from slicer_fixtures import IMAGE, IMAGE2, LABEL, LABEL2, load_label_segmentation, load_volume, make_tiny_model  # noqa: E402
-from SegBookLib.FineTuneLogic import (FineTuneLogic, TrainingSetError, annotationNote, sliceAxis,  # noqa: E402
-                                      sparseLabels, timeLeft)
+from SegBookLib.FineTuneLogic import FineTuneLogic, timeLeft  # noqa: E402
+from SegBookLib.TrainingSet import TrainingSetError, annotationNote, sliceAxis, sparseLabels  # noqa: E402
 from SegBookLib.Parameters import FineTuneParameters  # noqa: E402
 
 NAMES = {1: "anterior", 2: "posterior"}

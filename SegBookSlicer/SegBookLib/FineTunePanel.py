@@ -9,7 +9,8 @@ from __future__ import annotations
 import qt
 import slicer
 
-from .FineTuneLogic import annotationNote, timeLeft
+from .FineTuneLogic import timeLeft
+from .TrainingSet import annotationNote
 from .Parameters import FineTuneParameters, saveToNode
 from .TrainingChart import TrainingChart
 

@@ -13,10 +13,13 @@ Not covered: NCCL across ranks (DDP needs one GPU per rank; the one-GPU test mac
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from segbook import runners
@@ -75,6 +78,19 @@ def test_a_short_finetune_on_the_device_writes_a_model_that_predicts(device, tmp
     case = CASES[0]
     labels = Predictor(out, device=device).predict_array(*_image(case))
     assert labels.shape == read_labels(MINI / "labelsTr" / case.name)[0].shape
+    # the folder is a model for `segbook predict` in another process (the CPU's default engine): its label map,
+    # read with SimpleITK, lies on the input's grid and holds the labels of that engine in this process
+    if device != "cpu":
+        labels = Predictor(out, device="cpu").predict_array(*_image(case))
+    seg = tmp_path / "seg.nii.gz"
+    proc = subprocess.run([sys.executable, "-m", "segbook", "predict", str(case), "-o", str(seg), "--model", str(out),
+                           "--device", "cpu", "--progress", "none"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    written, source = sitk.ReadImage(str(seg)), sitk.ReadImage(str(case))
+    assert written.GetSize() == source.GetSize() and np.allclose(written.GetOrigin(), source.GetOrigin())
+    assert np.allclose(written.GetSpacing(), source.GetSpacing()) and np.allclose(written.GetDirection(),
+                                                                                 source.GetDirection())
+    assert (sitk.GetArrayFromImage(written) == labels).mean() >= 0.999
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -89,6 +105,12 @@ def test_the_worker_returns_the_gpus_cached_memory_after_a_request(device, tmp_p
     events = [json.loads(x) for x in stream.getvalue().splitlines()]
     done = [e for e in events if e["event"] == "done"]
     assert done and done[0]["result"]["settings"]["device"].startswith(device), events[-3:]
-    assert (tmp_path / "seg.nii.gz").is_file()
+    # the worker's file, read with SimpleITK: the input's grid, and the labels of the same model and settings
+    # predicted in this process
+    written, source = sitk.ReadImage(str(tmp_path / "seg.nii.gz")), sitk.ReadImage(str(CASES[0]))
+    assert written.GetSize() == source.GetSize() and np.allclose(written.GetOrigin(), source.GetOrigin())
+    expected = Predictor("hippocampus-demo", device=device).predict_array(*_image(CASES[0]))
+    assert (expected > 0).mean() > 0.01
+    assert (sitk.GetArrayFromImage(written) == expected).mean() >= 0.999
     if device == "cuda":
         assert torch.cuda.memory_reserved() - torch.cuda.memory_allocated() < 64 * 2 ** 20

@@ -520,13 +520,27 @@ def test_training_chart_follows_metric_events(scene):
     assert chart.view.GetPlotChartNodeID() == chart.chart.GetID()
 
 
-def test_parameters_are_saved_with_the_scene(scene):
+def test_parameters_are_saved_with_the_scene(scene, tmp_path):
+    """Through a real .mrml file: slicer-core writes the scene and reads it into another one; the attribute's
+    JSON is read there by hand, and the parameters come back from it."""
+    import xml.etree.ElementTree as ET
     from SegBookLib.Parameters import loadFromNode, saveToNode
     node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
-    saveToNode(SegmentParameters(model="x", device="cpu", tta=True, classes=["liver"]), node, "Segment")
-    back = loadFromNode(SegmentParameters, node, "Segment")
-    assert back == SegmentParameters(model="x", device="cpu", tta=True, classes=["liver"])
-    assert loadFromNode(FineTuneParameters, node, "FineTune") == FineTuneParameters()
+    params = SegmentParameters(model="C:\\models\\liver;v2 (50%)", device="cpu", tta=True, classes=["liver"])
+    saveToNode(params, node, "Segment")
+    scene.SetURL(str(tmp_path / "scene.mrml"))
+    assert scene.Commit()
+    written = next(e for e in ET.parse(tmp_path / "scene.mrml").iter("ScriptedModule"))
+    assert "SegBook.Segment:" in written.get("attributes")
+    reloaded = slicer.vtkMRMLScene()
+    reloaded.SetURL(str(tmp_path / "scene.mrml"))
+    assert reloaded.Connect()
+    again = reloaded.GetFirstNodeByClass("vtkMRMLScriptedModuleNode")
+    stored = json.loads(again.GetAttribute("SegBook.Segment"))
+    assert {k: stored[k] for k in ("model", "device", "tta", "classes")} == {
+        "model": "C:\\models\\liver;v2 (50%)", "device": "cpu", "tta": True, "classes": ["liver"]}
+    assert loadFromNode(SegmentParameters, again, "Segment") == params
+    assert loadFromNode(FineTuneParameters, again, "FineTune") == FineTuneParameters()
     with pytest.raises(ValueError):
         SegmentParameters(device="tpu")
 

@@ -101,14 +101,29 @@ def test_unknown_name_lists_known_models():
     assert result.returncode == 2 and "Traceback" not in result.stderr
 
 
-def test_registry_records_are_complete():
-    for name in ["stunet-s-totalseg", "stunet-b-totalseg", "stunet-l-totalseg", "stunet-h-totalseg"]:
+def test_registry_records_are_complete(tmp_path):
+    """Each released STU-Net's record, written as a model folder, read back with plain json and held to the
+    official plan files and network manifest (Testing/data, copied from uni-medical/STU-Net)."""
+    official = json.loads((DATA / "stunet_official_plans.json").read_text())["models"]
+    manifest = json.loads((DATA / "stunet_state_dict_manifest.json").read_text())["sizes"]
+    for size, name in zip("SBLH", ["stunet-s-totalseg", "stunet-b-totalseg", "stunet-l-totalseg", "stunet-h-totalseg"]):
         cfg = zoo.REGISTRY[name]
         assert cfg.hub_repo == "ziyanhuang/STU-Net" and cfg.hub_filename.endswith("_ep4k.model")
         assert cfg.arch.input_channels == 1 and cfg.plan.normalization == "zscore"
         assert cfg.plan.mirror_axes == [0, 1, 2] and len(cfg.colors) == 105
-        # config survives the model.json round trip unchanged
-        assert segbook.ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+        # STU-Net's label_orders.json: background, then TotalSegmentator's 104 classes in alphabetical order
+        assert cfg.class_names[0] == "background" and cfg.class_names[1:] == sorted(cfg.class_names[1:])
+        assert len(set(cfg.class_names)) == 105 and {"liver", "spleen", "aorta", "rib_left_10"} <= set(cfg.class_names)
+        folder = zoo.save_model_folder(tmp_path / name, cfg, {})
+        saved = json.loads((folder / "model.json").read_text())
+        plan = official[cfg.hub_filename]
+        assert saved["name"] == name and saved["class_names"] == cfg.class_names
+        assert saved["plan"]["spacing"] == plan["current_spacing"] and saved["plan"]["patch_size"] == plan["patch_size"]
+        assert saved["arch"]["pool_op_kernel_sizes"] == plan["pool_op_kernel_sizes"]
+        assert saved["arch"]["num_classes"] == plan["num_classes"] + 1
+        assert saved["arch"]["dims"] == manifest[size]["dims"]
+        # and the folder gives back the same record
+        assert segbook.get_config(folder) == cfg
     brats = zoo.REGISTRY["brats21-stunet-b"]
     assert brats.arch.input_channels == 4 and brats.arch.pool_op_kernel_sizes == [[2, 2, 2]] * 5
 

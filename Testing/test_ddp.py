@@ -49,6 +49,27 @@ def test_ranks_sample_their_own_reproducible_batches(tmp_path):
     assert not torch.equal(b0["image"], b1["image"])
     # nnU-Net's oversampling: the last of 2 patches is centred on foreground
     assert all(b0["target"][0][1].max() > 0 for b0 in (r0[k] for k in range(6)))
+    # reproducible in another process (as a resumed run or another rank's loader worker makes them), whatever
+    # that process drew from the global generators before, and whatever batch it made first
+    code = ("import sys, torch, numpy, random\n"
+            "from segbook.dataset import read_dataset\nfrom segbook.config import Plan\n"
+            "from segbook.planning import deep_supervision_scales, pools_for_patch\n"
+            "from segbook.training.cache import cache_dataset\nfrom segbook.training.sampling import BatchDataset\n"
+            "torch.manual_seed(123); numpy.random.seed(7); random.seed(9); torch.rand(5); numpy.random.rand(3)\n"
+            "ds = read_dataset(sys.argv[1])\n"
+            "cached = cache_dataset(ds, ds.cases, Plan([1.0] * 3, [16, 24, 16]), sys.argv[2])\n"
+            "scales = deep_supervision_scales(pools_for_patch([16, 24, 16], [1, 1, 1]))\n"
+            "r1 = BatchDataset(cached, [16, 24, 16], scales, 2, seed=0, rank=1)\n"
+            "r0 = BatchDataset(cached, [16, 24, 16], scales, 2, seed=0, rank=0)\n"
+            "r0[2]\n"
+            "torch.save({'r1': r1[5], 'r0': r0[5]}, sys.argv[3])\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(MINI), str(tmp_path / "cache"), str(tmp_path / "b.pt")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    other = torch.load(tmp_path / "b.pt")
+    for mine, theirs in ((b0, other["r0"]), (b1, other["r1"])):
+        assert torch.equal(mine["image"], theirs["image"])
+        assert all(torch.equal(a, b) for a, b in zip(mine["target"], theirs["target"]))
 
 
 # which patches of the global batch (rank after rank) are centred on foreground, worked out by hand from nnU-Net's

@@ -1,6 +1,8 @@
 """The shipped model `hippocampus-demo` and `python -m segbook.demo` (what `make demo` runs)."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +11,8 @@ import SimpleITK as sitk
 from segbook import demo
 from segbook.checkpoint import load_checkpoint
 from segbook.zoo import fetch, get_config, list_models
+
+DATA = Path(__file__).parent / "data"
 
 
 def test_demo_model_is_bundled_small_and_documented():
@@ -29,6 +33,23 @@ def test_demo_model_is_bundled_small_and_documented():
     assert len(demo.demo_cases()) == 3
     state = load_checkpoint(folder / "weights.safetensors")
     assert all(v.dtype.is_floating_point for v in state.values())
+    # "STU-Net-S shape at half width, weights stored as fp16", held to the official STU-Net-S manifest and the
+    # file's own bytes: the safetensors header read by hand, every tensor F16, and the file exactly the header
+    # plus 2 bytes per value; each shape the official S shape with its channels (16..256) halved and the 105
+    # TotalSegmentator outputs replaced by the 3 classes
+    manifest = json.loads((DATA / "stunet_state_dict_manifest.json").read_text())
+    official = dict(manifest["sizes"]["S"]["keys"])
+    assert cfg.arch.dims == [d // 2 for d in manifest["sizes"]["S"]["dims"]] and "half" in cfg.description
+    raw = (folder / "weights.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header.pop("__metadata__", None)
+    assert "weights stored as fp16" in cfg.description
+    assert {v["dtype"] for v in header.values()} == {"F16"} and header.keys() == official.keys()
+    assert len(raw) == 8 + n + 2 * sum(int(np.prod(v["shape"])) for v in header.values())
+    halved = {k: [3 if x == manifest["num_classes"] else x // 2 if x >= 16 else x for x in shape]
+              for k, shape in official.items()}
+    assert {k: v["shape"] for k, v in header.items()} == halved
 
 
 def test_make_demo_segments_a_shipped_case(tmp_path, capsys):

@@ -94,6 +94,35 @@ def test_context_files_are_what_the_mapping_table_gives():
     for path, text in GEN.rendered().items():
         assert path.read_text(encoding="utf-8") == text, \
             f"{path.name} is stale: run python Utilities/generate_terminology.py"
+    # and without the generator: the table read with csv, each row's codes looked up in the shipped files by
+    # scheme and value (as Slicer does) with the table's meanings; the files hold no type or region it lacks
+    segment, anatomic = shipped()
+    with TABLE.open(newline="", encoding="utf-8") as f:
+        rows = [row for row in csv.DictReader(f) if row["Name"]]
+    assert len(rows) > 400
+    types, regions = set(), set()
+
+    def code(row, prefix):
+        return row[f"{prefix}_CodingScheme"], row[f"{prefix}_CodeValue"], row[f"{prefix}_CodeMeaning"]
+
+    def found(items, row, prefix):
+        item = _find(items, code(row, prefix))
+        assert item is not None and item["CodeMeaning"] == row[f"{prefix}_CodeMeaning"], (row["Name"], prefix)
+        return item
+    for row in rows:
+        category = found(segment["SegmentationCodes"]["Category"], row, "Category")
+        kind = found(category.get("Type"), row, "Type")
+        types.add((row["Category_CodeValue"], row["Type_CodeValue"]))
+        if row["TypeModifier_CodeValue"]:
+            found(kind.get("Modifier"), row, "TypeModifier")
+        if row["Region_CodeValue"]:
+            region = found(anatomic["AnatomicCodes"]["AnatomicRegion"], row, "Region")
+            regions.add(row["Region_CodeValue"])
+            if row["RegionModifier_CodeValue"]:
+                found(region.get("Modifier"), row, "RegionModifier")
+    assert types == {(c["CodeValue"], t["CodeValue"]) for c in segment["SegmentationCodes"]["Category"]
+                     for t in c.get("Type", [])}
+    assert regions == {r["CodeValue"] for r in anatomic["AnatomicCodes"]["AnatomicRegion"]}
 
 
 def test_context_files_follow_the_dcmqi_schemas_slicer_reads():

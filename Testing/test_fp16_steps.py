@@ -113,7 +113,14 @@ def test_a_few_non_finite_steps_are_skipped_and_training_goes_on(tmp_path, monke
 
 
 def test_several_non_finite_steps_in_a_row_stop_the_run(tmp_path, monkeypatch, capsys):
-    code, err = _run(tmp_path, monkeypatch, set(range(2, 8)), capsys)
+    seen = {"scalers": [], "good": []}
+    code, err = _run(tmp_path, monkeypatch, set(range(2, 8)), capsys, seen)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
     assert f"iteration {3 + trainer.MAX_SKIPPED_STEPS - 1} ({trainer.MAX_SKIPPED_STEPS} steps in a row)" in lines[0]
+    # stopped at the MAX_SKIPPED_STEPS-th bad step, not later: GradScaler halved the scale that many times
+    # (2^10 -> 2^5 for 5), and the first epoch never ended: no checkpoint to keep, no model written
+    (scaler,) = seen["scalers"]
+    assert scaler.get_scale() == 2.0 ** (10 - trainer.MAX_SKIPPED_STEPS) and len(seen["good"]) == 2
+    assert "last good checkpoint kept: none yet" in lines[0]
+    assert not (tmp_path / "ft" / "weights.safetensors").exists()

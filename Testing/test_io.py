@@ -1,4 +1,5 @@
 """Reading images (files, DICOM folders) and writing label maps with exact geometry, atomically."""
+import gzip
 from pathlib import Path
 
 import numpy as np
@@ -118,13 +119,26 @@ def test_bad_inputs_name_the_file(tmp_path):
         read_image(tmp_path / "nan.nrrd")
 
 
-def test_output_names():
+def test_output_names(tmp_path):
     assert output_format("a/b.seg.nrrd") == ".seg.nrrd"
     assert output_format("b.NII.GZ") == ".nii.gz"
     assert sidecar_path("x/case1.seg.nrrd") == Path("x/case1.json")
     assert sidecar_path("case1.nii.gz") == Path("case1.json")
     with pytest.raises(InputError, match="unknown output format"):
         output_format("seg.png")
+    # the format a name asks for is the format written: each file's own bytes (the formats' magic numbers; a
+    # NIfTI-1 header is 348 bytes ending in "n+1"), then its voxels read back with SimpleITK
+    labels = (np.arange(3 * 4 * 5) % 3).astype(np.uint8).reshape(3, 4, 5)
+    geometry = Geometry((5, 4, 3), (0.5, 1.0, 2.0), (1.0, 2.0, 3.0), OBLIQUE)
+    table = [{"value": v, "name": f"s{v}", "color": [9, 9, 9], "terminology": None} for v in (1, 2)]
+    for name, is_format in (("b.NII.GZ", lambda b: b[:2] == b"\x1f\x8b" and gzip.decompress(b)[344:348] == b"n+1\0"),
+                            ("c.nii", lambda b: b[344:348] == b"n+1\0"),
+                            ("x.seg.nrrd", lambda b: b.startswith(b"NRRD000") and b"Segment1_Name:=s2" in b),
+                            ("d.nrrd", lambda b: b.startswith(b"NRRD000") and b"Segment" not in b),
+                            ("e.mha", lambda b: b.startswith(b"ObjectType = Image"))):
+        out = write_labels(labels, geometry, tmp_path / name, table)
+        assert out == tmp_path / name and is_format(out.read_bytes()), name
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), labels)
 
 
 def test_atomic_path_leaves_nothing_on_error(tmp_path):

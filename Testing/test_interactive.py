@@ -275,3 +275,24 @@ def test_negative_coordinate_lists_bind_to_their_option():
     r = run_cli("predict", CASES / "hippocampus_001_image.nii.gz", "-o", "/nonexistent/x.nii.gz", "--model",
                 "hippocampus-demo", "--roi", "-50,-20,100,60,80,180", "--progress", "none")
     assert "expected one argument" not in r.stderr and r.returncode == 2
+
+
+@pytest.mark.parametrize("k", [3, 105])
+def test_a_tile_with_a_head_labels_as_numpys_argmax_of_its_logits(k):
+    """The OpenVINO runner hands the click features and the final 1x1x1 head (runners.py); the tile's labels
+    and a class's mask, computed voxel by voxel from them, are numpy's argmax (first class on ties) and
+    p(class) > 1/2 of the logits written out in float64."""
+    from segbook.click_tiles import Tiles
+    g = torch.Generator().manual_seed(k)
+    features = torch.randn(6, 9, 7, 5, generator=g)
+    w, b = torch.randn(k, 6, generator=g), torch.randn(k, generator=g)
+    w[2], b[2] = w[1], b[1]                     # classes 1 and 2 always tie: the first one wins
+    logits = np.einsum("kf,fzyx->kzyx", w.double().numpy(), features.double().numpy()) + b.double().numpy()[:, None, None, None]
+    gauss = np.ones((9, 7, 5), np.float32)
+    for out, head in ((features, (w, b)), (torch.from_numpy(logits).float(), None)):
+        tiles = Tiles((9, 7, 5))
+        tiles.add((0, 0, 0), out, head, gauss, keep=True)
+        assert np.array_equal(tiles.labels, logits.argmax(0)) and not (tiles.labels == 2).any()
+        tiles.score_class(3 % k)
+        own, rest = logits[3 % k], np.log(np.exp(np.delete(logits, 3 % k, axis=0)).sum(0))
+        assert np.array_equal(tiles.binary, own > rest)

@@ -5,7 +5,6 @@ import numpy as np
 import torch
 
 from .export import first_argmax
-from .sliding_window import apply_head
 
 __all__ = ["Tiles"]
 
@@ -39,8 +38,8 @@ class Tiles:
         window = tuple(slice(o, o + s) for o, s in zip(origin, gauss.shape))
         better = gauss > self.weight[window]
         labels = np.empty(gauss.shape, dtype=np.int16)
-        for z, logits in _logit_slices(out, head):
-            labels[z] = first_argmax(logits).numpy()
+        for z, logits, axis in _logit_slices(out, head):
+            labels[z] = _argmax(logits, axis).numpy()
         self.labels[window][better] = labels[better]
         self.weight[window][better] = gauss[better]
         self.origins.append(tuple(origin))
@@ -51,17 +50,36 @@ class Tiles:
         """The prompted class's mask: p(value) > 1/2 against all other classes together."""
         for window, out, head, better in self._kept:
             inside = np.empty(better.shape, dtype=bool)
-            for z, logits in _logit_slices(out, head):
-                others = torch.cat([logits[:value], logits[value + 1:]])
-                inside[z] = (logits[value] > torch.logsumexp(others, 0)).numpy()
+            for z, logits, axis in _logit_slices(out, head):
+                inside[z] = _wins(logits, axis, value).numpy()
             self.binary[window][better] = inside[better]
         self._kept = []
 
 
 def _logit_slices(out: torch.Tensor, head, slices: int = 8):
-    """(z-range, (K, n, y, x) float32 logits) for each run of `slices` z-slices of a tile's runner output: a
-    tile of 105-class logits (880 MB at 128^3) is never held, and each head product is large enough to run
-    at speed (one slice at a time was 3x slower)."""
+    """(z-range, float32 logits, their class axis) for each run of `slices` z-slices of a tile's runner
+    output. With `head` the product is written voxel by voxel, (n, y, x, K): the per-voxel max over 105
+    classes is then a contiguous, vectorised reduction, about twice as fast as over the class axis. Without
+    it, the runner's own (K, n, y, x). A tile of 105-class logits (880 MB at 128^3) is never held, and each
+    head product is large enough to run at speed (one slice at a time was 3x slower)."""
     for z in range(0, out.shape[1], slices):
-        z1 = min(z + slices, out.shape[1])
-        yield slice(z, z1), out[:, z:z1] if head is None else apply_head(out[:, z:z1], head)
+        part = out[:, z:z + slices]
+        where = slice(z, z + part.shape[1])
+        if head is None:
+            yield where, part.float(), 0
+            continue
+        w, b = (t.to(part.device) for t in head)
+        logits = torch.addmm(b, part.float().reshape(part.shape[0], -1).t(), w.t())
+        yield where, logits.view(*part.shape[1:], -1), -1
+
+
+def _argmax(logits: torch.Tensor, axis: int) -> torch.Tensor:
+    """The first largest class (the lowest index on ties, as the export's)."""
+    return first_argmax(logits) if axis == 0 else logits.argmax(axis)
+
+
+def _wins(logits: torch.Tensor, axis: int, value: int) -> torch.Tensor:
+    """Where class `value` beats all the others together: p(value) > 1/2."""
+    k = logits.shape[axis]
+    others = torch.cat([logits.narrow(axis, 0, value), logits.narrow(axis, value + 1, k - value - 1)], axis)
+    return logits.select(axis, value) > torch.logsumexp(others, axis)

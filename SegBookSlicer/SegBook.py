@@ -12,8 +12,8 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 
 # every module of SegBookLib, each after those it imports: Reload reloads them in this order
 LIB_MODULES = ["Parameters", "ProcessRunner", "NodeIO", "StatisticsTable", "ModelCatalog", "InstallLogic",
-               "SegmentationLogic", "FineTuneLogic", "TrainingChart", "FineTunePanel", "InteractiveLogic",
-               "InteractivePanel", "Widget"]
+               "SegmentationLogic", "TrainingSet", "FineTuneLogic", "TrainingChart", "FineTunePanel",
+               "EditorUndo", "InteractiveLogic", "InteractivePanel", "ModelPanel", "Widget"]
 
 
 class SegBook(ScriptedLoadableModule):

@@ -74,11 +74,23 @@ def test_negative_points_remove_and_boxes_limit(demo, case):
     session = InteractiveSession(demo, image, g.spacing_zyx)
     anterior = deepest(full == 1)
     whole, _ = session.segment(points=[anterior])
-    # a negative point inside the same part: the voxels nearer to it than to the positive point go
+    # a negative point inside the same part takes a piece of it around itself...
     zs = np.nonzero(whole.any(axis=(1, 2)))[0]
     far = tuple(np.argwhere(whole)[np.argmax(np.abs(np.argwhere(whole)[:, 0] - anterior[0]))])
     cut, _ = session.segment(points=[anterior], negative_points=[far])
     assert cut.sum() < whole.sum() and not cut[far] and cut[anterior] and np.all(cut <= whole)
+    # ... and only around it: within its depth in the structure (its distance to the nearest voxel outside,
+    # found here by brute force), all of what lies well inside that reach and nearer to it than to the
+    # positive point goes (these hippocampus images are at the plan's 1 mm: network grid = input grid)
+    assert np.allclose(g.spacing_zyx, demo.config.plan.spacing)
+    def mm(a, b):
+        return np.sqrt((((np.asarray(a, float) - b) * g.spacing_zyx) ** 2).sum(-1))
+    depth = mm(np.argwhere(~whole), far).min()
+    inside = np.argwhere(whole)
+    removed = inside[~cut[tuple(inside.T)]]
+    assert mm(removed, far).max() <= depth + 1e-6
+    core = inside[(mm(inside, far) < depth / 2) & (mm(inside, far) < mm(inside, anterior))]
+    assert len(core) and not cut[tuple(core.T)].any()
     assert len(zs) > 1
     # a second positive point adds its part; a negative point in that part cuts only that part
     posterior = deepest(full == 2)

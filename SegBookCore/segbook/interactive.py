@@ -13,8 +13,10 @@ Two kinds of model answer:
 - any model (no prompt input): the class the model gives at the first positive point (or the class
   named) is taken, and of it the connected parts that the positive points touch; another positive point
   adds the part it touches (of its own class where it lies on another); a negative point removes the part
-  it lies in (within a part that a positive point holds too, the voxels nearer the negative point than
-  any positive one); a box keeps what lies inside it (with no point: the class most present in the box).
+  it lies in (within a part that a positive point holds too, a piece around the negative point, as deep as
+  it lies in the part, of the voxels nearer to it than to any positive one: an excess at a structure's
+  surface goes, the structure stays); a box keeps what lies inside it (with no point: the class most
+  present in the box).
   Tiles depend on nothing but the image, so they are kept for the next clicks: a click inside the region
   already computed costs no network run.
 - a model trained with prompts (`config.prompts`): the prompts are encoded as its extra input channels
@@ -332,8 +334,9 @@ def _box_mask(shape, lo, hi) -> np.ndarray:
 
 def _remove_negative(part: np.ndarray, pos, neg, spacing) -> np.ndarray:
     """`part` (one connected part of the result) without what the negative points in it take: all of it when
-    no positive point lies in it, else the voxels nearer (in mm) to one of its negative points than to its
-    positive points, and then whatever that cut off from its positive points."""
+    no positive point lies in it, else, around each negative point, the voxels within its depth in the part
+    (its distance to the part's surface, in mm: a local excess reaches about that far) that are nearer to it
+    than to any positive point; and then whatever that cut off from the positive points."""
     def inside(points):
         return [p for p in points if part[tuple(np.round(p).astype(int))]]
     negs, mine = inside(neg), inside(pos)
@@ -341,14 +344,17 @@ def _remove_negative(part: np.ndarray, pos, neg, spacing) -> np.ndarray:
         return part
     if not mine:
         return np.zeros_like(part)
-    voxels = np.argwhere(part)
     scale = np.asarray(spacing, dtype=float)
+    depth = ndimage.distance_transform_edt(np.pad(part, 1), sampling=scale)[1:-1, 1:-1, 1:-1]
+    voxels = np.argwhere(part)
 
-    def nearest(points):
-        return np.min([np.sum(((voxels - p) * scale) ** 2, axis=1) for p in points], axis=0)
+    def distances(points):
+        return np.stack([np.sqrt(np.sum(((voxels - p) * scale) ** 2, axis=1)) for p in points])
+    to_neg, to_pos = distances(negs), distances(mine).min(axis=0)
+    reach = np.array([depth[tuple(np.round(n).astype(int))] for n in negs])[:, None]
+    taken = ((to_neg <= reach) & (to_neg < to_pos)).any(axis=0)
     out = part.copy()
-    out[tuple(voxels[nearest(negs) < nearest(mine)].T)] = False
+    out[tuple(voxels[taken].T)] = False
     pieces, _ = ndimage.label(out)
     held = {pieces[tuple(np.round(p).astype(int))] for p in mine} - {0}
     return np.isin(pieces, sorted(held))
-

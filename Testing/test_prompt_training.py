@@ -58,11 +58,19 @@ def test_prompted_loss_is_the_automatic_loss_and_a_binary_one_by_share():
     assert torch.allclose(loss(outputs, targets, none), automatic(outputs, targets))
     classes = torch.tensor([0, 2, 0, 1])
     sel = classes > 0
+
+    def two_class(o):
+        """[log(1 - p_c), log p_c] of each prompted sample, p from numpy's softmax in float64: a two-class
+        problem whose softmax is (not c, c), written out without the code's class_vs_rest."""
+        z = o[sel].double().numpy()
+        p = np.exp(z - z.max(1, keepdims=True))
+        p = p / p.sum(1, keepdims=True)
+        pc = np.stack([p[i, c] for i, c in enumerate(classes[sel].tolist())])
+        return torch.from_numpy(np.stack([np.log1p(-pc), np.log(pc)], 1)).float()
     binary = DeepSupervisionLoss(2, ignore_label=2)
     expected = 0.5 * automatic([o[~sel] for o in outputs], [t[~sel] for t in targets]) + 0.5 * binary(
-        [class_vs_rest(o[sel], classes[sel]) for o in outputs],
-        [(t[sel] == classes[sel][:, None, None, None, None]).long() for t in targets])
-    assert torch.allclose(loss(outputs, targets, classes), expected)
+        [two_class(o) for o in outputs], [(t[sel] == classes[sel][:, None, None, None, None]).long() for t in targets])
+    assert torch.allclose(loss(outputs, targets, classes), expected, rtol=1e-5, atol=1e-6)
     # the binary target is the class alone: other classes and background are both "not it"
     only = DiceCELoss(ignore_label=2)(class_vs_rest(outputs[0][1:2], classes[1:2]),
                                       (targets[0][1:2] == 2).long())

@@ -293,6 +293,27 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_whole_process_group_stops_with_a_checkpoint_too(tmp_path, sig):
+    """Ctrl-C, SLURM's scancel or `kill -TERM -PGID` signal the loader workers as well as the trainer: the
+    trainer still saves at the next step and says so; no worker dies under it (a traceback, the epoch lost)."""
+    args = ["--epochs", "2", "--iterations-per-epoch", "30", "--val-every", "100", "--num-workers", "2"]
+    cmd = [sys.executable, "-m", "segbook", "finetune", str(MINI), "-o", str(tmp_path / "run"), *TINY, *args]
+    cmd[cmd.index("none")] = "json"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:
+        event = json.loads(line)
+        if event.get("stage") == "train" and event["done"] >= 35:
+            os.killpg(proc.pid, sig)                       # the trainer and its two loader processes
+            break
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    assert "checkpoint saved; continue with --resume" in err and "Traceback" not in err
+    state = torch.load(tmp_path / "run" / "training" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1 and 5 <= state["iteration"] < 30
+
+
 def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path, capsys):
     out = tmp_path / "nan"
     args = ["--iterations-per-epoch", "2", "--val-every", "100", "--num-workers", "0"]

@@ -126,10 +126,18 @@ class BatchDataset(torch.utils.data.Dataset):
 
 
 def _worker_init(_worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group: the main process saves a checkpoint and stops the workers,
-    # which must not die first with a KeyboardInterrupt of their own.
+    # Ctrl-C, and the SIGTERM of a batch system (SLURM's scancel) or of a process-group kill, reach every
+    # process of the run: the main process saves a checkpoint at the next step and stops the workers, which
+    # must not die first (the trainer would fail on a dead worker and lose the epoch's steps). SIGINT is
+    # ignored; so is the first SIGTERM, while a second one ends a worker as usual (the DataLoader's last
+    # resort for a worker that does not stop, and multiprocessing's at exit, are SIGTERMs).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _ignore_once)
     torch.set_num_threads(1)
+
+
+def _ignore_once(signum, _frame) -> None:
+    signal.signal(signum, signal.SIG_DFL)
 
 
 def default_workers(device: torch.device | None = None) -> int:

@@ -56,12 +56,16 @@ class Tiles:
         self._kept = []
 
 
-def _logit_slices(out: torch.Tensor, head, slices: int = 8):
-    """(z-range, float32 logits, their class axis) for each run of `slices` z-slices of a tile's runner
-    output. With `head` the product is written voxel by voxel, (n, y, x, K): the per-voxel max over 105
-    classes is then a contiguous, vectorised reduction, about twice as fast as over the class axis. Without
-    it, the runner's own (K, n, y, x). A tile of 105-class logits (880 MB at 128^3) is never held, and each
-    head product is large enough to run at speed (one slice at a time was 3x slower)."""
+def _logit_slices(out: torch.Tensor, head):
+    """(z-range, float32 logits, their class axis) for each few z-slices of a tile's runner output; a tile
+    of 105-class logits (880 MB at 128^3) is never held.
+
+    With `head`, one z-slice at a time, its product written voxel by voxel, (y, x, K): the per-voxel max
+    over the classes is then a contiguous, vectorised reduction over logits still in the cache (7 MB at
+    128^2 and 105 classes). Measured on a 128^3 tile of STU-Net-S features, 2 threads: 0.43 s for head and
+    argmax, against 0.9 s for 8 slices at a time this way and 0.8 s over the class axis. Without a head,
+    the runner's own (K, n, y, x) logits, 8 slices at a time (one at a time was 3x slower there)."""
+    slices = 1 if head is not None else 8
     for z in range(0, out.shape[1], slices):
         part = out[:, z:z + slices]
         where = slice(z, z + part.shape[1])

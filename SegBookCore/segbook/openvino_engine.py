@@ -218,6 +218,11 @@ class OpenVINORunner:
         """Convert (if not cached) and compile; done at the first tile, so that a bad input fails first."""
         import openvino as ov
         from .zoo import cache_dir
+        if self.precision == "bf16" and "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            # OpenVINO would quietly run fp32 anyway (AVX2-only CPUs, e.g. AMD before Zen 4): say so, and take
+            # fp32's exact norms with it rather than bf16's MVN
+            log.warning("--precision bf16: this CPU has no bf16 instructions; running fp32")
+            self.precision = "fp32"
         exact_norm = self.precision == "fp32"      # bf16 keeps MVN (module docstring)
         key = cache_key(self.network, self.patch, exact_norm)
         self.folder = Path(self.cache_root or cache_dir()) / "openvino" / key

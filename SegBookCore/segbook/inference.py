@@ -197,9 +197,7 @@ class Predictor:
         """Fill `out` (z, y, x) with the labels of `image` (C, z, y, x); only slices keep_z = (start, stop)
         of it if given."""
         plan = self.config.plan
-        # All of this process's cores on every device: on a GPU the preprocessing and the export still run on
-        # the CPU, and torchrun starts each rank with OMP_NUM_THREADS=1.
-        threads = _cpu_count()
+        threads = _cpu_count()     # on a GPU too: preprocessing and export run on the CPU (torchrun: 1 thread)
         self.reporter.progress("preprocess", 0, 1)
         with _inference_state(self.network, threads):
             t0 = time.perf_counter()

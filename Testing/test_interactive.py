@@ -68,37 +68,103 @@ def test_background_point_is_one_line_unless_the_class_is_named(demo, case):
     assert any("nearest" in w for w in info["warnings"])
 
 
-def test_negative_points_remove_and_boxes_limit(demo, case):
+def expected_correction(lead, labels_c, clicks, *positive):
+    """The corrected structure worked out from the definition with numpy in float64: each click (voxel,
+    +1/-1) a Gaussian bump on the class's lead over the best other class, heights raised click by click (three
+    rounds) until every clicked voxel leads (+1) or trails (-1) by the margin; where the bumps are not
+    negligible the sign of lead + bumps decides, elsewhere the model's labels; then the parts the positive
+    points touch."""
+    from segbook.interactive import BUMP_MARGIN, BUMP_REACH, BUMP_SIGMA
+    grid = np.indices(lead.shape).reshape(3, -1).T
+    bumps = []
+    for v, _ in clicks:
+        d = grid - np.asarray(v)
+        bump = np.exp(-(d ** 2).sum(1) / (2 * BUMP_SIGMA ** 2)) * (np.abs(d).max(1) <= BUMP_REACH)
+        bumps.append(bump.reshape(lead.shape))
+    height = [0.0] * len(clicks)
+    for _ in range(3):
+        for i, (v, sign) in enumerate(clicks):
+            now = lead[v] + sum(h * b[v] for h, b in zip(height, bumps))
+            height[i] += sign * max(0.0, BUMP_MARGIN - sign * now)
+    bias = sum(h * b for h, b in zip(height, bumps))
+    fg = np.where(np.abs(bias) > 1e-3, lead + bias > 0, labels_c)
+    return np.logical_or.reduce([part_at(fg, p) for p in positive])
+
+
+def test_later_clicks_correct_the_model_around_themselves(demo, case):
+    """A model without prompt input: a negative point takes away what the model barely gave the structure
+    around it, a positive point on a miss adds what it nearly gave; checked against the definition worked
+    out in float64 from the network's logits (network grid = input grid here: 1 mm, one tile)."""
+    image, g, truth = case
+    full = demo.predict_array(image, g.spacing_zyx)
+    session = InteractiveSession(demo, image, g.spacing_zyx)
+    assert np.allclose(g.spacing_zyx, demo.config.plan.spacing) and session.grid == session.patch
+    from segbook.runners import tile_logits
+    with torch.no_grad():
+        logits = tile_logits(demo.runner, session.data[None])[0].double().numpy()
+    inner = tuple(slice(a + lo, a + hi) for (a, _), (lo, hi) in zip(session.pads, session.pre.bbox))
+    crop = tuple(slice(lo, hi) for lo, hi in session.pre.bbox)
+    assert all(lo == 0 for lo, _ in session.pre.bbox)        # the crop starts at the image's first voxel
+    lead = np.full(full.shape, -np.inf)
+    lead[crop] = logits[(1, *inner)] - np.maximum(logits[(0, *inner)], logits[(2, *inner)])
+    anterior = deepest(full == 1)
+    whole, _ = session.segment(points=[anterior])
+    # a negative point on the structure, as far as it goes from the voxel the model missed most deeply
+    miss = deepest((truth == 1) & ~whole)
+    voxels = np.argwhere(whole)
+    far = tuple(voxels[np.argmax(((voxels - miss) ** 2).sum(1))])
+    cut, info = session.segment(points=[anterior], negative_points=[far])
+    assert np.array_equal(cut, expected_correction(lead, full == 1, [(far, -1)], anterior))
+    assert not cut[far] and cut[anterior] and np.all(cut <= whole) and cut.sum() < whole.sum()
+    assert info["tiles"] == 0                                # the tile and the structure's lead were kept
+    corner = tuple(int(n) - 1 for n in full.shape)           # a bump cut by the grid's end
+    cornered, _ = session.segment(points=[anterior, corner])
+    assert cornered[corner] and np.array_equal(
+        cornered, expected_correction(lead, full == 1, [(corner, 1)], anterior, corner))
+    # a positive point there, then both
+    assert not whole[miss]
+    added, _ = session.segment(points=[anterior, miss])
+    assert np.array_equal(added, expected_correction(lead, full == 1, [(miss, 1)], anterior))
+    assert added[miss] and np.all(whole <= added)
+    both, _ = session.segment(points=[anterior, miss], negative_points=[far])
+    assert np.array_equal(both, expected_correction(lead, full == 1, [(miss, 1), (far, -1)], anterior))
+    assert both[miss] and not both[far]
+    # nothing changes beyond a bump's reach
+    from segbook.interactive import BUMP_REACH
+    near = np.zeros_like(whole)
+    for v in (miss, far):
+        near[tuple(slice(max(c - BUMP_REACH, 0), c + BUMP_REACH + 1) for c in v)] = True
+    assert np.array_equal(both[~near], whole[~near] & both[~near]) and not (both & ~whole & ~near).any()
+
+
+def test_a_click_on_another_structure_scores_it_again(demo, case):
+    """The first correction scores the structure on the tile's output kept from the click before; only the
+    lead of the structure last scored is kept: correcting another one then runs its tile again, once."""
+    image, g, _ = case
+    full = demo.predict_array(image, g.spacing_zyx)
+    session = InteractiveSession(demo, image, g.spacing_zyx)
+    a, p = deepest(full == 1), deepest(full == 2)
+    session.segment(points=[a])
+    first, _ = session.segment(points=[p])
+    assert session.tiles_run == 1
+    edge = tuple(np.argwhere(first)[0])
+    cut, info = session.segment(points=[p], negative_points=[edge])
+    assert info["tiles"] == 0 and not cut[edge]
+    again, info = session.segment(points=[p], negative_points=[edge])
+    assert np.array_equal(again, cut) and info["tiles"] == 0
+    session.segment(points=[a])                               # a selection alone needs no lead
+    _, info = session.segment(points=[a], negative_points=[tuple(np.argwhere(full == 1)[0])])
+    assert info["tiles"] == 1
+    again, info = session.segment(points=[p], negative_points=[edge])
+    assert np.array_equal(again, cut) and info["tiles"] == 1
+
+
+def test_boxes_limit(demo, case):
     image, g, _ = case
     full = demo.predict_array(image, g.spacing_zyx)
     session = InteractiveSession(demo, image, g.spacing_zyx)
     anterior = deepest(full == 1)
     whole, _ = session.segment(points=[anterior])
-    # a negative point inside the same part takes a piece of it around itself...
-    zs = np.nonzero(whole.any(axis=(1, 2)))[0]
-    far = tuple(np.argwhere(whole)[np.argmax(np.abs(np.argwhere(whole)[:, 0] - anterior[0]))])
-    cut, _ = session.segment(points=[anterior], negative_points=[far])
-    assert cut.sum() < whole.sum() and not cut[far] and cut[anterior] and np.all(cut <= whole)
-    # ... and only around it: within its depth in the structure (its distance to the nearest voxel outside,
-    # found here by brute force), all of what lies well inside that reach and nearer to it than to the
-    # positive point goes (these hippocampus images are at the plan's 1 mm: network grid = input grid)
-    assert np.allclose(g.spacing_zyx, demo.config.plan.spacing)
-    def mm(a, b):
-        return np.sqrt((((np.asarray(a, float) - b) * g.spacing_zyx) ** 2).sum(-1))
-    depth = mm(np.argwhere(~whole), far).min()
-    inside = np.argwhere(whole)
-    removed = inside[~cut[tuple(inside.T)]]
-    assert mm(removed, far).max() <= depth + 1e-6
-    core = inside[(mm(inside, far) < depth / 2) & (mm(inside, far) < mm(inside, anterior))]
-    assert len(core) and not cut[tuple(core.T)].any()
-    assert len(zs) > 1
-    # a second positive point adds its part; a negative point in that part cuts only that part
-    posterior = deepest(full == 2)
-    both, _ = session.segment(points=[anterior, posterior])
-    assert np.array_equal(both, whole | part_at(full == 2, posterior))
-    edge = tuple(np.argwhere(part_at(full == 2, posterior))[0])
-    cut2, _ = session.segment(points=[anterior, posterior], negative_points=[edge])
-    assert not cut2[edge] and cut2[posterior] and np.array_equal(cut2 & whole, whole) and cut2.sum() < both.sum()
     # a box limits the result; a box alone takes the class most present inside it
     box = (anterior[0] - 3, 0, 0, anterior[0] + 4, image.shape[-2], image.shape[-1])
     boxed, info = session.segment(points=[anterior], box=box)
@@ -303,8 +369,21 @@ def test_a_tile_with_a_head_labels_as_numpys_argmax_of_its_logits(k):
     gauss = np.ones((9, 7, 5), np.float32)
     for out, head in ((features, (w, b)), (torch.from_numpy(logits).float(), None)):
         tiles = Tiles((9, 7, 5))
-        tiles.add((0, 0, 0), out, head, gauss, keep=True)
+        tiles.add((0, 0, 0), out, head, gauss)
         assert np.array_equal(tiles.labels, logits.argmax(0)) and not (tiles.labels == 2).any()
-        tiles.score_class(3 % k)
+        tiles.score_class(3 % k, prompted=True)
         own, rest = logits[3 % k], np.log(np.exp(np.delete(logits, 3 % k, axis=0)).sum(0))
         assert np.array_equal(tiles.binary, own > rest)
+        # a model without prompt input: the class's lead over the best other one (the tile run again)
+        assert tiles.unscored(1, (slice(None),) * 3) == [0]
+        tiles.rescore(0, out, head)
+        tiles.score_class(1, prompted=False)
+        assert tiles.unscored(1, (slice(None),) * 3) == [] and not (tiles.lead > 0).any()   # 1 ties with 2
+        tiles.rescore(0, out, head)
+        tiles.score_class(3 % k, prompted=False)
+        lead = own - np.delete(logits, 3 % k, axis=0).max(0)
+        assert np.allclose(tiles.lead, lead, atol=1e-5 * np.abs(logits).max())
+        assert np.array_equal(tiles.lead > 0, tiles.labels == 3 % k)
+        once = Tiles((9, 7, 5))                     # the class known: scored in the labels' pass
+        once.add((0, 0, 0), out, head, gauss, value=3 % k)
+        assert np.array_equal(once.lead, tiles.lead) and np.array_equal(once.labels, tiles.labels)

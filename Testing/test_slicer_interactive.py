@@ -102,7 +102,7 @@ def test_a_click_segments_the_structure_a_negative_point_changes_it_and_undo_ste
     assert after1[point]
     pid = worker.workerPid()
 
-    # a negative point inside the structure, far from the positive one: it removes what lies nearer to it
+    # a negative point inside the structure, far from the positive one: it takes away the voxels around it
     inside = np.argwhere(after1)
     far = tuple(inside[np.argmax(((inside - np.array(point)) ** 2).sum(axis=1))])
     logic.click([world_ras(volume, point)], [world_ras(volume, far)])

@@ -9,18 +9,28 @@ from .export import first_argmax
 __all__ = ["Tiles"]
 
 
+# Runner outputs of a model without prompt input kept for scoring a class later (its first correcting
+# click): a 128^3 tile of STU-Net features is 268 MB, so only the last few are kept; an older tile is run
+# again when a click corrects it.
+KEPT_OUTPUTS = 2
+
+
 class Tiles:
-    """What the tiles computed so far say on the network grid: for each voxel, the labels (and for a prompted
-    model the chosen class's mask) of the tile whose Gaussian weight is highest there, i.e. the tile it lies
-    most inside of."""
+    """What the tiles computed so far say on the network grid: for each voxel, what the tile whose Gaussian
+    weight is highest there (the tile it lies most inside of) says: its labels, and for the class scored
+    last, for a prompted model its mask (`binary`), for any other model the lead of its logit over the best
+    other class (`lead`: > 0 where the labels give that class; NaN where not scored)."""
 
     def __init__(self, grid):
         self.grid = grid
         self.origins: list[tuple[int, int, int]] = []
         self.labels = np.zeros(grid, dtype=np.int16)
         self.weight = np.zeros(grid, dtype=np.float32)
+        self.owner = np.full(grid, -1, dtype=np.int16)     # which tile (index into origins) each voxel is from
         self.binary = np.zeros(grid, dtype=bool)
-        self._kept: list = []       # (window, runner output, head, where the tile is best) to score a class
+        self.lead = np.full(grid, np.nan, dtype=np.float32)
+        self.lead_class = None
+        self._kept: list = []       # (tile index, runner output, head) not scored yet
 
     @property
     def known(self) -> np.ndarray:
@@ -32,28 +42,61 @@ class Tiles:
         hi = np.max(self.origins, axis=0) + np.asarray(self.patch) + margin
         return tuple(slice(int(max(a, 0)), int(min(b, g))) for a, b, g in zip(lo, hi, self.grid))
 
-    def add(self, origin, out: torch.Tensor, head, gauss: np.ndarray, keep: bool) -> None:
-        """A tile's runner output `out` (logits, or features with `head`); `keep` it for `score_class`."""
+    def add(self, origin, out: torch.Tensor, head, gauss: np.ndarray, value=None, prompted=False) -> None:
+        """A tile's runner output `out` (logits, or features with `head`). With the class `value` known it is
+        scored in the same pass over the logits; else `out` is kept for `score_class` (a prompted model's
+        until the end of the request, another's, the last KEPT_OUTPUTS, until a click corrects them)."""
         self.patch = gauss.shape
         window = tuple(slice(o, o + s) for o, s in zip(origin, gauss.shape))
         better = gauss > self.weight[window]
         labels = np.empty(gauss.shape, dtype=np.int16)
+        scored = None if value is None else self._scores(value, prompted)
         for z, logits, axis in _logit_slices(out, head):
             labels[z] = _argmax(logits, axis).numpy()
+            if scored is not None:
+                scored[z] = _score(logits, axis, value, prompted)
         self.labels[window][better] = labels[better]
         self.weight[window][better] = gauss[better]
+        self.owner[window][better] = len(self.origins)
         self.origins.append(tuple(origin))
-        if keep:
-            self._kept.append((window, out, head, better))
+        if scored is not None:
+            self._put(len(self.origins) - 1, scored, prompted)
+            return
+        self._kept.append((len(self.origins) - 1, out, head))
+        if not prompted:
+            del self._kept[:-KEPT_OUTPUTS]
 
-    def score_class(self, value: int) -> None:
-        """The prompted class's mask: p(value) > 1/2 against all other classes together."""
-        for window, out, head, better in self._kept:
-            inside = np.empty(better.shape, dtype=bool)
+    def rescore(self, index: int, out: torch.Tensor, head) -> None:
+        """Tile `index` computed again (its output was not kept), to score another class on it."""
+        self._kept.append((index, out, head))
+
+    def unscored(self, value: int, window) -> list[int]:
+        """The tiles neither kept nor scored for class `value` (lead) somewhere in `window` (grid slices)."""
+        self._scores(value, prompted=False)
+        owners = self.owner[window][np.isnan(self.lead[window])]
+        return sorted(set(np.unique(owners[owners >= 0]).tolist()) - {i for i, _, _ in self._kept})
+
+    def score_class(self, value: int, prompted: bool) -> None:
+        """Score class `value` on the tiles kept, then let their outputs go: where p(value) > 1/2 against all
+        other classes together (prompted) or its lead over the best other class."""
+        for index, out, head in self._kept:
+            scored = self._scores(value, prompted)
             for z, logits, axis in _logit_slices(out, head):
-                inside[z] = _wins(logits, axis, value).numpy()
-            self.binary[window][better] = inside[better]
+                scored[z] = _score(logits, axis, value, prompted)
+            self._put(index, scored, prompted)
         self._kept = []
+
+    def _scores(self, value: int, prompted: bool) -> np.ndarray:
+        """An empty tile of scores; the leads of another class are forgotten (only one class's are kept)."""
+        if not prompted and value != self.lead_class:
+            self.lead[:] = np.nan
+            self.lead_class = value
+        return np.empty(self.patch, dtype=bool if prompted else np.float32)
+
+    def _put(self, index: int, scored: np.ndarray, prompted: bool) -> None:
+        window = tuple(slice(o, o + s) for o, s in zip(self.origins[index], self.patch))
+        mine = self.owner[window] == index
+        (self.binary if prompted else self.lead)[window][mine] = scored[mine]
 
 
 def _logit_slices(out: torch.Tensor, head):
@@ -82,8 +125,20 @@ def _argmax(logits: torch.Tensor, axis: int) -> torch.Tensor:
     return first_argmax(logits) if axis == 0 else logits.argmax(axis)
 
 
+def _others(logits: torch.Tensor, axis: int, value: int) -> torch.Tensor:
+    k = logits.shape[axis]
+    return torch.cat([logits.narrow(axis, 0, value), logits.narrow(axis, value + 1, k - value - 1)], axis)
+
+
 def _wins(logits: torch.Tensor, axis: int, value: int) -> torch.Tensor:
     """Where class `value` beats all the others together: p(value) > 1/2."""
-    k = logits.shape[axis]
-    others = torch.cat([logits.narrow(axis, 0, value), logits.narrow(axis, value + 1, k - value - 1)], axis)
-    return logits.select(axis, value) > torch.logsumexp(others, axis)
+    return logits.select(axis, value) > torch.logsumexp(_others(logits, axis, value), axis)
+
+
+def _score(logits: torch.Tensor, axis: int, value: int, prompted: bool) -> np.ndarray:
+    return (_wins(logits, axis, value) if prompted else _lead(logits, axis, value)).numpy()
+
+
+def _lead(logits: torch.Tensor, axis: int, value: int) -> torch.Tensor:
+    """Class `value`'s logit minus the largest other one (> 0: the argmax is `value`)."""
+    return logits.select(axis, value) - _others(logits, axis, value).amax(axis)

@@ -11,14 +11,16 @@ tiles computed so far pulls in the tile beyond, until it is whole or meets the i
 
 Two kinds of model answer:
 - any model (no prompt input): the class the model gives at the first positive point (or the class
-  named) is taken, and of it the connected parts that the positive points touch; another positive point
-  adds the part it touches (of its own class where it lies on another); a negative point removes the part
-  it lies in (within a part that a positive point holds too, a piece around the negative point, as deep as
-  it lies in the part, of the voxels nearer to it than to any positive one: an excess at a structure's
-  surface goes, the structure stays); a box keeps what lies inside it (with no point: the class most
-  present in the box).
+  named) is taken, and of it the connected parts that the positive points touch. Every later click
+  corrects the model around itself: the class's logit gets a bump there (a Gaussian of BUMP_SIGMA voxels of
+  the network grid) just high enough for the clicked voxel to lead the best other class by BUMP_MARGIN
+  (positive point) or to trail it by that much (negative point), so that what the model nearly gave the
+  class around a miss joins it, and what it barely gave around an excess leaves; the parts the positive
+  points touch are then taken again. A box keeps what lies inside it (with no point: the class most present
+  in the box).
   Tiles depend on nothing but the image, so they are kept for the next clicks: a click inside the region
-  already computed costs no network run.
+  already computed costs no network run (a click on another structure may run the tiles it corrects
+  again: only the logits' lead of the structure last clicked is kept).
 - a model trained with prompts (`config.prompts`): the prompts are encoded as its extra input channels
   (segbook.prompts) and it decides the structure: its voxels are where the class's probability against
   all the others (softmax of the class's logit vs the log-sum-exp of the rest) exceeds one half; of those,
@@ -48,6 +50,12 @@ from .sliding_window import compute_steps, gaussian_weights, padding_for_patch
 __all__ = ["InteractiveSession"]
 
 log = logging.getLogger(__name__)
+
+# A correcting click's bump: its width in voxels of the network grid and how far the clicked voxel is put past
+# the decision. Chosen on hippocampus-demo's training cases (widths 2-5, margins 0.5-4; 3 and 1 were best,
+# and the held-out cases were not used to choose): benchmarks/RESULTS.md, "Clicks".
+BUMP_SIGMA, BUMP_MARGIN = 3.0, 1.0
+BUMP_REACH = int(np.ceil(4 * BUMP_SIGMA))      # voxels along each axis; the bump is 3e-4 of its height there
 
 
 class InteractiveSession:
@@ -179,7 +187,6 @@ class InteractiveSession:
         neg = [self._to_grid(p) for p in negative_points]
         gbox = self._box_to_grid(box) if box is not None else None
         value = self.predictor._class_index(class_name) if class_name else None
-        named = value is not None
         warnings: list[str] = []
         if self.prompted:
             prompts = Prompts([tuple(p) for p in pos], [tuple(p) for p in neg], gbox,
@@ -197,15 +204,15 @@ class InteractiveSession:
         if value is None:
             value = self._choose_class(tiles, pos, gbox, points)
             if self.prompted:
-                tiles.score_class(value)
-        mask = self._select(tiles, value, pos, neg, gbox, points, warnings, named)
+                tiles.score_class(value, prompted=True)
+        mask = self._select(tiles, value, pos, neg, gbox, points, warnings)
         # a structure reaching the edge of what was computed: compute the tile beyond, until it is whole
         while True:
             edge = self._open_edge(tiles, mask, gbox)
             if edge is None:
                 break
             self._add(tiles, edge, prompts, value)
-            mask = self._select(tiles, value, pos, neg, gbox, points, warnings, named)
+            mask = self._select(tiles, value, pos, neg, gbox, points, warnings)
         out = self._to_input(mask)
         if box is not None:
             lo = np.clip(np.ceil(np.minimum(box[:3], box[3:])).astype(int), 0, self.shape)
@@ -234,9 +241,7 @@ class InteractiveSession:
             return
         out = self._run_tile(origin, prompts)
         self.tiles_run += 1
-        tiles.add(origin, out, self.predictor.runner.head, self.gauss, keep=prompts is not None)
-        if prompts is not None and value is not None:
-            tiles.score_class(value)
+        tiles.add(origin, out, self.predictor.runner.head, self.gauss, value, self.prompted)
 
     def _choose_class(self, tiles: Tiles, pos, gbox, points) -> int:
         """The class the model gives at the first positive point; with only a box, the class most present in
@@ -255,49 +260,81 @@ class InteractiveSession:
             raise InputError("the model finds only background inside the box: name the class to segment")
         return int(counts.argmax())
 
-    def _select(self, tiles: Tiles, value, pos, neg, gbox, points, warnings, named: bool) -> np.ndarray:
+    def _select(self, tiles: Tiles, value, pos, neg, gbox, points, warnings) -> np.ndarray:
         """The structure on the network grid from the tiles computed so far (worked out inside their bounding
         box: nothing is known outside it)."""
         w = tiles.window()
         off = np.array([s.start for s in w])
         labels, known = tiles.labels[w], tiles.weight[w] > 0
         fg = (tiles.binary[w] if self.prompted else labels == value) & known
+        if not self.prompted:
+            fg = self._correct(tiles, value, fg, w, pos[1:], neg)
         if gbox is not None:
             fg &= _box_mask(fg.shape, np.asarray(gbox[:3]) - off, np.asarray(gbox[3:]) - off)
         mask = np.zeros(self.grid, dtype=bool)
         if not pos:             # a box alone: everything of the class inside it
             mask[w] = fg
             return mask
-        pos = [p - off for p in pos]
-        neg = [n - off for n in neg if np.all(n - off >= 0) and np.all(n - off <= np.asarray(fg.shape) - 1)]
         parts, _ = ndimage.label(fg)
-        chosen = {}             # the selected parts, each a connected part of one class
+        chosen = set()          # the selected connected parts
         for p, original in zip(pos, points):
-            at = tuple(np.round(p).astype(int))
+            at = tuple(np.round(p - off).astype(int))
             if parts[at]:
-                key = ("class", int(parts[at]))
-                if key not in chosen:
-                    chosen[key] = parts == parts[at]
-            elif not self.prompted and not named and labels[at] != 0:
-                # a positive point on another class: the user says that part belongs to this structure
-                sub, _ = ndimage.label((labels == labels[at]) & known)
-                key = ("other", int(labels[at]), int(sub[at]))
-                if key not in chosen:
-                    chosen[key] = sub == sub[at]
+                chosen.add(int(parts[at]))
             else:
                 warnings.append(f"positive point {[round(float(v), 1) for v in original]} lies on background "
                                 f"for the model: ignored")
         if not chosen and fg.any():
             # the class was named and no point lies on it: its part nearest to the first point
             near = ndimage.distance_transform_edt(parts == 0, return_distances=False, return_indices=True)
-            chosen["near"] = parts == parts[tuple(near[(slice(None), *np.round(pos[0]).astype(int))])]
+            chosen.add(int(parts[tuple(near[(slice(None), *np.round(pos[0] - off).astype(int))])]))
             warnings.append(f"no positive point lies on {self.config.class_names[value]}: took its part nearest "
                             f"to the first point")
-        for part in chosen.values():
-            if neg and not self.prompted:
-                part = _remove_negative(part, pos, neg, self.config.plan.spacing)
-            mask[w] |= part
+        mask[w] = np.isin(parts, sorted(chosen))
         return mask
+
+    def _correct(self, tiles: Tiles, value, fg, w, pos, neg) -> np.ndarray:
+        """`fg`, the class in the tiles' window `w`, corrected by the clicks `pos` (the positive points after
+        the first) and `neg` (network-grid coordinates), as the module docstring says. The bumps' heights are
+        found together: each click in turn is raised to its margin given the others' bumps, three rounds."""
+        off = np.array([s.start for s in w])
+        clicks = [(np.round(p).astype(int) - off, sign) for points, sign in ((pos, 1.0), (neg, -1.0))
+                  for p in points]
+        clicks = [(c, sign) for c, sign in clicks if np.all(c >= 0) and np.all(c < fg.shape)]
+        if not clicks:
+            return fg
+        at = np.array([c for c, _ in clicks])
+        signs = np.array([sign for _, sign in clicks])
+        lo = np.maximum(at.min(0) - BUMP_REACH, 0)
+        hi = np.minimum(at.max(0) + BUMP_REACH + 1, fg.shape)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        in_grid = tuple(slice(a + o, b + o) for a, b, o in zip(lo, hi, off))
+        for index in tiles.unscored(value, in_grid):     # the structure's lead there was not kept: run again
+            tiles.rescore(index, self._run_tile(tiles.origins[index], None), self.predictor.runner.head)
+            self.tiles_run += 1
+        tiles.score_class(value, prompted=False)
+        lead = tiles.lead[in_grid]
+        at = at - lo
+        gap = at[:, None, :] - at[None, :, :]
+        reach = np.abs(gap).max(-1) <= BUMP_REACH
+        bump_at = np.exp(-(gap ** 2).sum(-1) / (2 * BUMP_SIGMA ** 2)) * reach   # bump j's value at click i
+        height = np.zeros(len(clicks))
+        own = lead[tuple(at.T)]
+        for _ in range(3):
+            for i in range(len(clicks)):
+                need = BUMP_MARGIN - signs[i] * (own[i] + bump_at[i] @ height)
+                if need > 0:
+                    height[i] += signs[i] * need
+        bias = np.zeros(lead.shape, dtype=np.float32)
+        for c, h in zip(at, height):
+            if h:
+                window = tuple(slice(max(v - BUMP_REACH, 0), min(v + BUMP_REACH + 1, n)) for v, n in zip(c, lead.shape))
+                d2 = sum((g - v) ** 2 for g, v in zip(np.ogrid[window], c))
+                bias[window] += (h * np.exp(-d2 / (2 * BUMP_SIGMA ** 2))).astype(np.float32)
+        moved = np.abs(bias) > 1e-3
+        out = fg.copy()
+        out[box][moved] = (lead + bias > 0)[moved]       # NaN (no tile there) + bias > 0 is False
+        return out
 
     def _open_edge(self, tiles: Tiles, mask: np.ndarray, gbox):
         """The origin of a tile not yet computed that the structure runs into (its largest contact with the
@@ -331,30 +368,3 @@ def _box_mask(shape, lo, hi) -> np.ndarray:
     out[tuple(slice(a, b) for a, b in zip(lo, hi))] = True
     return out
 
-
-def _remove_negative(part: np.ndarray, pos, neg, spacing) -> np.ndarray:
-    """`part` (one connected part of the result) without what the negative points in it take: all of it when
-    no positive point lies in it, else, around each negative point, the voxels within its depth in the part
-    (its distance to the part's surface, in mm: a local excess reaches about that far) that are nearer to it
-    than to any positive point; and then whatever that cut off from the positive points."""
-    def inside(points):
-        return [p for p in points if part[tuple(np.round(p).astype(int))]]
-    negs, mine = inside(neg), inside(pos)
-    if not negs:
-        return part
-    if not mine:
-        return np.zeros_like(part)
-    scale = np.asarray(spacing, dtype=float)
-    depth = ndimage.distance_transform_edt(np.pad(part, 1), sampling=scale)[1:-1, 1:-1, 1:-1]
-    voxels = np.argwhere(part)
-
-    def distances(points):
-        return np.stack([np.sqrt(np.sum(((voxels - p) * scale) ** 2, axis=1)) for p in points])
-    to_neg, to_pos = distances(negs), distances(mine).min(axis=0)
-    reach = np.array([depth[tuple(np.round(n).astype(int))] for n in negs])[:, None]
-    taken = ((to_neg <= reach) & (to_neg < to_pos)).any(axis=0)
-    out = part.copy()
-    out[tuple(voxels[taken].T)] = False
-    pieces, _ = ndimage.label(out)
-    held = {pieces[tuple(np.round(p).astype(int))] for p in mine} - {0}
-    return np.isin(pieces, sorted(held))

@@ -72,7 +72,7 @@ class Tiles:
 
     def unscored(self, value: int, window) -> list[int]:
         """The tiles neither kept nor scored for class `value` (lead) somewhere in `window` (grid slices)."""
-        self._scores(value, prompted=False)
+        self._lead_of(value)
         owners = self.owner[window][np.isnan(self.lead[window])]
         return sorted(set(np.unique(owners[owners >= 0]).tolist()) - {i for i, _, _ in self._kept})
 
@@ -86,11 +86,15 @@ class Tiles:
             self._put(index, scored, prompted)
         self._kept = []
 
-    def _scores(self, value: int, prompted: bool) -> np.ndarray:
-        """An empty tile of scores; the leads of another class are forgotten (only one class's are kept)."""
-        if not prompted and value != self.lead_class:
+    def _lead_of(self, value: int) -> None:
+        """`lead` is to hold class `value`'s: another class's are forgotten (only one class's are kept)."""
+        if value != self.lead_class:
             self.lead[:] = np.nan
             self.lead_class = value
+
+    def _scores(self, value: int, prompted: bool) -> np.ndarray:
+        if not prompted:
+            self._lead_of(value)
         return np.empty(self.patch, dtype=bool if prompted else np.float32)
 
     def _put(self, index: int, scored: np.ndarray, prompted: bool) -> None:

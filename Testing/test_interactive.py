@@ -203,6 +203,38 @@ def test_a_structure_larger_than_a_tile_pulls_in_the_tiles_beyond(demo):
     assert info["tiles"] == 0 and mask.sum() == 10 * 180 * 10
 
 
+def test_a_runner_that_reuses_its_output_buffer_corrects_as_one_that_does_not(demo):
+    """OpenVINO's runner hands out its request's own output buffer, valid until its next call (runners.py).
+    The output of the tile a first click computed is kept to score the structure when a later click corrects
+    it; tiles computed in between must not change it. Logits here grow along y, so another tile's would
+    give another correction."""
+    truth = np.zeros((40, 200, 40), np.int16)
+    truth[15:25, 10:190, 15:25] = 1           # a tube along y, several tiles long
+    image = np.random.default_rng(0).normal(100, 10, truth.shape).astype(np.float32)
+
+    def session_with(reuse: bool):
+        session = InteractiveSession(demo, image, (1.0, 1.0, 1.0))
+        buffer = torch.zeros((3, *session.patch))
+
+        def runner(origin, prompts):
+            window = tuple(slice(o, o + p) for o, p in zip(origin, session.patch))
+            scale = 1 + np.arange(200)[window[1]][None, None, :, None] / 20
+            out = torch.from_numpy((np.stack([truth[window] == c for c in range(3)]) * scale).astype(np.float32))
+            return buffer.copy_(out) if reuse else out
+        session._run_tile = runner
+        return session
+
+    results = []
+    for reuse in (False, True):
+        session = session_with(reuse)
+        whole, info = session.segment(points=[(20, 100, 20)])
+        assert info["tiles"] >= 3                         # tiles beyond the first ran after it
+        cut, info = session.segment(points=[(20, 100, 20)], negative_points=[(20, 100, 24)], class_name="anterior")
+        assert info["tiles"] == 0 and not cut[20, 100, 24] and cut.sum() < whole.sum()
+        results.append(cut)
+    assert np.array_equal(*results)
+
+
 def test_bad_prompts_are_one_line(demo, case):
     image, g, _ = case
     session = InteractiveSession(demo, image, g.spacing_zyx)
@@ -376,11 +408,9 @@ def test_a_tile_with_a_head_labels_as_numpys_argmax_of_its_logits(k):
         assert np.array_equal(tiles.binary, own > rest)
         # a model without prompt input: the class's lead over the best other one (the tile run again)
         assert tiles.unscored(1, (slice(None),) * 3) == [0]
-        tiles.rescore(0, out, head)
-        tiles.score_class(1, prompted=False)
+        tiles.rescore(0, out, head, 1)
         assert tiles.unscored(1, (slice(None),) * 3) == [] and not (tiles.lead > 0).any()   # 1 ties with 2
-        tiles.rescore(0, out, head)
-        tiles.score_class(3 % k, prompted=False)
+        tiles.rescore(0, out, head, 3 % k)
         lead = own - np.delete(logits, 3 % k, axis=0).max(0)
         assert np.allclose(tiles.lead, lead, atol=1e-5 * np.abs(logits).max())
         assert np.array_equal(tiles.lead > 0, tiles.labels == 3 % k)

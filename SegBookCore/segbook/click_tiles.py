@@ -62,13 +62,14 @@ class Tiles:
         if scored is not None:
             self._put(len(self.origins) - 1, scored, prompted)
             return
-        self._kept.append((len(self.origins) - 1, out, head))
+        # a copy: a runner may hand out its own buffer, which its next call overwrites (runners.py)
+        self._kept.append((len(self.origins) - 1, out.clone(), head))
         if not prompted:
             del self._kept[:-KEPT_OUTPUTS]
 
-    def rescore(self, index: int, out: torch.Tensor, head) -> None:
-        """Tile `index` computed again (its output was not kept), to score another class on it."""
-        self._kept.append((index, out, head))
+    def rescore(self, index: int, out: torch.Tensor, head, value: int) -> None:
+        """Tile `index` computed again (its output was not kept): its lead for class `value`, now."""
+        self._score_tile(index, out, head, value, prompted=False)
 
     def unscored(self, value: int, window) -> list[int]:
         """The tiles neither kept nor scored for class `value` (lead) somewhere in `window` (grid slices)."""
@@ -80,11 +81,14 @@ class Tiles:
         """Score class `value` on the tiles kept, then let their outputs go: where p(value) > 1/2 against all
         other classes together (prompted) or its lead over the best other class."""
         for index, out, head in self._kept:
-            scored = self._scores(value, prompted)
-            for z, logits, axis in _logit_slices(out, head):
-                scored[z] = _score(logits, axis, value, prompted)
-            self._put(index, scored, prompted)
+            self._score_tile(index, out, head, value, prompted)
         self._kept = []
+
+    def _score_tile(self, index: int, out: torch.Tensor, head, value: int, prompted: bool) -> None:
+        scored = self._scores(value, prompted)
+        for z, logits, axis in _logit_slices(out, head):
+            scored[z] = _score(logits, axis, value, prompted)
+        self._put(index, scored, prompted)
 
     def _lead_of(self, value: int) -> None:
         """`lead` is to hold class `value`'s: another class's are forgotten (only one class's are kept)."""

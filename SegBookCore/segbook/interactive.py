@@ -310,7 +310,7 @@ class InteractiveSession:
         box = tuple(slice(a, b) for a, b in zip(lo, hi))
         in_grid = tuple(slice(a + o, b + o) for a, b, o in zip(lo, hi, off))
         for index in tiles.unscored(value, in_grid):     # the structure's lead there was not kept: run again
-            tiles.rescore(index, self._run_tile(tiles.origins[index], None), self.predictor.runner.head)
+            tiles.rescore(index, self._run_tile(tiles.origins[index], None), self.predictor.runner.head, value)
             self.tiles_run += 1
         tiles.score_class(value, prompted=False)
         lead = tiles.lead[in_grid]

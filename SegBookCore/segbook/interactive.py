@@ -339,7 +339,11 @@ class InteractiveSession:
     def _open_edge(self, tiles: Tiles, mask: np.ndarray, gbox):
         """The origin of a tile not yet computed that the structure runs into (its largest contact with the
         region not computed, inside the box if any), or None when the structure is whole."""
-        w = tiles.window(margin=1)
+        # worked out around the structure only (its bounding box and one voxel more): a dilation over all
+        # the tiles computed cost more than the rest of a click but the network
+        w = _bounds(mask, tiles.window(), margin=1)
+        if w is None:
+            return None
         off = np.array([s.start for s in w])
         touch = ndimage.binary_dilation(mask[w]) & (tiles.weight[w] == 0)
         if gbox is not None:
@@ -359,6 +363,20 @@ class InteractiveSession:
             if origin not in tiles.origins:
                 return origin
         return None
+
+
+def _bounds(mask: np.ndarray, window, margin: int):
+    """The bounding box of `mask`'s voxels, all of which lie in `window` (slices), grown by `margin` voxels
+    inside the array; None when there are none."""
+    inner = mask[window]
+    lo, hi = [], []
+    for axis in range(3):
+        hit = np.nonzero(inner.any(axis=tuple(a for a in range(3) if a != axis)))[0]
+        if not len(hit):
+            return None
+        lo.append(window[axis].start + int(hit[0]) - margin)
+        hi.append(window[axis].start + int(hit[-1]) + 1 + margin)
+    return tuple(slice(max(a, 0), min(b, n)) for a, b, n in zip(lo, hi, mask.shape))
 
 
 def _box_mask(shape, lo, hi) -> np.ndarray:

@@ -123,19 +123,18 @@ class InteractiveSession:
         only the mask's bounding box is resampled."""
         out = np.zeros(self.shape, dtype=bool)
         inner = mask[tuple(slice(a, s - b) for (a, b), s in zip(self.pads, self.grid))]
-        nz = np.nonzero(inner.any(axis=(1, 2)))[0], np.nonzero(inner.any(axis=(0, 2)))[0], \
-            np.nonzero(inner.any(axis=(0, 1)))[0]
-        if any(len(n) == 0 for n in nz):
+        bounds = _bounds(inner)
+        if bounds is None:
             return out
         index, weights, region = [], [], []
-        for axis, n in enumerate(nz):
+        for axis, n in enumerate(bounds):
             src, dst = inner.shape[axis], self.pre.shape_cropped[axis]
             if self.modes[axis] == "nearest":
                 i0 = _nearest(src, dst)
                 i1, w = i0, np.zeros(dst, np.float32)
             else:
                 i0, i1, w = linear_weights(src, dst)
-            keep = np.nonzero((i1 >= n[0]) & (i0 <= n[-1]))[0]
+            keep = np.nonzero((i1 >= n.start) & (i0 < n.stop))[0]
             j0, j1 = int(keep[0]), int(keep[-1]) + 1
             index.append((i0[j0:j1], i1[j0:j1]))
             weights.append(w[j0:j1])
@@ -365,9 +364,10 @@ class InteractiveSession:
         return None
 
 
-def _bounds(mask: np.ndarray, window, margin: int):
-    """The bounding box of `mask`'s voxels, all of which lie in `window` (slices), grown by `margin` voxels
-    inside the array; None when there are none."""
+def _bounds(mask: np.ndarray, window=None, margin: int = 0):
+    """The bounding box (slices) of `mask`'s voxels, all of which lie in `window` (slices; default: all),
+    grown by `margin` voxels inside the array; None when there are none."""
+    window = window or tuple(slice(0, n) for n in mask.shape)
     inner = mask[window]
     lo, hi = [], []
     for axis in range(3):

@@ -320,6 +320,23 @@ def test_prompt_encoding():
 
 
 # ---------------------------------------------------------------------------------------- the command line
+def test_a_structure_between_the_voxels_the_input_reads_is_empty_not_an_error(demo, case):
+    """4 mm along y against the plan's 1 mm: of each 4 network-grid slices the input's voxels read 1-2, so a
+    structure one network voxel thick may lie where no input voxel reads it."""
+    image, _, _ = case
+    session = InteractiveSession(demo, image, (1.0, 4.0, 1.0))
+    inner = [slice(a, n - b) for (a, b), n in zip(session.pads, session.grid)]
+    centre = [(s.start + s.stop) // 2 for s in inner]
+    found = []
+    for y in range(inner[1].start, inner[1].stop):
+        mask = np.zeros(session.grid, dtype=bool)
+        mask[centre[0], y, centre[2]] = True
+        out = session._to_input(mask)
+        assert out.shape == image.shape[1:] and out.sum() <= 1
+        found.append(bool(out.any()))
+    assert any(found) and not all(found)
+
+
 def test_cli_click_writes_one_structure_on_the_input_grid(tmp_path, case):
     image, g, labels = case
     path = CASES / "hippocampus_001_image.nii.gz"

@@ -135,6 +135,8 @@ class InteractiveSession:
             else:
                 i0, i1, w = linear_weights(src, dst)
             keep = np.nonzero((i1 >= n.start) & (i0 < n.stop))[0]
+            if not len(keep):       # the mask lies between the network voxels the input's voxels read
+                return out
             j0, j1 = int(keep[0]), int(keep[-1]) + 1
             index.append((i0[j0:j1], i1[j0:j1]))
             weights.append(w[j0:j1])

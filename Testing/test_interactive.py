@@ -159,6 +159,26 @@ def test_a_click_on_another_structure_scores_it_again(demo, case):
     assert np.array_equal(again, cut) and info["tiles"] == 1
 
 
+def test_a_positive_point_off_the_structure_says_what_it_lies_on(demo, case):
+    image, g, _ = case
+    full = demo.predict_array(image, g.spacing_zyx)
+    session = InteractiveSession(demo, image, g.spacing_zyx)
+    anterior, posterior = deepest(full == 1), deepest(full == 2)
+
+    def warned(**prompts):
+        mask, info = session.segment(**prompts)
+        return [w for w in info["warnings"] if w.startswith("positive point")]
+
+    assert warned(points=[posterior], class_name="anterior") == [
+        f"positive point {[float(v) for v in posterior]} lies on posterior, not anterior, for the model: ignored"]
+    assert "lies on background, not anterior" in warned(points=[(0, 0, 0)], class_name="anterior")[0]
+    # the same voxel positive and negative: the negative point's correction takes it away
+    assert "where the other points leave anterior out" in warned(points=[anterior], negative_points=[anterior])[0]
+    box = (anterior[0] + 1, 0, 0, image.shape[-3], image.shape[-2], image.shape[-1])
+    assert "lies outside the box" in warned(points=[anterior], box=box, class_name="anterior")[0]
+    assert warned(points=[anterior]) == []
+
+
 def test_boxes_limit(demo, case):
     image, g, _ = case
     full = demo.predict_array(image, g.spacing_zyx)

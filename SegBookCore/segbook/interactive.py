@@ -283,8 +283,8 @@ class InteractiveSession:
             if parts[at]:
                 chosen.add(int(parts[at]))
             else:
-                warnings.append(f"positive point {[round(float(v), 1) for v in original]} lies on background "
-                                f"for the model: ignored")
+                warnings.append(f"positive point {[round(float(v), 1) for v in original]} "
+                                f"{self._why_not(value, labels[at], gbox, np.round(p))}: ignored")
         if not chosen and fg.any():
             # the class was named and no point lies on it: its part nearest to the first point
             near = ndimage.distance_transform_edt(parts == 0, return_distances=False, return_indices=True)
@@ -293,6 +293,15 @@ class InteractiveSession:
                             f"to the first point")
         mask[w] = np.isin(parts, sorted(chosen))
         return mask
+
+    def _why_not(self, value, label, gbox, voxel) -> str:
+        """Why a positive point on `voxel` (network grid), where the model gives `label`, holds no `value`."""
+        names = self.config.class_names
+        if gbox is not None and not all(a <= v < b for v, a, b in zip(voxel, gbox[:3], gbox[3:])):
+            return "lies outside the box"
+        if label != value:
+            return f"lies on {names[label]}, not {names[value]}, for the model"
+        return f"lies where the other points leave {names[value]} out"
 
     def _correct(self, tiles: Tiles, value, fg, w, pos, neg) -> np.ndarray:
         """`fg`, the class in the tiles' window `w`, corrected by the clicks `pos` (the positive points after

@@ -428,16 +428,17 @@ def test_negative_coordinate_lists_bind_to_their_option():
 def test_a_tile_with_a_head_labels_as_numpys_argmax_of_its_logits(k):
     """The OpenVINO runner hands the click features and the final 1x1x1 head (runners.py); the tile's labels
     and a class's mask, computed voxel by voxel from them, are numpy's argmax (first class on ties) and
-    p(class) > 1/2 of the logits written out in float64."""
+    p(class) > 1/2 of the logits written out in float64. The tile (4,800 voxels) takes more than one chunk
+    of either kind, the last one partial."""
     from segbook.click_tiles import Tiles
     g = torch.Generator().manual_seed(k)
-    features = torch.randn(6, 9, 7, 5, generator=g)
+    features = torch.randn(6, 20, 16, 15, generator=g)
     w, b = torch.randn(k, 6, generator=g), torch.randn(k, generator=g)
     w[2], b[2] = w[1], b[1]                     # classes 1 and 2 always tie: the first one wins
     logits = np.einsum("kf,fzyx->kzyx", w.double().numpy(), features.double().numpy()) + b.double().numpy()[:, None, None, None]
-    gauss = np.ones((9, 7, 5), np.float32)
+    gauss = np.ones((20, 16, 15), np.float32)
     for out, head in ((features, (w, b)), (torch.from_numpy(logits).float(), None)):
-        tiles = Tiles((9, 7, 5))
+        tiles = Tiles((20, 16, 15))
         tiles.add((0, 0, 0), out, head, gauss)
         assert np.array_equal(tiles.labels, logits.argmax(0)) and not (tiles.labels == 2).any()
         tiles.score_class(3 % k, prompted=True)
@@ -451,6 +452,9 @@ def test_a_tile_with_a_head_labels_as_numpys_argmax_of_its_logits(k):
         lead = own - np.delete(logits, 3 % k, axis=0).max(0)
         assert np.allclose(tiles.lead, lead, atol=1e-5 * np.abs(logits).max())
         assert np.array_equal(tiles.lead > 0, tiles.labels == 3 % k)
-        once = Tiles((9, 7, 5))                     # the class known: scored in the labels' pass
+        once = Tiles((20, 16, 15))                     # the class known: scored in the labels' pass
         once.add((0, 0, 0), out, head, gauss, value=3 % k)
         assert np.array_equal(once.lead, tiles.lead) and np.array_equal(once.labels, tiles.labels)
+        tiles.rescore(0, out, head, k - 1)           # the last class: no class above it
+        lead = logits[k - 1] - logits[:k - 1].max(0)
+        assert np.allclose(tiles.lead, lead, atol=1e-5 * np.abs(logits).max())

@@ -159,7 +159,7 @@ class InteractiveSession:
 
     def _run_tile(self, origin, prompts: Prompts | None) -> torch.Tensor:
         """The runner's output for the tile at `origin`: (K, *patch) logits, or features when the runner has a
-        head (runners.py); `_logit_slices` turns either into logits a z-slice at a time."""
+        head (runners.py); `click_tiles` turns either into logits a few thousand voxels at a time."""
         window = tuple(slice(o, o + p) for o, p in zip(origin, self.patch))
         tile = self.data[(slice(None), *window)]
         if prompts is not None:

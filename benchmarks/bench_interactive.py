@@ -11,12 +11,14 @@ automatic Dice (no prompt) on the same cases, and the worker's seconds per click
     .venv/bin/python benchmarks/bench_interactive.py --model MODEL_DIR [--model MODEL2 ...] \\
         [--cases N] [--clicks 10] [--json out.json]
     .venv/bin/python benchmarks/bench_interactive.py --timing-ct     # a warm click on the abdominal CT
+    python benchmarks/bench_interactive.py --timing-ct --ct CASE --size B --device cuda   # on a GPU
 
 The cases are the model's held-out cases (its model.json's provenance.data.validation_cases) from
 ../shared/data/hippocampus. `--timing-ct`: STU-Net-S with random weights on ../shared/data/ct/abdomen_ct_3mm,
 a point at the centre, no class named (random weights: the structure is whatever the network makes of it),
 then `--repeats` clicks at new points up to ~75 mm around it on the same warm worker, with the default
-settings (OpenVINO fp32 where installed).
+settings (OpenVINO fp32 where installed). `--ct`, `--size` and `--device` change the case, the STU-Net size
+and the device (`make gpu-check` runs STU-Net-B on its 512x512x300 case on the GPU).
 """
 from __future__ import annotations
 
@@ -43,15 +45,16 @@ from segbook.clicks import dice, next_click  # noqa: E402
 class Worker:
     """`python -m segbook.worker` driven by JSON lines, as the Slicer module drives it."""
 
-    def __init__(self, env=None):
+    def __init__(self, env=None, device: str = "cpu"):
         self.proc = subprocess.Popen([sys.executable, "-m", "segbook.worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
         assert json.loads(self.proc.stdout.readline())["event"] == "ready"
         self.n = 0
+        self.device = device
 
     def request(self, **fields) -> dict:
         self.n += 1
-        self.proc.stdin.write(json.dumps({"id": f"r{self.n}", "command": "predict", "device": "cpu",
+        self.proc.stdin.write(json.dumps({"id": f"r{self.n}", "command": "predict", "device": self.device,
                                           **fields}) + "\n")
         self.proc.stdin.flush()
         while True:
@@ -125,21 +128,21 @@ def run_model(model: str, cases: list[str], clicks: int, work: Path) -> dict:
     return result
 
 
-def timing_ct(repeats: int, work: Path) -> dict:
+def timing_ct(repeats: int, work: Path, ct: Path = CT, net: str = "S", device: str = "cpu") -> dict:
     from bench_predict import make_model_folder
-    model = make_model_folder(work / "model-s", "S", None)
-    ref = sitk.ReadImage(str(CT))
-    size = np.array(ref.GetSize())
-    worker = Worker(env={"SEGBOOK_CACHE": str(work / "cache")})
+    model = make_model_folder(work / f"model-{net.lower()}", net, None)
+    ref = sitk.ReadImage(str(ct))
+    size, spacing = np.array(ref.GetSize()), np.array(ref.GetSpacing())
+    worker = Worker(env={"SEGBOOK_CACHE": str(work / "cache")}, device=device)
     times = []
     rng = np.random.default_rng(0)
     for i in range(repeats + 1):
-        # after the first click (model load, conversion, preprocessing), points up to ~75 mm away: some fall
-        # in a tile already computed (no network run), the others need one
-        index = (size - 1) / 2 + (rng.integers(-25, 26, 3) if i else 0)
+        # after the first click (model load, conversion, preprocessing), points up to ~75 mm away (25 voxels
+        # of 3 mm): some fall in a tile already computed (no network run), the others need one
+        index = (size - 1) / 2 + (rng.integers(-25, 26, 3) * 3.0 / spacing if i else 0)
         point = list(ref.TransformContinuousIndexToPhysicalPoint([float(v) for v in index]))
         t0 = time.perf_counter()
-        event = worker.request(input=str(CT), output=str(work / f"ct{i}.nrrd"), model=str(model), points=[point])
+        event = worker.request(input=str(ct), output=str(work / f"ct{i}.nrrd"), model=str(model), points=[point])
         wall = time.perf_counter() - t0
         if event["event"] == "error":       # random weights may call the point background: say so, go on
             print(f"click {i}: {event['message']}", flush=True)
@@ -150,7 +153,7 @@ def timing_ct(repeats: int, work: Path) -> dict:
         if i:
             times.append({"seconds": event["seconds"], "tiles": r["tiles"]})
     worker.close()
-    return {"case": str(CT), "clicks": times}
+    return {"case": str(ct), "model": f"STU-Net-{net} (random weights)", "device": device, "clicks": times}
 
 
 def main() -> int:
@@ -160,6 +163,9 @@ def main() -> int:
     parser.add_argument("--clicks", type=int, default=10)
     parser.add_argument("--timing-ct", action="store_true")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--ct", type=Path, default=CT, help="the case of --timing-ct")
+    parser.add_argument("--size", default="S", choices="SBLH", help="the STU-Net of --timing-ct")
+    parser.add_argument("--device", default="cpu", help="the device of --timing-ct (cpu, cuda, ...)")
     parser.add_argument("--json")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_interactive_"))
@@ -172,7 +178,7 @@ def main() -> int:
         print(json.dumps(r, indent=1), flush=True)
         results.append(r)
     if args.timing_ct:
-        r = timing_ct(args.repeats, work)
+        r = timing_ct(args.repeats, work, args.ct, args.size, args.device)
         print(json.dumps(r, indent=1), flush=True)
         results.append(r)
     if args.json:

@@ -10,7 +10,10 @@
 #                          CT crop from Testing/data, mirrored out to that size; 36 tiles of 128^3 at 1.5 mm)
 #   5. cuda_vs_cpu.json    `segbook predict` on it on the GPU (fp16) and on the CPU (fp32): times and the share
 #                          of identical labels over all 36 tiles
-#   6. bench_predict.json  segbook vs nnU-Net v2 on the GPU, same weights (STU-Net-B, TTA), if nnU-Net is
+#   6. click.json          clicks on that case through the warm worker, as the Slicer module sends them
+#                          (STU-Net-$MODEL, random weights, no class named): the first (model load,
+#                          preprocessing, one tile), then 6 at points up to ~75 mm away
+#   7. bench_predict.json  segbook vs nnU-Net v2 on the GPU, same weights (STU-Net-B, TTA), if nnU-Net is
 #                          installed; bounded by NNUNET_TIMEOUT (default 900 s): nnU-Net's export resamples the
 #                          105 classes in float64 on one core, which alone takes minutes on this case
 # A GPU machine without network access: build .gpu/ with benchmarks/gpu_payload.sh where pip can download,
@@ -109,11 +112,16 @@ if all(result[d]["exit"] == 0 for d in (device, "cpu")):
     print(f"identical labels {100 * result['identical_labels']:.4f} %")
 PY
 
+step "6 clicks, STU-Net-$MODEL on $DEVICE" | tee "$RESULTS/click.log"
+$PY benchmarks/bench_interactive.py --timing-ct --ct "$WORK/case.nii.gz" --size "$MODEL" --device "$DEVICE" \
+    --repeats 6 --json "$RESULTS/click.json" >> "$RESULTS/click.log" 2>&1
+grep "^click" "$RESULTS/click.log"
+
 if $PY -c "import nnunetv2" 2>/dev/null; then
-  step "6 segbook vs nnU-Net v2 on $DEVICE (at most ${NNUNET_TIMEOUT} s)"
+  step "7 segbook vs nnU-Net v2 on $DEVICE (at most ${NNUNET_TIMEOUT} s)"
   timeout "$NNUNET_TIMEOUT" $PY benchmarks/bench_predict.py --input "$WORK/case.nii.gz" --size "$MODEL" --tta \
       --device "$DEVICE" --workdir "$WORK/bench" --json "$RESULTS/bench_predict.json" 2>&1 | tee "$RESULTS/bench_predict.log"
 else
-  step "6 skipped: nnU-Net v2 is not installed (make test installs it)" | tee "$RESULTS/bench_predict.log"
+  step "7 skipped: nnU-Net v2 is not installed (make test installs it)" | tee "$RESULTS/bench_predict.log"
 fi
 step "done: $RESULTS"

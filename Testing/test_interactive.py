@@ -400,12 +400,23 @@ def test_worker_answers_clicks_and_keeps_the_image_prepared(tmp_path, case):
         click("c1", points=[lps(labels == 1)]),
         click("c2", points=[lps(labels == 1)], negative_points=[list(ref.GetOrigin())], previous=str(tmp_path / "c1.nrrd")),
         click("bad", points=[[1e4, 0, 0]]),
+        # what a request's JSON may hold instead of points and boxes: one line each, naming what is needed
+        click("text", points="abc"),
+        click("none", points=[[None, 1, 2]]),
+        click("words", points=[lps(labels == 1)], negative_points=[["a", "b", "c"]]),
+        click("box3", points=[lps(labels == 1)], box_lps=[1, 2, 3]),
+        click("roi3", roi_lps=[1, 2, 3]),
         click("c3", points=[lps(labels == 2)], classes=["posterior"]),
         {"command": "shutdown"}])
     assert rc == 0, stderr
     done = {e["request"]: e["result"] for e in events if e["event"] == "done"}
     errors = {e["request"]: e["message"] for e in events if e["event"] == "error"}
     assert set(done) == {"c1", "c2", "c3"} and "outside the image" in errors["bad"]
+    assert errors["text"] == "points: a list of points [X, Y, Z] (LPS mm) is needed, got 'abc'"
+    assert errors["none"] == "a point needs three finite numbers X,Y,Z (LPS mm), got [None, 1, 2]"
+    assert errors["words"] == "a point needs three finite numbers X,Y,Z (LPS mm), got ['a', 'b', 'c']"
+    for rid in ("box3", "roi3"):
+        assert errors[rid] == "a box needs six finite numbers X0,Y0,Z0,X1,Y1,Z1 (LPS mm), got [1, 2, 3]"
     assert done["c1"]["result"]["tiles"] == 1 and done["c2"]["result"]["tiles"] == 0
     assert done["c3"]["result"]["tiles"] == 0 and done["c3"]["result"]["class"] == "posterior"
     first, _ = read_labels(tmp_path / "c1.nrrd")

@@ -6,7 +6,6 @@ read once, the result written with the input's geometry and a sidecar, as `segbo
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -22,9 +21,8 @@ __all__ = ["FileSession", "physical_to_voxel"]
 def physical_to_voxel(geometry, point_lps) -> tuple[float, float, float]:
     """An LPS mm point -> continuous (z, y, x) voxel index of `geometry` (oblique directions included)."""
     import SimpleITK as sitk
-    values = [float(v) for v in point_lps]
-    if len(values) != 3 or not all(map(math.isfinite, values)):
-        raise InputError(f"a point needs three finite numbers X,Y,Z (LPS mm), got {list(point_lps)}")
+    from .io import lps_numbers
+    values = lps_numbers(point_lps, 3, "a point needs three finite numbers X,Y,Z (LPS mm)")
     ref = geometry.apply_to(sitk.Image([1, 1, 1], sitk.sitkUInt8))
     x, y, z = ref.TransformPhysicalPointToContinuousIndex(values)
     return z, y, x
@@ -60,8 +58,8 @@ class FileSession:
         t0 = time.perf_counter()
         check_writable(output_path)
         g = self.geometry
-        points = [physical_to_voxel(g, p) for p in points_lps]
-        negative = [physical_to_voxel(g, p) for p in negative_points_lps]
+        points, negative = (_points(g, p, what) for p, what in ((points_lps, "points"),
+                                                                 (negative_points_lps, "negative points")))
         box = list(g.physical_box_to_voxels(box_lps)) if box_lps is not None else None
         prev = None
         if previous:
@@ -94,6 +92,12 @@ class FileSession:
             tmp.write_text(json.dumps(sidecar, indent=1))
             write_labels(out, g, output_path, table)
         return sidecar
+
+
+def _points(geometry, points_lps, what: str) -> list:
+    if isinstance(points_lps, (str, bytes, dict)) or not hasattr(points_lps, "__iter__"):
+        raise InputError(f"{what}: a list of points [X, Y, Z] (LPS mm) is needed, got {points_lps!r}")
+    return [physical_to_voxel(geometry, p) for p in points_lps]
 
 
 def _stamp(path) -> tuple:

@@ -26,8 +26,8 @@ from .errors import InputError
 from .labels import terminology_entry
 from .imagefile import check_geometry, check_written, inspect_file, read_beside
 
-__all__ = ["Geometry", "read_image", "read_labels", "write_labels", "output_format", "sidecar_path", "atomic_path",
-           "check_writable", "IMAGE_SUFFIXES"]
+__all__ = ["Geometry", "lps_numbers", "read_image", "read_labels", "write_labels", "output_format", "sidecar_path",
+           "atomic_path", "check_writable", "IMAGE_SUFFIXES"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class Geometry:
         The voxel box is the smallest one holding every voxel centre inside the box (all 8 corners are
         mapped, so oblique directions work). Raises InputError when it holds no voxel of the image.
         """
+        box_lps = lps_numbers(box_lps, 6, "a box needs six finite numbers X0,Y0,Z0,X1,Y1,Z1 (LPS mm)")
         lo, hi = np.minimum(box_lps[:3], box_lps[3:]), np.maximum(box_lps[:3], box_lps[3:])
         ref = self.apply_to(sitk.Image([1, 1, 1], sitk.sitkUInt8))
         corners = np.array([ref.TransformPhysicalPointToContinuousIndex(
@@ -77,6 +78,18 @@ class Geometry:
             raise InputError(f"ROI {list(map(float, box_lps))} (LPS mm) lies outside the image")
         (x0, y0, z0), (x1, y1, z1) = start, stop
         return int(z0), int(y0), int(x0), int(z1), int(y1), int(x1)
+
+
+def lps_numbers(values, count: int, what: str) -> list[float]:
+    """`values` (a point or a box of a request or a call) as `count` finite floats, else InputError saying
+    `what` is needed: a request's JSON may hold anything."""
+    try:
+        numbers = None if isinstance(values, (str, bytes)) else [float(v) for v in values]
+    except (TypeError, ValueError):
+        numbers = None
+    if numbers is None or len(numbers) != count or not all(np.isfinite(numbers)):
+        raise InputError(f"{what}, got {values!r}")
+    return numbers
 
 
 def _geometry(image: sitk.Image) -> Geometry:

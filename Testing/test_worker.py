@@ -64,6 +64,10 @@ def test_worker_keeps_the_model_loaded_and_tags_events(tiny_model, tmp_path):
 def test_worker_answers_errors_and_keeps_serving(tiny_model, tmp_path):
     events, _, stderr, rc = run_worker([
         predict("missing", tmp_path / "x.nrrd", tiny_model, input=str(tmp_path / "nope.nii.gz")),
+        # a field of the wrong type is named, before any model is loaded ("false" as text would be true)
+        predict("tta", tmp_path / "t.nrrd", tiny_model, tta="false"),
+        predict("one", tmp_path / "o.nrrd", tiny_model, classes="liver"),
+        predict("num", tmp_path / "n.nrrd", tiny_model, input=7),
         predict("badclass", tmp_path / "y.nrrd", tiny_model, classes=["kidney_left"]),
         {"id": "nomodel", "command": "predict", "input": str(IMAGE), "output": str(tmp_path / "z.nrrd")},
         "this is not json",
@@ -76,6 +80,10 @@ def test_worker_answers_errors_and_keeps_serving(tiny_model, tmp_path):
     assert "kidney_left" in errors["badclass"]
     assert "model" in errors["nomodel"]
     assert None in errors and "explode" in errors["what"]
+    assert errors["tta"] == "predict request field 'tta': true or false is needed, got 'false'"
+    assert errors["one"] == "predict request field 'classes': a list of class names is needed, got 'liver'"
+    assert errors["num"] == "predict request field 'input': text is needed, got 7"
+    assert [e["request"] for e in events if e["event"] == "loaded"] == ["badclass"]
     assert all("\n" not in m for m in errors.values()), "errors are one line"
     assert any(e["event"] == "done" and e["request"] == "alive" for e in events)
     assert not (tmp_path / "x.nrrd").exists() and not (tmp_path / "y.nrrd").exists()

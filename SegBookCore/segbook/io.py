@@ -27,7 +27,7 @@ from .labels import terminology_entry
 from .imagefile import check_geometry, check_written, inspect_file, read_beside
 
 __all__ = ["Geometry", "lps_numbers", "read_image", "read_labels", "write_labels", "output_format", "sidecar_path",
-           "atomic_path", "check_writable", "IMAGE_SUFFIXES"]
+           "atomic_path", "check_exists", "check_writable", "IMAGE_SUFFIXES"]
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,14 @@ def _geometry(image: sitk.Image) -> Geometry:
                     tuple(float(s) for s in image.GetOrigin()[:3]), tuple(float(d) for d in direction.ravel()))
 
 
+def check_exists(path: str | os.PathLike) -> Path:
+    """`path` as a Path; InputError unless it exists."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    return path
+
+
 def read_image(path: str | os.PathLike, series: str | None = None) -> tuple[np.ndarray, Geometry]:
     """Read a NIfTI/NRRD/MHA file or a DICOM series folder (`series`: its Series Instance UID, needed when
     the folder holds several).
@@ -107,9 +115,7 @@ def read_image(path: str | os.PathLike, series: str | None = None) -> tuple[np.n
     Raises InputError (message names the path and what to do) for missing, damaged, truncated or 2D images,
     invalid geometry, DICOM slices that do not form one grid (see `imagefile`, `dicom`).
     """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file or folder")
+    path = check_exists(path)
     if path.is_dir():
         array, (spacing, origin, direction), _ = read_dicom(path, series)
         check_geometry(path, spacing, origin, direction)

@@ -49,6 +49,9 @@ __all__ = ["Worker", "main"]
 
 # the fields of a predict request that make it a click (segbook.interactive)
 _PROMPTS = ("points", "negative_points", "box_lps", "previous")
+# the predict request's fields of one type (a request's JSON may hold anything; "false" would be true)
+_TEXT = ("input", "output", "model", "checkpoint", "series", "device", "backend", "precision", "previous")
+_FLAGS = ("tta", "statistics")
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +156,10 @@ class Worker:
         for field in ("input", "output", "model"):
             if not request.get(field):
                 raise SegBookError(f"predict request without '{field}'")
-        from .io import check_writable
-        check_writable(request["output"])   # before loading a model or reading the image
+        _check_types(request)
+        from .io import check_exists, check_writable
+        check_exists(request["input"])      # both before loading a model or reading the image
+        check_writable(request["output"])
         if dicom_seg.is_seg_output(request["output"]):
             dicom_seg.read_source_series(request["input"], request.get("series") or None)    # refused before a model is loaded
         predictor, reused = self._predictor(request)
@@ -210,6 +215,22 @@ class Worker:
                 continue
             if not self.handle(request):
                 break
+
+
+def _check_types(request: dict) -> None:
+    """SegBookError naming the first field of a predict request of the wrong type (points and boxes are
+    checked where they are read)."""
+    def wrong(field, needed):
+        return SegBookError(f"predict request field '{field}': {needed} is needed, got {request[field]!r}")
+    for field in _TEXT:
+        if request.get(field) is not None and not isinstance(request[field], str):
+            raise wrong(field, "text")
+    for field in _FLAGS:
+        if request.get(field) is not None and not isinstance(request[field], bool):
+            raise wrong(field, "true or false")
+    classes = request.get("classes")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise wrong("classes", "a list of class names")
 
 
 def main(argv=None) -> int:

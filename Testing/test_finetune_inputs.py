@@ -53,6 +53,40 @@ def test_resume_with_other_recipe_flags_is_refused_naming_them(tmp_path, capsys)
     assert json.loads((out / "model.json").read_text())["provenance"]["epochs_done"] == 2
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--epochs", "0", "--epochs must be at least 1, got 0"),      # wrote an untrained model
+    ("--iterations-per-epoch", "-1", "--iterations-per-epoch must be at least 1, got -1"),
+    ("--batch-size", "0", "--batch-size must be at least 1, got 0"),              # never made a batch
+    ("--val-every", "0", "--val-every must be at least 1, got 0"),               # failed after epoch 1
+    ("--num-workers", "-1", "--num-workers must be at least 0, got -1"),
+    ("--lr", "nan", "--lr must be a positive number, got nan"),                   # failed at iteration 2
+    ("--lr", "-0.01", "--lr must be a positive number, got -0.01"),
+    ("--width", "0", "--width must be a positive number, got 0.0"),              # made a 1-channel network
+    ("--patch-size", "0", "--patch-size needs three sizes of at least 1 voxel, got [0, 24, 16]"),
+])
+def test_numbers_out_of_range_are_one_line_before_any_work(tmp_path, capsys, flag, value, message):
+    args = list(FAST)
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    code, err = _finetune(capsys, MINI, tmp_path / "out", *args)
+    _one_line(code, err, message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_base_is_fetched_before_the_cases_are_preprocessed(tmp_path, capsys, monkeypatch):
+    """Offline without the base's weights, a fine-tune says so at once: nothing is preprocessed first."""
+    monkeypatch.setenv("SEGBOOK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    args = FAST[3:]                                       # no --scratch --width 0.25: the base's weights
+    assert FAST[:3] == ["--scratch", "--width", "0.25"]
+    code, err = _finetune(capsys, MINI, tmp_path / "out", *args)
+    _one_line(code, err, "stunet-s-totalseg", "is not cached")
+    assert not (tmp_path / "out" / "training" / "cache").exists()
+
+
 def test_a_patch_the_pools_do_not_divide_is_one_line(tmp_path, capsys):
     base = tmp_path / "base"
     assert _finetune(capsys, MINI, base, *FAST)[0] == 0      # a model folder whose pools are fixed

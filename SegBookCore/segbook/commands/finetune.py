@@ -29,7 +29,8 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=2, help="patches per step (per rank under torchrun)")
     p.add_argument("--num-workers", type=int, default=None, help="data-loading processes (default: cores-1, max 4)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads per training process (1 keeps a shared machine responsive)")
+                   help="CPU threads per training process (1 keeps a shared machine responsive; 0: torch's "
+                        "default)")
     p.add_argument("--lr", type=float, default=None, help="initial learning rate (default 1e-3, 1e-2 with --scratch)")
     p.add_argument("--scratch", action="store_true", help="random initialisation instead of the base's weights")
     p.add_argument("--width", type=float, default=1.0, help="channel multiplier of the base's widths (with --scratch)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,19 @@ class FinetuneConfig:
             raise ValueError(f"unknown plan '{self.plan}' (data or base)")
         if self.width != 1.0 and not self.scratch:
             raise ValueError("--width changes the network's shape: it needs --scratch")
+        # numbers checked before any work: 0 epochs wrote an untrained model, --val-every 0 failed after the
+        # first epoch, --batch-size 0 never produced a batch
+        least = {"epochs": 1, "iterations_per_epoch": 1, "batch_size": 1, "num_workers": 0, "threads": 0,
+                 "val_every": 1, "max_patch_voxels": 1}
+        for field, lowest in least.items():
+            value = getattr(self, field)
+            if value is not None and value < lowest:
+                raise ValueError(f"--{field.replace('_', '-')} must be at least {lowest}, got {value}")
+        if self.patch_size is not None and (len(self.patch_size) != 3 or min(self.patch_size) < 1):
+            raise ValueError(f"--patch-size needs three sizes of at least 1 voxel, got {self.patch_size}")
+        for flag, value in (("lr", self.lr), ("width", self.width)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"--{flag} must be a positive number, got {value}")
 
     @property
     def total_epochs(self) -> int:

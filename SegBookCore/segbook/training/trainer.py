@@ -159,10 +159,11 @@ def _run(cfg, d, device, out, train_dir, reporter, command, stop_file=None) -> d
     d.barrier()
     by_name = {c.name: c for c in ds.cases}
     train_cases, val_cases = [by_name[n] for n in split["train"]], [by_name[n] for n in split["validation"]]
-    # 2. plan and cache
-    plan, pools, cached = _plan(cfg, ds, train_cases, base_config, train_dir / "cache", reporter, d)
+    # 2. the base's weights (before the preprocessing, which can take minutes: an offline machine without
+    # them is told at once), then plan and cache
     if not cfg.scratch:
         fetch_base(cfg.base, d)
+    plan, pools, cached = _plan(cfg, ds, train_cases, base_config, train_dir / "cache", reporter, d)
     # 3. network, optimiser, loss
     torch.manual_seed(cfg.seed)  # the fresh heads (or the whole network from scratch) start reproducibly
     net, base_config, init_info = build_network(cfg.base, ds.class_names, len(ds.cases[0].images), pools,

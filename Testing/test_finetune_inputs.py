@@ -187,3 +187,34 @@ def test_model_json_dice_is_the_dice_of_the_saved_model(tmp_path, capsys):
     assert min(expected.values()) > 0.5, expected             # the model segments: not 0 == 0
     assert prov["validation"]["dice"] == pytest.approx(expected, abs=2e-3)
     assert prov["validation"]["mean_dice"] == pytest.approx(np.mean(list(expected.values())), abs=2e-3)
+
+
+def test_a_base_from_a_checkpoint_file(tmp_path, capsys):
+    """`--checkpoint FILE`: the base's weights from a file downloaded by hand (released format: a pickle
+    holding "network_weights"), not from the base's folder; a bad file is one line and nothing is written."""
+    import torch
+    from safetensors.torch import load_file
+    from segbook.zoo import fetch
+    demo = load_file(str(fetch("hippocampus-demo") / "weights.safetensors"))
+    half = {k: (v.float() * 0.5) for k, v in demo.items()}     # not the folder's weights
+    torch.save({"network_weights": half}, tmp_path / "half.model")
+    out = tmp_path / "ft"
+    args = ["--base", "hippocampus-demo", "--plan", "base", *FAST[7:], "--lr", "1e-12"]   # one step, no change
+    assert _finetune(capsys, MINI, out, *args, "--checkpoint", str(tmp_path / "half.model"))[0] == 0
+    got = load_file(str(out / "weights.safetensors"))
+    for k, v in half.items():
+        assert torch.allclose(got[k].float(), v, atol=1e-4), k
+    assert not torch.allclose(got["conv_blocks_context.0.0.conv1.weight"].float(),
+                              demo["conv_blocks_context.0.0.conv1.weight"].float(), atol=1e-4)
+    prov = json.loads((out / "model.json").read_text())["provenance"]
+    assert str(tmp_path / "half.model") in json.dumps(prov)
+    # a missing file, a file of another network, --scratch with it: one line, nothing written
+    del half["conv_blocks_context.0.0.conv1.weight"]
+    torch.save({"network_weights": half}, tmp_path / "other.model")
+    for extra, message in [(["--checkpoint", str(tmp_path / "nope.model")], "nope.model: no such file"),
+                           (["--checkpoint", str(tmp_path / "other.model")],
+                            "base model has no weight 'conv_blocks_context.0.0.conv1.weight'"),
+                           (["--checkpoint", str(tmp_path / "half.model"), "--scratch"], "choose one")]:
+        code, err = _finetune(capsys, MINI, tmp_path / "bad", *args, *extra)
+        _one_line(code, err, message)
+        assert not (tmp_path / "bad" / "weights.safetensors").exists()

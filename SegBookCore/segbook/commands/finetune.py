@@ -32,6 +32,9 @@ def add_arguments(p) -> None:
                    help="CPU threads per training process (1 keeps a shared machine responsive; 0: torch's "
                         "default)")
     p.add_argument("--lr", type=float, default=None, help="initial learning rate (default 1e-3, 1e-2 with --scratch)")
+    p.add_argument("--checkpoint", default=None, metavar="FILE",
+                   help="the --base model's weights from a file (a released checkpoint downloaded by hand, for "
+                        "a machine without the hub) instead of the download")
     p.add_argument("--scratch", action="store_true", help="random initialisation instead of the base's weights")
     p.add_argument("--width", type=float, default=1.0, help="channel multiplier of the base's widths (with --scratch)")
     p.add_argument("--plan", default="data", choices=["data", "base"],

@@ -41,6 +41,7 @@ class FinetuneConfig:
     num_workers: int | None = None        # data-loading processes; None: cores - 1, at most 4
     threads: int | None = None            # torch CPU threads of each training process; None: torch's default
     lr: float | None = None
+    checkpoint: str | None = None         # the base's weights from this file instead of the download
     scratch: bool = False                 # random initialisation instead of the base's weights
     width: float = 1.0                    # channel multiplier on the base's dims (only with --scratch)
     plan: str = "data"                    # "data": spacing/patch/pools from the data; "base": the base's plan
@@ -60,6 +61,8 @@ class FinetuneConfig:
             raise ValueError(f"unknown plan '{self.plan}' (data or base)")
         if self.width != 1.0 and not self.scratch:
             raise ValueError("--width changes the network's shape: it needs --scratch")
+        if self.checkpoint and self.scratch:
+            raise ValueError("--checkpoint gives the base's weights, --scratch none: choose one")
         # numbers checked before any work: 0 epochs wrote an untrained model, --val-every 0 failed after the
         # first epoch, --batch-size 0 never produced a batch
         least = {"epochs": 1, "iterations_per_epoch": 1, "batch_size": 1, "num_workers": 0, "threads": 0,

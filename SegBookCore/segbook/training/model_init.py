@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import CheckpointError, load_checkpoint
 from ..config import Arch, ModelConfig
 from ..network import STUNet
 from ..prompts import PromptSpec, extend_input
@@ -74,7 +75,7 @@ def fetch_base(base: str, d) -> None:
 
 
 def build_network(base: str, class_names: list[str], input_channels: int, pools: list[list[int]], *,
-                  scratch: bool = False, width: float = 1.0, prompts: bool = False
+                  scratch: bool = False, width: float = 1.0, prompts: bool = False, checkpoint=None
                   ) -> tuple[STUNet, ModelConfig, dict]:
     """(network with deep supervision on, the base's ModelConfig, a provenance dict).
 
@@ -82,7 +83,8 @@ def build_network(base: str, class_names: list[str], input_channels: int, pools:
     `width` then scales the base's channel counts (an honest "narrower" preset, e.g. 0.5). `prompts`: the
     network takes prompt channels after the image's (segbook.prompts); a base without them gets them with
     zero weights, so that training starts from exactly what the base computes. A base that takes prompts
-    keeps them. `net.prompts` is the PromptSpec dict for model.json, or None.
+    keeps them. `checkpoint`: the base's weights from this file (released format ok) instead of its folder.
+    `net.prompts` is the PromptSpec dict for model.json, or None.
     """
     base_config = get_config(base)
     spec = base_config.prompts if base_config.prompts and not scratch else (
@@ -98,9 +100,15 @@ def build_network(base: str, class_names: list[str], input_channels: int, pools:
     info = {"base": base_config.name, "base_size": base_config.size, "width": width,
             "initialisation": "scratch (He)" if scratch else "pretrained"}
     if not scratch:
-        state = load_checkpoint(fetch(str(base)) / WEIGHTS)
+        source = Path(checkpoint) if checkpoint else fetch(str(base)) / WEIGHTS
+        state = load_checkpoint(source)
         keep = list(base_config.class_names) == list(class_names)
-        fresh = transfer_weights(net, state, keep_heads=keep)
+        try:
+            fresh = transfer_weights(net, state, keep_heads=keep)
+        except ValueError as e:
+            raise CheckpointError(f"{source}: {e}") from None
+        if checkpoint:
+            info["checkpoint"] = str(source)
         info["heads"] = "kept (same classes as the base)" if keep else "re-initialised"
         log.info("loaded %s; %d head tensors re-initialised", base, len(fresh))
     if extra and not inherited:

@@ -30,6 +30,7 @@ from ..events import Reporter
 from ..planning import deep_supervision_scales
 from ..zoo import get_config, save_model_folder
 from ..atomic import write_json
+from ..checkpoint import load_checkpoint
 from ..lockfile import FolderLock
 from .config import FinetuneConfig
 from .curves import append_jsonl, plot_curves
@@ -161,13 +162,16 @@ def _run(cfg, d, device, out, train_dir, reporter, command, stop_file=None) -> d
     train_cases, val_cases = [by_name[n] for n in split["train"]], [by_name[n] for n in split["validation"]]
     # 2. the base's weights (before the preprocessing, which can take minutes: an offline machine without
     # them is told at once), then plan and cache
-    if not cfg.scratch:
+    if cfg.checkpoint:
+        load_checkpoint(cfg.checkpoint)     # a file that is missing or not a checkpoint: said before any work
+    elif not cfg.scratch:
         fetch_base(cfg.base, d)
     plan, pools, cached = _plan(cfg, ds, train_cases, base_config, train_dir / "cache", reporter, d)
     # 3. network, optimiser, loss
     torch.manual_seed(cfg.seed)  # the fresh heads (or the whole network from scratch) start reproducibly
     net, base_config, init_info = build_network(cfg.base, ds.class_names, len(ds.cases[0].images), pools,
-                                                scratch=cfg.scratch, width=cfg.width, prompts=cfg.prompts)
+                                                scratch=cfg.scratch, width=cfg.width,
+                                                prompts=cfg.prompts, checkpoint=cfg.checkpoint)
     commands = _record_command(train_dir, command, cfg.resume) if d.is_main else {}
     model_config = _model_config(cfg, out, net, plan, base_config, init_info, ds, split, commands, d.world_size)
     net.to(device)

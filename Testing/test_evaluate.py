@@ -84,3 +84,19 @@ def test_evaluate_command_errors_name_the_case(tmp_path, capsys):
     _write(np.ones((4, 4, 5)), tmp_path / "r.nii.gz")
     assert main(["evaluate", str(tmp_path / "p.nii.gz"), str(tmp_path / "r.nii.gz"), "--classes", "1"]) == 2
     assert "case r: prediction shape (4, 4, 4) differs from reference (5, 4, 4)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tolerance", "-1"], "--tolerance must be a distance of 0 mm or more, got -1.0"),   # NSD was 0
+    (["--tolerance", "nan"], "--tolerance must be a distance of 0 mm or more, got nan"),
+    (["MISSING"], "no such file or folder"),
+])
+def test_evaluate_command_bad_arguments_are_one_line(tmp_path, capsys, args, message):
+    _write(np.ones((4, 4, 4)), tmp_path / "p.nii.gz")
+    _write(np.ones((4, 4, 4)), tmp_path / "r.nii.gz")
+    ref = str(tmp_path / "missing.nii.gz") if args == ["MISSING"] else str(tmp_path / "r.nii.gz")
+    extra = [] if args == ["MISSING"] else args
+    assert main(["evaluate", str(tmp_path / "p.nii.gz"), ref, *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "evaluation.csv").exists()

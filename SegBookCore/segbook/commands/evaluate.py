@@ -43,6 +43,9 @@ def _stem(name: str) -> str:
 
 def _pairs(pred: Path, ref: Path) -> list[tuple[str, Path, Path]]:
     from ..errors import InputError
+    for path in (pred, ref):
+        if not path.exists():
+            raise InputError(f"{path}: no such file or folder")
     if pred.is_file() and ref.is_file():
         return [(_stem(ref.name), pred, ref)]
     if not (pred.is_dir() and ref.is_dir()):
@@ -72,6 +75,8 @@ def run(args) -> int:
     from ..io import check_writable, read_labels
     from ..metrics import evaluate_case, mean_defined
 
+    if not (np.isfinite(args.tolerance) and args.tolerance >= 0):     # NSD was 0 for any such value
+        raise InputError(f"--tolerance must be a distance of 0 mm or more, got {args.tolerance}")
     pred_root, ref_root = Path(args.predictions), Path(args.labels)
     out = Path(args.csv) if args.csv else (pred_root if pred_root.is_dir() else pred_root.parent) / "evaluation.csv"
     check_writable(out)                     # before reading any label map

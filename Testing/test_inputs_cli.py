@@ -283,3 +283,5 @@ def test_slicer_batch_series_choice_damaged_input_and_bad_output(tmp_path, model
     (tmp_path / "afile").write_text("x")
     r = _batch("--input", CT, "--output", tmp_path / "afile" / "x.seg.nrrd", "--model", model_dir)
     assert r.returncode == 2 and "afile is a file" in r.stderr, r.stderr
+    r = _batch("--input", CT, "--output", tmp_path / "c.seg.nrrd", "--model", model_dir, "--classes", "liver,")
+    assert r.returncode == 2 and "none of them empty" in r.stderr and not (tmp_path / "c.seg.nrrd").exists()

@@ -106,14 +106,15 @@ def _bad_inputs(tmp_path):
             "constant": (const, [], "constant"),
             "channels": (two, [], "2 channel"),
             "class": (CT, ["--classes", "liver,brain"], "class 'brain'"),
+            "class_empty": (CT, ["--classes", "liver,,spleen"], "none of them empty"),    # was: all classes
             "roi": (CT, ["--roi", "9000,9000,9000,9100,9100,9100"], "outside the image"),
             "roi_format": (CT, ["--roi", "1,2,3"], "six numbers"),
             "model": (CT, ["--model", "no-such-model"], "unknown model 'no-such-model'"),
             "suffix": (CT, ["-o", tmp_path / "out" / "seg.png"], "unknown output format")}
 
 
-@pytest.mark.parametrize("case", ["missing", "junk", "2d", "constant", "channels", "class", "roi", "roi_format",
-                                  "model", "suffix"])
+@pytest.mark.parametrize("case", ["missing", "junk", "2d", "constant", "channels", "class", "class_empty", "roi",
+                                  "roi_format", "model", "suffix"])
 def test_bad_input_one_line_no_output(tmp_path, model_dir, case):
     path, extra, message = _bad_inputs(tmp_path)[case]
     out = tmp_path / "out"

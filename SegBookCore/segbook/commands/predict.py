@@ -164,7 +164,9 @@ def run(args) -> int:
     from ..inference import Predictor
 
     images, many = _expand(args.inputs)
-    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes is not None else None
+    if classes is not None and not all(classes):     # "liver,,spleen" or ",": a name left out
+        raise InputError(f"--classes '{args.classes}': comma-separated class names, none of them empty")
     roi = _parse_roi(args.roi)
     prompted = bool(args.point or args.negative_point or args.box or args.previous)
     if prompted and (many or roi is not None):

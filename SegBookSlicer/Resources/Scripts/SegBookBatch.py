@@ -137,8 +137,12 @@ def run(argv) -> int:
     except InputError as e:
         log.error("%s", e)
         return 2
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes is not None else []
+    if not all(classes):        # "liver,,spleen" or ",": a name left out, as `segbook predict` says
+        log.error("--classes '%s': comma-separated class names, none of them empty", args.classes)
+        return 2
     params = SegmentParameters(model=args.model, checkpoint=args.checkpoint, device=args.device, tta=args.tta,
-                               classes=[c.strip() for c in (args.classes or "").split(",") if c.strip()])
+                               classes=classes)
     scene = getattr(slicer, "mrmlScene", None) or slicer.vtkMRMLScene()
     logic = SegmentationLogic(python=pythonSetting(userDirectory()))   # the panel's Engine Python, if set
     failures = 0

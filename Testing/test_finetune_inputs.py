@@ -59,8 +59,8 @@ def test_resume_with_other_recipe_flags_is_refused_naming_them(tmp_path, capsys)
     ("--batch-size", "0", "--batch-size must be at least 1, got 0"),              # never made a batch
     ("--val-every", "0", "--val-every must be at least 1, got 0"),               # failed after epoch 1
     ("--num-workers", "-1", "--num-workers must be at least 0, got -1"),
-    ("--lr", "nan", "--lr must be a positive number, got nan"),                   # failed at iteration 2
-    ("--lr", "-0.01", "--lr must be a positive number, got -0.01"),
+    ("--lr", "nan", "--lr must be a number of 0 or more, got nan"),               # failed at iteration 2
+    ("--lr", "-0.01", "--lr must be a number of 0 or more, got -0.01"),
     ("--width", "0", "--width must be a positive number, got 0.0"),              # made a 1-channel network
     ("--patch-size", "0", "--patch-size needs three sizes of at least 1 voxel, got [0, 24, 16]"),
 ])

@@ -73,9 +73,10 @@ class FinetuneConfig:
                 raise ValueError(f"--{field.replace('_', '-')} must be at least {lowest}, got {value}")
         if self.patch_size is not None and (len(self.patch_size) != 3 or min(self.patch_size) < 1):
             raise ValueError(f"--patch-size needs three sizes of at least 1 voxel, got {self.patch_size}")
-        for flag, value in (("lr", self.lr), ("width", self.width)):
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"--{flag} must be a positive number, got {value}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr >= 0):     # 0: frozen, a probe
+            raise ValueError(f"--lr must be a number of 0 or more, got {self.lr}")
+        if not (math.isfinite(self.width) and self.width > 0):
+            raise ValueError(f"--width must be a positive number, got {self.width}")
 
     @property
     def total_epochs(self) -> int:

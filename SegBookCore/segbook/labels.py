@@ -11,7 +11,7 @@ import json
 from functools import lru_cache
 from importlib import resources
 
-__all__ = ["totalseg_class_names", "terminology", "terminology_entry", "default_color", "class_table",
+__all__ = ["parse_class_names", "totalseg_class_names", "terminology", "terminology_entry", "default_color", "class_table",
            "TERMINOLOGY_CONTEXT", "ANATOMIC_CONTEXT"]
 
 # The Slicer terminology contexts the SegBook extension ships (SegBookSlicer/Resources/Terminology) and
@@ -19,6 +19,18 @@ __all__ = ["totalseg_class_names", "terminology", "terminology_entry", "default_
 # master lists lack. The Slicer module (SegBookLib/NodeIO.py, which cannot import torch) has the same names.
 TERMINOLOGY_CONTEXT = "Segmentation category and type - SegBook"
 ANATOMIC_CONTEXT = "Anatomic codes - SegBook"
+
+
+def parse_class_names(text: str | None) -> list[str] | None:
+    """The names in a comma-separated `--classes` value ("liver, spleen"); None for None. An empty name
+    ("liver,,spleen", ",", "liver,") is an error, not a request for every class."""
+    if text is None:
+        return None
+    names = [c.strip() for c in text.split(",")]
+    if not all(names):
+        from .errors import InputError
+        raise InputError(f"--classes '{text}': comma-separated class names, none of them empty")
+    return names
 
 
 def _data(name: str):

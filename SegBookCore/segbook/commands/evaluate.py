@@ -43,9 +43,9 @@ def _stem(name: str) -> str:
 
 def _pairs(pred: Path, ref: Path) -> list[tuple[str, Path, Path]]:
     from ..errors import InputError
+    from ..io import check_exists
     for path in (pred, ref):
-        if not path.exists():
-            raise InputError(f"{path}: no such file or folder")
+        check_exists(path)
     if pred.is_file() and ref.is_file():
         return [(_stem(ref.name), pred, ref)]
     if not (pred.is_dir() and ref.is_dir()):

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..events import make_reporter
 from ..io import DICOM_SEG_SUFFIX, IMAGE_SUFFIXES, check_writable, output_format, sidecar_path
+from ..labels import parse_class_names
 from ..runners import BACKENDS, PRECISIONS
 
 HELP = "segment CT/MR images (NIfTI, NRRD, MHA, DICOM folders) with an STU-Net model"
@@ -164,9 +165,7 @@ def run(args) -> int:
     from ..inference import Predictor
 
     images, many = _expand(args.inputs)
-    classes = [c.strip() for c in args.classes.split(",")] if args.classes is not None else None
-    if classes is not None and not all(classes):     # "liver,,spleen" or ",": a name left out
-        raise InputError(f"--classes '{args.classes}': comma-separated class names, none of them empty")
+    classes = parse_class_names(args.classes)
     roi = _parse_roi(args.roi)
     prompted = bool(args.point or args.negative_point or args.box or args.previous)
     if prompted and (many or roi is not None):

@@ -132,14 +132,12 @@ def run(argv) -> int:
     inputs = inputsOf(source)
     from segbook.errors import InputError
     from segbook.io import check_writable
+    from segbook.labels import parse_class_names
     try:   # before any input is read
         check_writable(target, folder=outputFor(source, target, inputs[0]) != target)
+        classes = parse_class_names(args.classes) or []
     except InputError as e:
         log.error("%s", e)
-        return 2
-    classes = [c.strip() for c in args.classes.split(",")] if args.classes is not None else []
-    if not all(classes):        # "liver,,spleen" or ",": a name left out, as `segbook predict` says
-        log.error("--classes '%s': comma-separated class names, none of them empty", args.classes)
         return 2
     params = SegmentParameters(model=args.model, checkpoint=args.checkpoint, device=args.device, tta=args.tta,
                                classes=classes)

@@ -189,18 +189,24 @@ def test_model_json_dice_is_the_dice_of_the_saved_model(tmp_path, capsys):
     assert prov["validation"]["mean_dice"] == pytest.approx(np.mean(list(expected.values())), abs=2e-3)
 
 
-def test_a_base_from_a_checkpoint_file(tmp_path, capsys):
+def test_a_base_from_a_checkpoint_file(tmp_path, capsys, monkeypatch):
     """`--checkpoint FILE`: the base's weights from a file downloaded by hand (released format: a pickle
-    holding "network_weights"), not from the base's folder; a bad file is one line and nothing is written."""
+    holding "network_weights"), not from the base's folder, read once (STU-Net-H's is 5.6 GB); a bad file is
+    one line and nothing is written."""
     import torch
     from safetensors.torch import load_file
+    from segbook import checkpoint
     from segbook.zoo import fetch
+    reads = []
+    real = checkpoint._load_pickle
+    monkeypatch.setattr(checkpoint, "_load_pickle", lambda path: reads.append(Path(path).name) or real(path))
     demo = load_file(str(fetch("hippocampus-demo") / "weights.safetensors"))
     half = {k: (v.float() * 0.5) for k, v in demo.items()}     # not the folder's weights
     torch.save({"network_weights": half}, tmp_path / "half.model")
     out = tmp_path / "ft"
     args = ["--base", "hippocampus-demo", "--plan", "base", *FAST[7:], "--lr", "1e-12"]   # one step, no change
     assert _finetune(capsys, MINI, out, *args, "--checkpoint", str(tmp_path / "half.model"))[0] == 0
+    assert reads.count("half.model") == 1, reads
     got = load_file(str(out / "weights.safetensors"))
     for k, v in half.items():
         assert torch.allclose(got[k].float(), v, atol=1e-4), k

@@ -75,15 +75,16 @@ def fetch_base(base: str, d) -> None:
 
 
 def build_network(base: str, class_names: list[str], input_channels: int, pools: list[list[int]], *,
-                  scratch: bool = False, width: float = 1.0, prompts: bool = False, checkpoint=None
-                  ) -> tuple[STUNet, ModelConfig, dict]:
+                  scratch: bool = False, width: float = 1.0, prompts: bool = False, checkpoint=None,
+                  weights: dict | None = None) -> tuple[STUNet, ModelConfig, dict]:
     """(network with deep supervision on, the base's ModelConfig, a provenance dict).
 
     `base`: a registry name or a model folder. `scratch`: random (He) init instead of the base's weights;
     `width` then scales the base's channel counts (an honest "narrower" preset, e.g. 0.5). `prompts`: the
     network takes prompt channels after the image's (segbook.prompts); a base without them gets them with
     zero weights, so that training starts from exactly what the base computes. A base that takes prompts
-    keeps them. `checkpoint`: the base's weights from this file (released format ok) instead of its folder.
+    keeps them. `checkpoint`: the base's weights from this file (released format ok) instead of its folder;
+    `weights`: that file's state dict when the caller has read it already.
     `net.prompts` is the PromptSpec dict for model.json, or None.
     """
     base_config = get_config(base)
@@ -101,7 +102,7 @@ def build_network(base: str, class_names: list[str], input_channels: int, pools:
             "initialisation": "scratch (He)" if scratch else "pretrained"}
     if not scratch:
         source = Path(checkpoint) if checkpoint else fetch(str(base)) / WEIGHTS
-        state = load_checkpoint(source)
+        state = weights if weights is not None else load_checkpoint(source)
         keep = list(base_config.class_names) == list(class_names)
         try:
             fresh = transfer_weights(net, state, keep_heads=keep)

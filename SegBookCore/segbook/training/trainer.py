@@ -162,16 +162,18 @@ def _run(cfg, d, device, out, train_dir, reporter, command, stop_file=None) -> d
     train_cases, val_cases = [by_name[n] for n in split["train"]], [by_name[n] for n in split["validation"]]
     # 2. the base's weights (before the preprocessing, which can take minutes: an offline machine without
     # them is told at once), then plan and cache
-    if cfg.checkpoint:
-        load_checkpoint(cfg.checkpoint)     # a file that is missing or not a checkpoint: said before any work
+    weights = None
+    if cfg.checkpoint:     # read once: a file that is missing or not a checkpoint is said before any work
+        weights = load_checkpoint(cfg.checkpoint)
     elif not cfg.scratch:
         fetch_base(cfg.base, d)
     plan, pools, cached = _plan(cfg, ds, train_cases, base_config, train_dir / "cache", reporter, d)
     # 3. network, optimiser, loss
     torch.manual_seed(cfg.seed)  # the fresh heads (or the whole network from scratch) start reproducibly
     net, base_config, init_info = build_network(cfg.base, ds.class_names, len(ds.cases[0].images), pools,
-                                                scratch=cfg.scratch, width=cfg.width,
-                                                prompts=cfg.prompts, checkpoint=cfg.checkpoint)
+                                                scratch=cfg.scratch, width=cfg.width, prompts=cfg.prompts,
+                                                checkpoint=cfg.checkpoint, weights=weights)
+    del weights
     commands = _record_command(train_dir, command, cfg.resume) if d.is_main else {}
     model_config = _model_config(cfg, out, net, plan, base_config, init_info, ds, split, commands, d.world_size)
     net.to(device)

@@ -52,9 +52,9 @@ class Tiles:
         labels = np.empty(gauss.shape, dtype=np.int16)
         scored = None if value is None else self._scores(value, prompted)
         for voxels, logits, axis in _logit_chunks(out, head):
-            labels.reshape(-1)[voxels] = _argmax(logits, axis).numpy()
+            chunk = labels.reshape(-1)[voxels] = _argmax(logits, axis)
             if scored is not None:
-                scored.reshape(-1)[voxels] = _score(logits, axis, value, prompted)
+                scored.reshape(-1)[voxels] = _score(logits, axis, value, prompted, chunk)
         self.labels[window][better] = labels[better]
         self.weight[window][better] = gauss[better]
         self.owner[window][better] = len(self.origins)
@@ -128,9 +128,10 @@ def _logit_chunks(out: torch.Tensor, head, rows: int = 4096):
             yield voxels, torch.addmm(b, flat[:, voxels].float().t(), w.t()), -1
 
 
-def _argmax(logits: torch.Tensor, axis: int) -> torch.Tensor:
-    """The first largest class (the lowest index on ties, as the export's)."""
-    return first_argmax(logits) if axis == 0 else logits.argmax(axis)
+def _argmax(logits: torch.Tensor, axis: int) -> np.ndarray:
+    """The first largest class (the lowest index on ties, as the export's). For (rows, K) logits numpy's:
+    its argmax over a voxel's K contiguous values is vectorised, 2-2.5x torch's (105 classes, Zen 3)."""
+    return first_argmax(logits).numpy() if axis == 0 else logits.numpy().argmax(1)
 
 
 def _others(logits: torch.Tensor, axis: int, value: int) -> torch.Tensor:
@@ -143,13 +144,25 @@ def _wins(logits: torch.Tensor, axis: int, value: int) -> torch.Tensor:
     return logits.select(axis, value) > torch.logsumexp(_others(logits, axis, value), axis)
 
 
-def _score(logits: torch.Tensor, axis: int, value: int, prompted: bool) -> np.ndarray:
-    return (_wins(logits, axis, value) if prompted else _lead(logits, axis, value)).numpy()
+def _score(logits: torch.Tensor, axis: int, value: int, prompted: bool, labels=None) -> np.ndarray:
+    """`labels`: the chunk's argmax, when known."""
+    return _wins(logits, axis, value).numpy() if prompted else _lead(logits, axis, value, labels)
 
 
-def _lead(logits: torch.Tensor, axis: int, value: int) -> torch.Tensor:
-    """Class `value`'s logit minus the largest other one (> 0: the argmax is `value`); the classes below
-    and above it reduced apart (no copy of the others)."""
-    k = logits.shape[axis]
-    parts = [logits.narrow(axis, a, n).amax(axis) for a, n in ((0, value), (value + 1, k - value - 1)) if n]
-    return logits.select(axis, value) - (torch.maximum(*parts) if len(parts) == 2 else parts[0])
+def _lead(logits: torch.Tensor, axis: int, value: int, labels=None) -> np.ndarray:
+    """Class `value`'s logit minus the largest other one (> 0: the argmax `labels` is `value`)."""
+    if axis == 0:   # (K, ...): the classes below and above `value` reduced apart (no copy of the others)
+        k = logits.shape[0]
+        parts = [logits.narrow(0, a, n).amax(0) for a, n in ((0, value), (value + 1, k - value - 1)) if n]
+        return (logits[value] - (torch.maximum(*parts) if len(parts) == 2 else parts[0])).numpy()
+    # (rows, K): minus the voxel's largest logit where the argmax is another class, minus the largest of the
+    # others only where it is `value` (2x faster than a reduction over the others everywhere, Zen 3)
+    a = logits.numpy()
+    labels = a.argmax(1) if labels is None else labels
+    lead = a[:, value] - a[np.arange(len(a)), labels]
+    mine = np.flatnonzero(labels == value)
+    if mine.size:
+        others = a[mine]
+        others[:, value] = -np.inf
+        lead[mine] = a[mine, value] - others.max(1)
+    return lead

@@ -18,7 +18,9 @@ The cases are the model's held-out cases (its model.json's provenance.data.valid
 a point at the centre, no class named (random weights: the structure is whatever the network makes of it),
 then `--repeats` clicks at new points up to ~75 mm around it on the same warm worker, with the default
 settings (OpenVINO fp32 where installed). `--ct`, `--size` and `--device` change the case, the STU-Net size
-and the device (`make gpu-check` runs STU-Net-B on its 512x512x300 case on the GPU).
+and the device (`make gpu-check` runs STU-Net-B on its 512x512x300 case on the GPU). `--in-process` sends
+the same clicks to the worker's click path in this process and reports each click's network seconds and
+the rest apart.
 """
 from __future__ import annotations
 
@@ -128,12 +130,14 @@ def run_model(model: str, cases: list[str], clicks: int, work: Path) -> dict:
     return result
 
 
-def timing_ct(repeats: int, work: Path, ct: Path = CT, net: str = "S", device: str = "cpu") -> dict:
+def timing_ct(repeats: int, work: Path, ct: Path = CT, net: str = "S", device: str = "cpu",
+              in_process: bool = False) -> dict:
     from bench_predict import make_model_folder
     model = make_model_folder(work / f"model-{net.lower()}", net, None)
     ref = sitk.ReadImage(str(ct))
     size, spacing = np.array(ref.GetSize()), np.array(ref.GetSpacing())
-    worker = Worker(env={"SEGBOOK_CACHE": str(work / "cache")}, device=device)
+    worker = InProcess(model, ct, work, device) if in_process else \
+        Worker(env={"SEGBOOK_CACHE": str(work / "cache")}, device=device)
     times = []
     rng = np.random.default_rng(0)
     for i in range(repeats + 1):
@@ -148,12 +152,50 @@ def timing_ct(repeats: int, work: Path, ct: Path = CT, net: str = "S", device: s
             print(f"click {i}: {event['message']}", flush=True)
             continue
         r = event["result"]["result"]
-        print(f"click {i}: worker {event['seconds']:.2f} s, round trip {wall:.2f} s, {r['tiles']} tiles, "
+        network = event.get("network_seconds")
+        split = "" if network is None else f" (network {network:.2f} s, the rest {event['seconds'] - network:.3f} s)"
+        print(f"click {i}: worker {event['seconds']:.2f} s{split}, round trip {wall:.2f} s, {r['tiles']} tiles, "
               f"class {r['class']}, {r['voxels']} voxels", flush=True)
         if i:
-            times.append({"seconds": event["seconds"], "tiles": r["tiles"]})
+            times.append({"seconds": event["seconds"], "tiles": r["tiles"], "network_seconds": network})
     worker.close()
-    return {"case": str(ct), "model": f"STU-Net-{net} (random weights)", "device": device, "clicks": times}
+    return {"case": str(ct), "model": f"STU-Net-{net} (random weights)", "device": device,
+            "in_process": in_process, "clicks": times}
+
+
+class InProcess:
+    """The worker's click path (a FileSession on one warm Predictor) in this process, each click's seconds
+    split into the network's (the Predictor's tile calls) and the rest's: the machine's noise, mostly in
+    the network's seconds, hides a change of the rest in the worker's totals."""
+
+    def __init__(self, model: Path, ct: Path, work: Path, device: str):
+        os.environ["SEGBOOK_CACHE"] = str(work / "cache")
+        from segbook.click_file import FileSession
+        from segbook.inference import Predictor
+        self.predictor = Predictor(str(model), device=device)
+        self.network = 0.0
+        run = self.predictor._predict_tile
+
+        def timed(tile):
+            t0 = time.perf_counter()
+            out = run(tile)
+            self.network += time.perf_counter() - t0
+            return out
+        self.predictor._predict_tile = timed
+        self.session = FileSession(self.predictor, str(ct))
+
+    def request(self, input, output, model, points) -> dict:
+        from segbook.errors import InputError
+        self.network, t0 = 0.0, time.perf_counter()
+        try:
+            result = self.session.segment(output, points_lps=points)
+        except InputError as e:     # a point on background: the worker answers an error event
+            return {"event": "error", "message": str(e)}
+        return {"event": "result", "result": result, "seconds": time.perf_counter() - t0,
+                "network_seconds": self.network}
+
+    def close(self) -> None:
+        pass
 
 
 def main() -> int:
@@ -166,6 +208,8 @@ def main() -> int:
     parser.add_argument("--ct", type=Path, default=CT, help="the case of --timing-ct")
     parser.add_argument("--size", default="S", choices="SBLH", help="the STU-Net of --timing-ct")
     parser.add_argument("--device", default="cpu", help="the device of --timing-ct (cpu, cuda, ...)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="--timing-ct in this process, each click's network seconds and the rest apart")
     parser.add_argument("--json")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_interactive_"))
@@ -178,7 +222,7 @@ def main() -> int:
         print(json.dumps(r, indent=1), flush=True)
         results.append(r)
     if args.timing_ct:
-        r = timing_ct(args.repeats, work, args.ct, args.size, args.device)
+        r = timing_ct(args.repeats, work, args.ct, args.size, args.device, args.in_process)
         print(json.dumps(r, indent=1), flush=True)
         results.append(r)
     if args.json:

@@ -11,8 +11,10 @@ import json
 from functools import lru_cache
 from importlib import resources
 
-__all__ = ["parse_class_names", "totalseg_class_names", "terminology", "terminology_entry", "default_color", "class_table",
-           "TERMINOLOGY_CONTEXT", "ANATOMIC_CONTEXT"]
+from .errors import InputError
+
+__all__ = ["parse_class_names", "totalseg_class_names", "terminology", "terminology_entry", "default_color",
+           "class_table", "TERMINOLOGY_CONTEXT", "ANATOMIC_CONTEXT"]
 
 # The Slicer terminology contexts the SegBook extension ships (SegBookSlicer/Resources/Terminology) and
 # loads: they hold every code of the mapping table, most of which (vertebrae, ribs...) Slicer's DICOM
@@ -28,7 +30,6 @@ def parse_class_names(text: str | None) -> list[str] | None:
         return None
     names = [c.strip() for c in text.split(",")]
     if not all(names):
-        from .errors import InputError
         raise InputError(f"--classes '{text}': comma-separated class names, none of them empty")
     return names
 

@@ -7,6 +7,8 @@ here) and on CUDA where there is a GPU (the `cuda` parameter, marked `cuda`, ski
 - A short fine-tune on the device (CUDA: autocast and the gradient scaler) that writes a model folder which
   predicts.
 - The worker hands the GPU's cached blocks back after a request (Slicer renders on the same GPU).
+- Clicks (the click path of the worker and the Slicer module) with the device's defaults against torch fp32
+  on the CPU: the same simulated user's clicks give the same structures.
 
 Not covered: NCCL across ranks (DDP needs one GPU per rank; the one-GPU test machine cannot host two).
 """
@@ -114,3 +116,54 @@ def test_the_worker_returns_the_gpus_cached_memory_after_a_request(device, tmp_p
     assert (sitk.GetArrayFromImage(written) == expected).mean() >= 0.999
     if device == "cuda":
         assert torch.cuda.memory_reserved() - torch.cuda.memory_allocated() < 64 * 2 ** 20
+
+
+@pytest.fixture(scope="module")
+def clicks_on_cpu_fp32():
+    """The simulated user's first 4 clicks on each structure of the cases, with torch fp32 on the CPU: per case
+    and structure the clicks ((z, y, x), positive) and the mask after each."""
+    from segbook.clicks import next_click
+    from segbook.interactive import InteractiveSession
+    p = Predictor("hippocampus-demo", device="cpu", backend="torch", precision="fp32")
+    out = {}
+    for case in CASES:
+        image, spacing = _image(case)
+        truth = read_labels(MINI / "labelsTr" / case.name)[0]
+        session = InteractiveSession(p, image, spacing)
+        for value in (1, 2):
+            clicks, masks, mask = [], [], None
+            for _ in range(4):
+                click = next_click(truth == value, mask, spacing)
+                if click is None:
+                    break
+                clicks.append(click)
+                mask, _ = session.segment(points=[c for c, s in clicks if s],
+                                          negative_points=[c for c, s in clicks if not s],
+                                          class_name=p.config.class_names[value])
+                masks.append(mask)
+            out[case.name, value] = clicks, masks
+        out[case.name, "tiles"] = session.tiles_run
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_clicks_with_the_devices_defaults_agree_with_cpu_fp32(device, clicks_on_cpu_fp32):
+    """The click path (`InteractiveSession`: the tile's logits, the structure's lead, the corrections around
+    each click) with the device's defaults (CUDA: torch with fp16 autocast) gives, for the same clicks, the
+    structures torch fp32 on the CPU gives, and runs the network as often (a click inside a tile already
+    computed runs none)."""
+    from segbook.interactive import InteractiveSession
+    p = Predictor("hippocampus-demo", device=device)
+    for case in CASES:
+        session = InteractiveSession(p, *_image(case))
+        for value in (1, 2):
+            clicks, expected = clicks_on_cpu_fp32[case.name, value]
+            assert len(clicks) >= 2             # a correction, not only the first click's selection
+            for k, reference in enumerate(expected):
+                mask, info = session.segment(points=[c for c, s in clicks[:k + 1] if s],
+                                             negative_points=[c for c, s in clicks[:k + 1] if not s],
+                                             class_name=p.config.class_names[value])
+                assert info["value"] == value and reference.sum() > 100
+                # reduced precision moves a few voxels of the boundary at most
+                assert (mask != reference).sum() <= 0.01 * reference.sum(), (case.name, value, k)
+        assert session.tiles_run == clicks_on_cpu_fp32[case.name, "tiles"]

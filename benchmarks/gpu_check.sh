@@ -3,7 +3,8 @@
 # result written to $RESULTS (default gpu_check_out/) as soon as it is known, so a run cut short keeps what it did:
 #   1. card.txt            the card, the driver, torch's CUDA build
 #   2. tests.log           the CUDA tests (Testing/test_gpu.py, test_devices.py: fp16 + batched-TTA prediction
-#                          of the trained demo against the CPU, a mixed-precision fine-tune, memory hand-back)
+#                          of the trained demo against the CPU, its clicks against the CPU's, a mixed-precision
+#                          fine-tune, memory hand-back)
 #   3. torchrun.log        `torchrun --nproc_per_node 1 -m segbook finetune --device cuda`: the process group
 #                          (NCCL), DDP and the collectives a multi-GPU run takes, on one GPU
 #   4. case.json           a CT-sized case at a real CT spacing (512x512x300 at 0.75x0.75x1.5 mm: a real

@@ -6,6 +6,10 @@ The simulated user of bench_interactive.py (segbook.clicks) clicks 10 times on e
 clicks 1-10 for each.
 
     .venv/bin/python benchmarks/tune_click_bump.py --cases 40 --sigma 2 3 4 5 --margin 0.5 1 2 4
+    .venv/bin/python benchmarks/tune_click_bump.py --model /path/to/prompt-trained-folder   # same split
+
+Every click carries the result of the click before as `previous`, as the worker's requests do (only a
+prompt-taking model reads it).
 
 `--oracle --held-out`: what no local correction can beat, on the held-out cases: from the automatic
 result, each click flips the whole largest connected part of the larger error (the part the simulated user
@@ -35,6 +39,8 @@ def main() -> None:
     ap.add_argument("--clicks", type=int, default=10)
     ap.add_argument("--held-out", action="store_true", help="the held-out cases instead of training ones")
     ap.add_argument("--oracle", action="store_true")
+    ap.add_argument("--model", type=Path, default=MODEL, help="a model folder of the same split (default: the "
+                    "shipped hippocampus-demo)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "SegBookCore"))
     from segbook import interactive
@@ -43,7 +49,7 @@ def main() -> None:
     held_out = set(json.loads((MODEL / "model.json").read_text())["provenance"]["data"]["validation_cases"])
     names = sorted(p.name[:-7] for p in (DATA / "labelsTr").glob("*.nii.gz"))
     cases = [c for c in names if (c in held_out) == args.held_out][:args.cases]
-    predictor = Predictor(str(MODEL), device="cpu")
+    predictor = Predictor(str(args.model), device="cpu")
     images = []
     for case in cases:
         image = sitk.ReadImage(str(DATA / "imagesTr" / f"{case}.nii.gz"))
@@ -83,7 +89,8 @@ def main() -> None:
                         row.append(1.0)
                         continue
                     (pos if click[1] else neg).append(click[0])
-                    pred, _ = session.segment(points=pos, negative_points=neg, class_name=classes[value])
+                    pred, _ = session.segment(points=pos, negative_points=neg, previous=pred,
+                                              class_name=classes[value])
                     row.append(dice(pred, target))
                 curves.append(row)
         mean = np.mean(curves, axis=0)

@@ -438,9 +438,10 @@ def test_negative_coordinate_lists_bind_to_their_option():
 @pytest.mark.parametrize("k", [3, 105])
 def test_a_tile_with_a_head_labels_as_numpys_argmax_of_its_logits(k):
     """The OpenVINO runner hands the click features and the final 1x1x1 head (runners.py); the tile's labels
-    and a class's mask, computed voxel by voxel from them, are numpy's argmax (first class on ties) and
-    p(class) > 1/2 of the logits written out in float64. The tile (4,800 voxels) takes more than one chunk
-    of either kind, the last one partial."""
+    and a class's scores, computed voxel by voxel from them, are numpy's argmax (first class on ties), the
+    class's log-odds against all the others together and its lead over the best other one, of the logits
+    written out in float64. The tile (4,800 voxels) takes more than one chunk of either kind, the last one
+    partial."""
     from segbook.click_tiles import Tiles
     g = torch.Generator().manual_seed(k)
     features = torch.randn(6, 20, 16, 15, generator=g)
@@ -454,7 +455,8 @@ def test_a_tile_with_a_head_labels_as_numpys_argmax_of_its_logits(k):
         assert np.array_equal(tiles.labels, logits.argmax(0)) and not (tiles.labels == 2).any()
         tiles.score_class(3 % k, prompted=True)
         own, rest = logits[3 % k], np.log(np.exp(np.delete(logits, 3 % k, axis=0)).sum(0))
-        assert np.array_equal(tiles.binary, own > rest)
+        assert np.array_equal(tiles.lead > 0, own > rest)      # a prompted model's: the class's log-odds
+        assert np.allclose(tiles.lead, own - rest, atol=1e-5 * np.abs(logits).max())
         # a model without prompt input: the class's lead over the best other one (the tile run again)
         assert tiles.unscored(1, (slice(None),) * 3) == [0]
         tiles.rescore(0, out, head, 1)

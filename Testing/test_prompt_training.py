@@ -165,6 +165,43 @@ def test_finetune_with_prompts_gives_a_model_that_segments_alone_and_from_clicks
     assert json.loads((out / "model.json").read_text())["prompts"]["channels"] == list(CHANNELS)
 
 
+def test_a_click_the_prompted_network_does_not_follow_is_answered_as_any_models(tmp_path):
+    """A prompt-taking model whose prompt weights are still zero computes what its base computes, clicks or
+    not. Its structure is where the class's log-odds against all the others together is > 0, and every click
+    after the first gets the bump a model without prompt input gets, on that log-odds: a negative point on
+    the structure takes its voxel away, a positive one on a miss adds it (worked out in float64)."""
+    import dataclasses
+    from segbook.zoo import get_config, save_model_folder
+    from test_interactive import CASES, deepest, expected_correction
+    from segbook.runners import tile_logits
+    base = get_config("hippocampus-demo")
+    net, _, _ = build_network("hippocampus-demo", base.class_names, 1, POOLS, prompts=True)
+    config = dataclasses.replace(base, prompts=net.prompts,
+                                 arch=dataclasses.replace(base.arch, input_channels=net.input_channels))
+    predictor = Predictor(str(save_model_folder(tmp_path / "m", config, net.state_dict())), device="cpu",
+                          backend="torch")
+    image, g = read_image(CASES / "hippocampus_001_image.nii.gz")
+    session = InteractiveSession(predictor, image, g.spacing_zyx)
+    assert session.prompted and session.grid == session.patch
+    with torch.no_grad():       # the tile with empty prompt channels: the same logits whatever they hold
+        x = torch.cat([session.data, torch.zeros(len(CHANNELS), *session.patch)])[None]
+        logits = tile_logits(predictor.runner, x)[0].double().numpy()
+    inner = tuple(slice(a + lo, a + hi) for (a, _), (lo, hi) in zip(session.pads, session.pre.bbox))
+    odds = logits[(1, *inner)] - np.logaddexp(logits[(0, *inner)], logits[(2, *inner)])
+    start = deepest(odds > 0)
+    whole, _ = session.segment(points=[start], class_name="anterior")
+    voxels = np.argwhere(whole)
+    far = tuple(voxels[np.argmax(((voxels - np.asarray(start)) ** 2).sum(1))])
+    cut, _ = session.segment(points=[start], negative_points=[far], previous=whole, class_name="anterior")
+    assert np.array_equal(cut, expected_correction(odds, odds > 0, [(far, -1)], start))
+    assert whole[far] and not cut[far] and cut[start]
+    outside = np.argwhere(ndimage.binary_dilation(whole, iterations=2) & ~whole)[0]
+    miss = tuple(int(v) for v in outside)
+    added, _ = session.segment(points=[start, miss], previous=whole, class_name="anterior")
+    assert np.array_equal(added, expected_correction(odds, odds > 0, [(miss, 1)], start))
+    assert added[miss] and np.all(whole <= added)
+
+
 def test_prompt_weights_learn_at_their_own_rate():
     """The zero-started prompt weights get PROMPT_LR_FACTOR times their gradient; the image's are untouched."""
     from segbook.training.prompting import PROMPT_LR_FACTOR, boost_prompt_weights

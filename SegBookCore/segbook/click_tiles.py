@@ -18,8 +18,9 @@ KEPT_OUTPUTS = 2
 class Tiles:
     """What the tiles computed so far say on the network grid: for each voxel, what the tile whose Gaussian
     weight is highest there (the tile it lies most inside of) says: its labels, and for the class scored
-    last, for a prompted model its mask (`binary`), for any other model the lead of its logit over the best
-    other class (`lead`: > 0 where the labels give that class; NaN where not scored)."""
+    last its `lead` (NaN where not scored): for a prompted model the log-odds of the class against all the
+    others together, for any other model its logit's lead over the best other class (> 0 where the labels
+    give that class)."""
 
     def __init__(self, grid):
         self.grid = grid
@@ -27,7 +28,6 @@ class Tiles:
         self.labels = np.zeros(grid, dtype=np.int16)
         self.weight = np.zeros(grid, dtype=np.float32)
         self.owner = np.full(grid, -1, dtype=np.int16)     # which tile (index into origins) each voxel is from
-        self.binary = np.zeros(grid, dtype=bool)
         self.lead = np.full(grid, np.nan, dtype=np.float32)
         self.lead_class = None
         self._kept: list = []       # (tile index, runner output, head) not scored yet
@@ -50,7 +50,7 @@ class Tiles:
         window = tuple(slice(o, o + s) for o, s in zip(origin, gauss.shape))
         better = gauss > self.weight[window]
         labels = np.empty(gauss.shape, dtype=np.int16)
-        scored = None if value is None else self._scores(value, prompted)
+        scored = None if value is None else self._scores(value)
         for voxels, logits, axis in _logit_chunks(out, head):
             chunk = labels.reshape(-1)[voxels] = _argmax(logits, axis)
             if scored is not None:
@@ -60,7 +60,7 @@ class Tiles:
         self.owner[window][better] = len(self.origins)
         self.origins.append(tuple(origin))
         if scored is not None:
-            self._put(len(self.origins) - 1, scored, prompted)
+            self._put(len(self.origins) - 1, scored)
             return
         # a copy: a runner may hand out its own buffer, which its next call overwrites (runners.py)
         self._kept.append((len(self.origins) - 1, out.clone(), head))
@@ -78,17 +78,17 @@ class Tiles:
         return sorted(set(np.unique(owners[owners >= 0]).tolist()) - {i for i, _, _ in self._kept})
 
     def score_class(self, value: int, prompted: bool) -> None:
-        """Score class `value` on the tiles kept, then let their outputs go: where p(value) > 1/2 against all
-        other classes together (prompted) or its lead over the best other class."""
+        """Score class `value` on the tiles kept, then let their outputs go: its log-odds against all other
+        classes together (prompted) or its lead over the best other class."""
         for index, out, head in self._kept:
             self._score_tile(index, out, head, value, prompted)
         self._kept = []
 
     def _score_tile(self, index: int, out: torch.Tensor, head, value: int, prompted: bool) -> None:
-        scored = self._scores(value, prompted)
+        scored = self._scores(value)
         for voxels, logits, axis in _logit_chunks(out, head):
             scored.reshape(-1)[voxels] = _score(logits, axis, value, prompted)
-        self._put(index, scored, prompted)
+        self._put(index, scored)
 
     def _lead_of(self, value: int) -> None:
         """`lead` is to hold class `value`'s: another class's are forgotten (only one class's are kept)."""
@@ -96,15 +96,14 @@ class Tiles:
             self.lead[:] = np.nan
             self.lead_class = value
 
-    def _scores(self, value: int, prompted: bool) -> np.ndarray:
-        if not prompted:
-            self._lead_of(value)
-        return np.empty(self.patch, dtype=bool if prompted else np.float32)
+    def _scores(self, value: int) -> np.ndarray:
+        self._lead_of(value)
+        return np.empty(self.patch, dtype=np.float32)
 
-    def _put(self, index: int, scored: np.ndarray, prompted: bool) -> None:
+    def _put(self, index: int, scored: np.ndarray) -> None:
         window = tuple(slice(o, o + s) for o, s in zip(self.origins[index], self.patch))
         mine = self.owner[window] == index
-        (self.binary if prompted else self.lead)[window][mine] = scored[mine]
+        self.lead[window][mine] = scored[mine]
 
 
 def _logit_chunks(out: torch.Tensor, head, rows: int = 4096):
@@ -139,14 +138,14 @@ def _others(logits: torch.Tensor, axis: int, value: int) -> torch.Tensor:
     return torch.cat([logits.narrow(axis, 0, value), logits.narrow(axis, value + 1, k - value - 1)], axis)
 
 
-def _wins(logits: torch.Tensor, axis: int, value: int) -> torch.Tensor:
-    """Where class `value` beats all the others together: p(value) > 1/2."""
-    return logits.select(axis, value) > torch.logsumexp(_others(logits, axis, value), axis)
+def _log_odds(logits: torch.Tensor, axis: int, value: int) -> np.ndarray:
+    """Class `value`'s logit minus the log-sum-exp of the others': > 0 where p(value) > 1/2."""
+    return (logits.select(axis, value) - torch.logsumexp(_others(logits, axis, value), axis)).numpy()
 
 
 def _score(logits: torch.Tensor, axis: int, value: int, prompted: bool, labels=None) -> np.ndarray:
     """`labels`: the chunk's argmax, when known."""
-    return _wins(logits, axis, value).numpy() if prompted else _lead(logits, axis, value, labels)
+    return _log_odds(logits, axis, value) if prompted else _lead(logits, axis, value, labels)
 
 
 def _lead(logits: torch.Tensor, axis: int, value: int, labels=None) -> np.ndarray:

@@ -23,9 +23,10 @@ Two kinds of model answer:
   again: only the logits' lead of the structure last clicked is kept).
 - a model trained with prompts (`config.prompts`): the prompts are encoded as its extra input channels
   (segbook.prompts) and it decides the structure: its voxels are where the class's probability against
-  all the others (softmax of the class's logit vs the log-sum-exp of the rest) exceeds one half; of those,
-  the parts that touch a positive point (all, with only a box). Tiles depend on the prompts and are
-  computed anew for each call.
+  all the others (softmax of the class's logit vs the log-sum-exp of the rest) exceeds one half; every
+  click after the first then gets the same bump on that log-odds, so that no click is left unanswered
+  where the network did not follow it; of those, the parts that touch a positive point (all, with only a
+  box). Tiles depend on the prompts and are computed anew for each call.
 
 Coordinates: the input grid's (z, y, x) voxel indices (floats allowed); boxes (z0, y0, x0, z1, y1, x1), end
 exclusive. The network grid is the preprocessed one (crop to non-zero, plan spacing, padding to the patch).
@@ -267,9 +268,8 @@ class InteractiveSession:
         w = tiles.window()
         off = np.array([s.start for s in w])
         labels, known = tiles.labels[w], tiles.weight[w] > 0
-        fg = (tiles.binary[w] if self.prompted else labels == value) & known
-        if not self.prompted:
-            fg = self._correct(tiles, value, fg, w, pos[1:], neg)
+        fg = (tiles.lead[w] > 0 if self.prompted else labels == value) & known
+        fg = self._correct(tiles, value, fg, w, pos[1:], neg)
         if gbox is not None:
             fg &= _box_mask(fg.shape, np.asarray(gbox[:3]) - off, np.asarray(gbox[3:]) - off)
         mask = np.zeros(self.grid, dtype=bool)
@@ -319,10 +319,11 @@ class InteractiveSession:
         hi = np.minimum(at.max(0) + BUMP_REACH + 1, fg.shape)
         box = tuple(slice(a, b) for a, b in zip(lo, hi))
         in_grid = tuple(slice(a + o, b + o) for a, b, o in zip(lo, hi, off))
-        for index in tiles.unscored(value, in_grid):     # the structure's lead there was not kept: run again
+        # the structure's lead not kept there: run again (a prompted call has scored all its tiles)
+        for index in tiles.unscored(value, in_grid):
             tiles.rescore(index, self._run_tile(tiles.origins[index], None), self.predictor.runner.head, value)
             self.tiles_run += 1
-        tiles.score_class(value, prompted=False)
+        tiles.score_class(value, self.prompted)
         lead = tiles.lead[in_grid]
         at = at - lo
         gap = at[:, None, :] - at[None, :, :]

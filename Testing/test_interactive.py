@@ -137,26 +137,38 @@ def test_later_clicks_correct_the_model_around_themselves(demo, case):
     assert np.array_equal(both[~near], whole[~near] & both[~near]) and not (both & ~whole & ~near).any()
 
 
-def test_a_click_on_another_structure_scores_it_again(demo, case):
-    """The first correction scores the structure on the tile's output kept from the click before; only the
-    lead of the structure last scored is kept: correcting another one then runs its tile again, once."""
+def test_a_click_on_another_structure_scores_it_on_the_kept_output(demo, case, monkeypatch):
+    """Each structure's first correction scores it on the tile's output kept from the clicks before,
+    whichever structure was scored last: no network run. Only the lead of the structure last scored is
+    held, so where no output is kept (an older tile of a large image), correcting another structure runs
+    its tile again, once, to the same result."""
+    from segbook import click_tiles
     image, g, _ = case
     full = demo.predict_array(image, g.spacing_zyx)
-    session = InteractiveSession(demo, image, g.spacing_zyx)
     a, p = deepest(full == 1), deepest(full == 2)
-    session.segment(points=[a])
-    first, _ = session.segment(points=[p])
-    assert session.tiles_run == 1
-    edge = tuple(np.argwhere(first)[0])
-    cut, info = session.segment(points=[p], negative_points=[edge])
-    assert info["tiles"] == 0 and not cut[edge]
-    again, info = session.segment(points=[p], negative_points=[edge])
-    assert np.array_equal(again, cut) and info["tiles"] == 0
-    session.segment(points=[a])                               # a selection alone needs no lead
-    _, info = session.segment(points=[a], negative_points=[tuple(np.argwhere(full == 1)[0])])
-    assert info["tiles"] == 1
-    again, info = session.segment(points=[p], negative_points=[edge])
-    assert np.array_equal(again, cut) and info["tiles"] == 1
+    a_edge = tuple(np.argwhere(full == 1)[0])
+
+    def clicks(kept):
+        monkeypatch.setattr(click_tiles, "KEPT_OUTPUTS", kept)
+        session = InteractiveSession(demo, image, g.spacing_zyx)
+        session.segment(points=[a])
+        first, _ = session.segment(points=[p])
+        assert session.tiles_run == 1
+        edge = tuple(np.argwhere(first)[0])
+        results, runs = [], []
+        for points, negative in ((p, edge), (p, edge), (a, None), (a, a_edge), (p, edge)):
+            mask, info = session.segment(points=[points], negative_points=[negative] if negative else [])
+            results.append(mask)
+            runs.append(info["tiles"])
+        assert not results[0][edge] and not results[3][a_edge]
+        assert np.array_equal(results[1], results[0]) and np.array_equal(results[4], results[0])
+        return results, runs
+
+    kept, runs = clicks(2)
+    assert runs == [0, 0, 0, 0, 0]
+    again, runs = clicks(0)
+    assert runs == [1, 0, 0, 1, 1]              # a selection alone (the third) needs no lead
+    assert all(np.array_equal(x, y) for x, y in zip(kept, again))
 
 
 def test_a_positive_point_off_the_structure_says_what_it_lies_on(demo, case):

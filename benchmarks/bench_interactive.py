@@ -74,19 +74,19 @@ def lps(image: sitk.Image, zyx) -> list[float]:
     return list(image.TransformIndexToPhysicalPoint([int(v) for v in reversed(zyx)]))
 
 
-def run_model(model: str, cases: list[str], clicks: int, work: Path) -> dict:
+def run_model(model: str, cases: list[str], clicks: int, work: Path, tta: bool = False) -> dict:
     config = json.loads((Path(model) / "model.json").read_text())
     names = config["class_names"]
     worker = Worker()
     curves = {n: [] for n in names[1:]}
     automatic = {n: [] for n in names[1:]}
-    seconds = []
+    seconds, by_click = [], {}
     for case in cases:
         image_path = DATA / "imagesTr" / f"{case}.nii.gz"
         ref = sitk.ReadImage(str(image_path))
         truth = sitk.GetArrayFromImage(sitk.ReadImage(str(DATA / "labelsTr" / f"{case}.nii.gz")))
         spacing = ref.GetSpacing()[::-1]
-        auto = worker.request(input=str(image_path), output=str(work / "auto.nii.gz"), model=model)
+        auto = worker.request(input=str(image_path), output=str(work / "auto.nii.gz"), model=model, tta=tta)
         labels = sitk.GetArrayFromImage(sitk.ReadImage(str(work / "auto.nii.gz")))
         for value, name in enumerate(names[1:], start=1):
             target = truth == value
@@ -100,12 +100,13 @@ def run_model(model: str, cases: list[str], clicks: int, work: Path) -> dict:
                     continue
                 (pos if click[1] else neg).append(lps(ref, click[0]))
                 out = work / f"click{k % 2}.nii.gz"
-                event = worker.request(input=str(image_path), output=str(out), model=model, classes=[name],
+                event = worker.request(input=str(image_path), output=str(out), model=model, classes=[name], tta=tta,
                                        points=pos, negative_points=neg,
                                        **({"previous": str(previous)} if previous else {}))
                 if event["event"] == "error":
                     raise SystemExit(f"{case} {name} click {k + 1}: {event['message']}")
                 seconds.append(event["seconds"])
+                by_click.setdefault(k, []).append(event["seconds"])
                 pred = sitk.GetArrayFromImage(sitk.ReadImage(str(out))) == value
                 previous = out
                 scores.append(dice(pred, target))
@@ -114,7 +115,7 @@ def run_model(model: str, cases: list[str], clicks: int, work: Path) -> dict:
                                       + " ".join(f"{d:.2f}" for d in curves[n][-1]) for n in names[1:]),
               flush=True)
     worker.close()
-    result = {"model": model, "cases": len(cases), "structures": {}}
+    result = {"model": model, "cases": len(cases), "tta": tta, "structures": {}}
     for name in names[1:]:
         c = np.array(curves[name])
         noc = {t: float(np.mean([next((i + 1 for i, d in enumerate(row) if d >= t), clicks) for row in c]))
@@ -126,7 +127,8 @@ def run_model(model: str, cases: list[str], clicks: int, work: Path) -> dict:
     result["mean_dice_after_click"] = [round(float(v), 4) for v in all_curves.mean(0)]
     result["mean_automatic_dice"] = float(np.mean([np.mean(v) for v in automatic.values()]))
     result["seconds_per_click"] = {"median": float(np.median(seconds)), "p90": float(np.percentile(seconds, 90)),
-                                   "max": float(np.max(seconds)), "n": len(seconds)}
+                                   "max": float(np.max(seconds)), "n": len(seconds),
+                                   "max_by_click": [round(float(np.max(by_click[k])), 3) for k in sorted(by_click)]}
     return result
 
 
@@ -203,6 +205,8 @@ def main() -> int:
     parser.add_argument("--model", action="append", default=[])
     parser.add_argument("--cases", type=int, default=0, help="the first N held-out cases (0: all)")
     parser.add_argument("--clicks", type=int, default=10)
+    parser.add_argument("--tta", action="store_true",
+                        help="mirroring TTA on every request (the module's TTA box ticked)")
     parser.add_argument("--timing-ct", action="store_true")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--ct", type=Path, default=CT, help="the case of --timing-ct")
@@ -218,7 +222,7 @@ def main() -> int:
         config = json.loads((Path(model) / "model.json").read_text())
         cases = config["provenance"]["data"]["validation_cases"]
         cases = cases[:args.cases] if args.cases else cases
-        r = run_model(model, cases, args.clicks, work)
+        r = run_model(model, cases, args.clicks, work, args.tta)
         print(json.dumps(r, indent=1), flush=True)
         results.append(r)
     if args.timing_ct:

@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--clicks", type=int, default=10)
     ap.add_argument("--held-out", action="store_true", help="the held-out cases instead of training ones")
     ap.add_argument("--oracle", action="store_true")
+    ap.add_argument("--tta", action="store_true", help="mirroring TTA on the clicks' tiles (the module's TTA box)")
     ap.add_argument("--model", type=Path, default=MODEL, help="a model folder of the same split (default: the "
                     "shipped hippocampus-demo)")
     args = ap.parse_args()
@@ -50,6 +51,7 @@ def main() -> None:
     names = sorted(p.name[:-7] for p in (DATA / "labelsTr").glob("*.nii.gz"))
     cases = [c for c in names if (c in held_out) == args.held_out][:args.cases]
     predictor = Predictor(str(args.model), device="cpu")
+    predictor.tta = args.tta
     images = []
     for case in cases:
         image = sitk.ReadImage(str(DATA / "imagesTr" / f"{case}.nii.gz"))
@@ -94,7 +96,7 @@ def main() -> None:
                     row.append(dice(pred, target))
                 curves.append(row)
         mean = np.mean(curves, axis=0)
-        print(f"sigma {sigma:g} margin {margin:g}: " + " ".join(f"{v:.4f}" for v in mean), flush=True)
+        print(f"sigma {sigma:g} margin {margin:g}{' tta' if args.tta else ''}: " + " ".join(f"{v:.4f}" for v in mean), flush=True)
 
 
 if __name__ == "__main__":

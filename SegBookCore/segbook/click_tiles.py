@@ -9,9 +9,9 @@ from .export import first_argmax
 __all__ = ["Tiles"]
 
 
-# Runner outputs of a model without prompt input kept for scoring a class later (its first correcting
-# click): a 128^3 tile of STU-Net features is 268 MB, so only the last few are kept; an older tile is run
-# again when a click corrects it.
+# Runner outputs of a model without prompt input kept for scoring a class later (the first correcting click
+# of a structure, whichever was scored before): a 128^3 tile of STU-Net features is 268 MB, so only the last
+# few are kept; an older tile is run again when a click corrects it.
 KEPT_OUTPUTS = 2
 
 
@@ -30,7 +30,8 @@ class Tiles:
         self.owner = np.full(grid, -1, dtype=np.int16)     # which tile (index into origins) each voxel is from
         self.lead = np.full(grid, np.nan, dtype=np.float32)
         self.lead_class = None
-        self._kept: list = []       # (tile index, runner output, head) not scored yet
+        self._scored: set[int] = set()    # the tiles whose lead is lead_class's
+        self._kept: list = []       # (tile index, runner output, head), see add
 
     @property
     def known(self) -> np.ndarray:
@@ -44,8 +45,9 @@ class Tiles:
 
     def add(self, origin, out: torch.Tensor, head, gauss: np.ndarray, value=None, prompted=False) -> None:
         """A tile's runner output `out` (logits, or features with `head`). With the class `value` known it is
-        scored in the same pass over the logits; else `out` is kept for `score_class` (a prompted model's
-        until the end of the request, another's, the last KEPT_OUTPUTS, until a click corrects them)."""
+        scored in the same pass over the logits. `out` is kept for `score_class`: a prompted model's when
+        not scored, until the end of the request; another's, the last KEPT_OUTPUTS, for whichever class a
+        later click corrects."""
         self.patch = gauss.shape
         window = tuple(slice(o, o + s) for o, s in zip(origin, gauss.shape))
         better = gauss > self.weight[window]
@@ -58,14 +60,19 @@ class Tiles:
         self.labels[window][better] = labels[better]
         self.weight[window][better] = gauss[better]
         self.owner[window][better] = len(self.origins)
+        self.lead[window][better] = np.nan       # another tile's lead no longer holds there
         self.origins.append(tuple(origin))
         if scored is not None:
             self._put(len(self.origins) - 1, scored)
-            return
+            # a prompted model's class cannot change within the request; another's would only push out itself
+            if prompted or sum(i not in self._scored for i, _, _ in self._kept) >= KEPT_OUTPUTS:
+                return
         # a copy: a runner may hand out its own buffer, which its next call overwrites (runners.py)
         self._kept.append((len(self.origins) - 1, out.clone(), head))
-        if not prompted:
-            del self._kept[:-KEPT_OUTPUTS]
+        while not prompted and len(self._kept) > KEPT_OUTPUTS:
+            # the outputs not scored yet are the likelier to be needed: the oldest scored one goes first
+            scored = [k for k, (i, _, _) in enumerate(self._kept) if i in self._scored]
+            del self._kept[scored[0] if scored else 0]
 
     def rescore(self, index: int, out: torch.Tensor, head, value: int) -> None:
         """Tile `index` computed again (its output was not kept): its lead for class `value`, now."""
@@ -78,11 +85,14 @@ class Tiles:
         return sorted(set(np.unique(owners[owners >= 0]).tolist()) - {i for i, _, _ in self._kept})
 
     def score_class(self, value: int, prompted: bool) -> None:
-        """Score class `value` on the tiles kept, then let their outputs go: its log-odds against all other
-        classes together (prompted) or its lead over the best other class."""
+        """Score class `value` on the tiles kept (a prompted model's outputs then go): its log-odds against
+        all other classes together (prompted) or its lead over the best other class."""
+        self._lead_of(value)
         for index, out, head in self._kept:
-            self._score_tile(index, out, head, value, prompted)
-        self._kept = []
+            if index not in self._scored:
+                self._score_tile(index, out, head, value, prompted)
+        if prompted:
+            self._kept = []
 
     def _score_tile(self, index: int, out: torch.Tensor, head, value: int, prompted: bool) -> None:
         scored = self._scores(value)
@@ -94,7 +104,7 @@ class Tiles:
         """`lead` is to hold class `value`'s: another class's are forgotten (only one class's are kept)."""
         if value != self.lead_class:
             self.lead[:] = np.nan
-            self.lead_class = value
+            self.lead_class, self._scored = value, set()
 
     def _scores(self, value: int) -> np.ndarray:
         self._lead_of(value)
@@ -104,6 +114,7 @@ class Tiles:
         window = tuple(slice(o, o + s) for o, s in zip(self.origins[index], self.patch))
         mine = self.owner[window] == index
         self.lead[window][mine] = scored[mine]
+        self._scored.add(index)
 
 
 def _logit_chunks(out: torch.Tensor, head, rows: int = 4096):

@@ -19,8 +19,8 @@ Two kinds of model answer:
   points touch are then taken again. A box keeps what lies inside it (with no point: the class most present
   in the box).
   Tiles depend on nothing but the image, so they are kept for the next clicks: a click inside the region
-  already computed costs no network run (a click on another structure may run the tiles it corrects
-  again: only the logits' lead of the structure last clicked is kept).
+  already computed costs no network run (correcting another structure runs again those tiles it needs
+  whose output is no longer kept: click_tiles keeps the last few).
 - a model trained with prompts (`config.prompts`): the prompts are encoded as its extra input channels
   (segbook.prompts) and it decides the structure: its voxels are where the class's probability against
   all the others (softmax of the class's logit vs the log-sum-exp of the rest) exceeds one half; every

@@ -447,6 +447,35 @@ def test_negative_coordinate_lists_bind_to_their_option():
     assert "expected one argument" not in r.stderr and r.returncode == 2
 
 
+def test_a_tile_that_takes_over_voxels_gives_its_own_lead_there():
+    """Where a later tile lies more inside than the tiles scored before, the labels are the later tile's, and
+    so must the class's lead be: those voxels count as not scored until that tile is, run again where its
+    output is no longer kept."""
+    from segbook import click_tiles
+    from segbook.click_tiles import Tiles
+    g = torch.Generator().manual_seed(1)
+    gauss = np.ones((6, 6, 6), np.float32)
+    gauss[1:5, 1:5, 1:5] = 2                  # each tile owns its inner part where it is the more inside
+    ys = [0, 6, 3, 9, 12]                     # the third lies between the first two, which were scored
+    outs = [torch.randn(3, 6, 6, 6, generator=g) for _ in ys]
+    tiles = Tiles((6, 18, 6))
+    for i, y in enumerate(ys):
+        tiles.add((0, y, 0), outs[i], None, gauss, value=1 if i < 2 else None)
+    assert len(tiles._kept) == click_tiles.KEPT_OUTPUTS == 2        # the third was pushed out by the last two
+    everywhere = (slice(None),) * 3
+    assert tiles.unscored(1, everywhere) == [2]
+    tiles.rescore(2, outs[2], None, 1)
+    tiles.score_class(1, prompted=False)
+    assert not np.isnan(tiles.lead).any() and tiles.unscored(1, everywhere) == []
+    for i, y in enumerate(ys):
+        logits = outs[i].numpy()
+        lead = logits[1] - np.maximum(logits[0], logits[2])
+        window = (slice(0, 6), slice(y, y + 6), slice(0, 6))
+        mine = tiles.owner[window] == i
+        assert mine.any() and np.allclose(tiles.lead[window][mine], lead[mine])
+        assert np.array_equal(tiles.labels[window][mine], logits.argmax(0)[mine])
+
+
 @pytest.mark.parametrize("k", [3, 105])
 def test_a_tile_with_a_head_labels_as_numpys_argmax_of_its_logits(k):
     """The OpenVINO runner hands the click features and the final 1x1x1 head (runners.py); the tile's labels

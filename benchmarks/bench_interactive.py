@@ -9,7 +9,7 @@ NoC@90 (clicks to reach that Dice, the number of clicks where it is never reache
 automatic Dice (no prompt) on the same cases, and the worker's seconds per click.
 
     .venv/bin/python benchmarks/bench_interactive.py --model MODEL_DIR [--model MODEL2 ...] \\
-        [--cases N] [--clicks 10] [--json out.json]
+        [--cases N] [--clicks 10] [--tta] [--json out.json]
     .venv/bin/python benchmarks/bench_interactive.py --timing-ct     # a warm click on the abdominal CT
     python benchmarks/bench_interactive.py --timing-ct --ct CASE --size B --device cuda   # on a GPU
 
@@ -20,7 +20,7 @@ then `--repeats` clicks at new points up to ~75 mm around it on the same warm wo
 settings (OpenVINO fp32 where installed). `--ct`, `--size` and `--device` change the case, the STU-Net size
 and the device (`make gpu-check` runs STU-Net-B on its 512x512x300 case on the GPU). `--in-process` sends
 the same clicks to the worker's click path in this process and reports each click's network seconds and
-the rest apart.
+the rest apart. `--tta` sends `"tta": true` with every request (the module's TTA box ticked).
 """
 from __future__ import annotations
 

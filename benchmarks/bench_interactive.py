@@ -20,7 +20,7 @@ then `--repeats` clicks at new points up to ~75 mm around it on the same warm wo
 settings (OpenVINO fp32 where installed). `--ct`, `--size` and `--device` change the case, the STU-Net size
 and the device (`make gpu-check` runs STU-Net-B on its 512x512x300 case on the GPU). `--in-process` sends
 the same clicks to the worker's click path in this process and reports each click's network seconds and
-the rest apart. `--tta` sends `"tta": true` with every request (the module's TTA box ticked).
+the rest apart. `--precision bf16` sends the CT clicks in bf16 (the Segment tab's precision). `--tta` sends `"tta": true` with every request (the module's TTA box ticked).
 """
 from __future__ import annotations
 
@@ -47,17 +47,17 @@ from segbook.clicks import dice, next_click  # noqa: E402
 class Worker:
     """`python -m segbook.worker` driven by JSON lines, as the Slicer module drives it."""
 
-    def __init__(self, env=None, device: str = "cpu"):
+    def __init__(self, env=None, device: str = "cpu", precision: str = "auto"):
         self.proc = subprocess.Popen([sys.executable, "-m", "segbook.worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
         assert json.loads(self.proc.stdout.readline())["event"] == "ready"
         self.n = 0
-        self.device = device
+        self.device, self.precision = device, precision
 
     def request(self, **fields) -> dict:
         self.n += 1
         self.proc.stdin.write(json.dumps({"id": f"r{self.n}", "command": "predict", "device": self.device,
-                                          **fields}) + "\n")
+                                          "precision": self.precision, **fields}) + "\n")
         self.proc.stdin.flush()
         while True:
             event = json.loads(self.proc.stdout.readline())
@@ -133,13 +133,13 @@ def run_model(model: str, cases: list[str], clicks: int, work: Path, tta: bool =
 
 
 def timing_ct(repeats: int, work: Path, ct: Path = CT, net: str = "S", device: str = "cpu",
-              in_process: bool = False) -> dict:
+              in_process: bool = False, precision: str = "auto") -> dict:
     from bench_predict import make_model_folder
     model = make_model_folder(work / f"model-{net.lower()}", net, None)
     ref = sitk.ReadImage(str(ct))
     size, spacing = np.array(ref.GetSize()), np.array(ref.GetSpacing())
-    worker = InProcess(model, ct, work, device) if in_process else \
-        Worker(env={"SEGBOOK_CACHE": str(work / "cache")}, device=device)
+    worker = InProcess(model, ct, work, device, precision) if in_process else \
+        Worker(env={"SEGBOOK_CACHE": str(work / "cache")}, device=device, precision=precision)
     times = []
     rng = np.random.default_rng(0)
     for i in range(repeats + 1):
@@ -162,7 +162,7 @@ def timing_ct(repeats: int, work: Path, ct: Path = CT, net: str = "S", device: s
             times.append({"seconds": event["seconds"], "tiles": r["tiles"], "network_seconds": network})
     worker.close()
     return {"case": str(ct), "model": f"STU-Net-{net} (random weights)", "device": device,
-            "in_process": in_process, "clicks": times}
+            "precision": precision, "in_process": in_process, "clicks": times}
 
 
 class InProcess:
@@ -170,11 +170,11 @@ class InProcess:
     split into the network's (the Predictor's tile calls) and the rest's: the machine's noise, mostly in
     the network's seconds, hides a change of the rest in the worker's totals."""
 
-    def __init__(self, model: Path, ct: Path, work: Path, device: str):
+    def __init__(self, model: Path, ct: Path, work: Path, device: str, precision: str = "auto"):
         os.environ["SEGBOOK_CACHE"] = str(work / "cache")
         from segbook.click_file import FileSession
         from segbook.inference import Predictor
-        self.predictor = Predictor(str(model), device=device)
+        self.predictor = Predictor(str(model), device=device, precision=precision)
         self.network = 0.0
         run = self.predictor._predict_tile
 
@@ -212,6 +212,8 @@ def main() -> int:
     parser.add_argument("--ct", type=Path, default=CT, help="the case of --timing-ct")
     parser.add_argument("--size", default="S", choices="SBLH", help="the STU-Net of --timing-ct")
     parser.add_argument("--device", default="cpu", help="the device of --timing-ct (cpu, cuda, ...)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="the precision of --timing-ct's requests (the Segment tab's precision)")
     parser.add_argument("--in-process", action="store_true",
                         help="--timing-ct in this process, each click's network seconds and the rest apart")
     parser.add_argument("--json")
@@ -226,7 +228,7 @@ def main() -> int:
         print(json.dumps(r, indent=1), flush=True)
         results.append(r)
     if args.timing_ct:
-        r = timing_ct(args.repeats, work, args.ct, args.size, args.device, args.in_process)
+        r = timing_ct(args.repeats, work, args.ct, args.size, args.device, args.in_process, args.precision)
         print(json.dumps(r, indent=1), flush=True)
         results.append(r)
     if args.json:

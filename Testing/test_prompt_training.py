@@ -17,7 +17,7 @@ from segbook.io import read_image, read_labels
 from segbook.prompts import CHANNELS, PromptSpec
 from segbook.training.loss import DeepSupervisionLoss, DiceCELoss
 from segbook.training.model_init import build_network
-from segbook.training.prompting import PromptedLoss, PromptSimulator, class_vs_rest
+from segbook.training.prompting import FOCUS_RADIUS, FOCUS_WEIGHT, PromptedLoss, PromptSimulator, class_vs_rest
 from segbook.zoo import create_model
 
 MINI = Path(__file__).parent / "data" / "hippocampus_mini"
@@ -78,6 +78,52 @@ def test_prompted_loss_is_the_automatic_loss_and_a_binary_one_by_share():
         [outputs[0][1:2]], [targets[0][1:2]], classes[1:2]), only)
 
 
+def test_the_prompted_loss_adds_the_cross_entropy_near_the_clicks():
+    torch.manual_seed(1)
+    outputs = [torch.randn(3, 3, 8, 8, 8, requires_grad=True), torch.randn(3, 3, 4, 4, 4)]
+    targets = [torch.randint(0, 3, (3, 1, 8, 8, 8)), torch.randint(0, 3, (3, 1, 4, 4, 4))]
+    classes = torch.tensor([2, 0, 1])
+    loss = PromptedLoss(lambda ignore: DeepSupervisionLoss(2, ignore_label=ignore), None)
+    focus = torch.zeros(3, 8, 8, 8, dtype=torch.bool)
+    plain = loss(outputs, targets, classes)
+    assert torch.equal(loss(outputs, targets, classes, focus), plain)        # no focus voxel: the same loss
+    focus[0, 2:5, 2:5, 2:5] = True
+    focus[1] = True                 # not prompted: its focus must not count
+    focus[2, 6:, 6:, 6:] = True
+    # the expected term, from the class's probability against the rest in float64 numpy
+    ce = []
+    for i in (0, 2):
+        z = outputs[0][i].detach().double().numpy()
+        p = np.exp(z - z.max(0)) / np.exp(z - z.max(0)).sum(0)
+        pc = p[int(classes[i])]
+        inside = (targets[0][i, 0] == classes[i]).numpy()
+        voxel_ce = -np.where(inside, np.log(pc), np.log1p(-pc))
+        ce.append(voxel_ce[focus[i].numpy()])
+    extra = 2 / 3 * FOCUS_WEIGHT * np.concatenate(ce).mean()
+    got = loss(outputs, targets, classes, focus)
+    assert abs(float((got - plain).detach()) - extra) < 1e-5 and extra > 0.01
+    # the added term's gradient is on the focus voxels alone
+    grad = torch.autograd.grad(got - plain, outputs[0])[0].abs().sum(1)
+    assert (grad[~focus] == 0).all() and (grad[0][focus[0]] > 0).all()
+
+
+def test_the_prompted_loss_ignores_the_unannotated_voxels_near_the_clicks():
+    torch.manual_seed(2)
+    logits = [torch.randn(1, 3, 6, 6, 6)]
+    target = torch.randint(0, 3, (1, 1, 6, 6, 6))
+    target[0, 0, :3] = 3                            # "ignore"
+    loss = PromptedLoss(lambda ignore: DeepSupervisionLoss(1, ignore_label=ignore), 3)
+    focus = torch.zeros(1, 6, 6, 6, dtype=torch.bool)
+    base = loss(logits, [target], torch.tensor([1]), focus)
+    focus[0, :3] = True                             # only ignored voxels: nothing to add
+    assert torch.equal(loss(logits, [target], torch.tensor([1]), focus), base)
+    focus[0, 2:4] = True
+    both = loss(logits, [target], torch.tensor([1]), focus)
+    focus[0, :3] = False
+    focus[0, 3] = True
+    assert torch.allclose(loss(logits, [target], torch.tensor([1]), focus), both)
+
+
 def _batch(b=4, shape=(24, 32, 24)):
     target = torch.zeros(b, 1, *shape, dtype=torch.long)
     target[:, :, 4:20, 8:26, 4:20] = 1
@@ -93,7 +139,7 @@ def test_the_simulated_user_clicks_inside_and_on_errors_and_repeats_itself():
     extend_input(net, len(CHANNELS))
     sim = PromptSimulator(PromptSpec(), seed=3)
     batch = _batch()
-    seen_prompted = seen_plain = 0
+    seen_prompted = seen_plain = seen_lone = 0
     for it in range(12):
         out = sim(net, batch, it)
         again = sim(net, batch, it)
@@ -103,7 +149,7 @@ def test_the_simulated_user_clicks_inside_and_on_errors_and_repeats_itself():
         for i, c in enumerate(out["prompt_class"].tolist()):
             channels = out["image"][i, 1:]
             if c == 0 or i == 1:                    # not prompted, or nothing to click: no prompt at all
-                assert channels.abs().sum() == 0
+                assert channels.abs().sum() == 0 and not out["prompt_focus"][i].any()
                 seen_plain += c == 0
                 continue
             seen_prompted += 1
@@ -115,13 +161,27 @@ def test_the_simulated_user_clicks_inside_and_on_errors_and_repeats_itself():
                 for k in range(1, n + 1):
                     centre = tuple(np.argwhere(balls == k).mean(0).round().astype(int))
                     assert target[centre] == inside
+            # the loss's focus: the voxels within FOCUS_RADIUS of the clicks. A lone ball (33 voxels at radius
+            # 2) gives its click exactly; balls that touch give their union, which the focus must hold.
+            focus = out["prompt_focus"][i].numpy()
+            grid = np.indices(target.shape).reshape(3, -1).T
+            near, lone = np.zeros(len(grid), bool), True
+            for ch in (0, 1):
+                balls, n = ndimage.label(channels[ch].numpy() > 0)
+                for k in range(1, n + 1):
+                    lone &= int((balls == k).sum()) == 33
+                    near |= ((grid - np.argwhere(balls == k).mean(0)) ** 2).sum(1) <= FOCUS_RADIUS ** 2
+            assert focus[channels[:2].sum(0).numpy() > 0].all()
+            if lone:
+                assert np.array_equal(focus.ravel(), near)
+                seen_lone += 1
             if channels[3].sum() == 0:      # starting from nothing: one positive click, deep inside
                 balls, n = ndimage.label(channels[0].numpy() > 0)
                 assert n == 1 and channels[1].sum() == 0
                 centre = tuple(np.argwhere(balls == 1).mean(0).round().astype(int))
                 depth = ndimage.distance_transform_edt(np.pad(target, 1))[1:-1, 1:-1, 1:-1]
                 assert depth[centre] >= 0.5 * depth.max() - 1
-    assert seen_prompted > 5 and seen_plain > 5
+    assert seen_prompted > 5 and seen_plain > 5 and seen_lone > 5
 
 
 def test_finetune_with_prompts_gives_a_model_that_segments_alone_and_from_clicks(tmp_path):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["CHANNELS", "PromptSpec", "Prompts", "encode", "extend_input"]
+__all__ = ["CHANNELS", "PromptSpec", "Prompts", "balls", "encode", "extend_input"]
 
 CHANNELS = ("positive", "negative", "box", "previous")
 
@@ -48,7 +48,7 @@ class Prompts:
         return not self.points and not self.negative_points and self.box is None and self.previous is None
 
 
-def _balls(out: np.ndarray, origin, points, radius: float) -> None:
+def balls(out: np.ndarray, origin, points, radius: float) -> None:
     """Set to 1 the voxels of `out` (a window whose first voxel is at `origin`) within `radius` of a point."""
     r = int(np.ceil(radius))
     for p in points:
@@ -67,8 +67,8 @@ def encode(prompts: Prompts, origin, shape, radius: float) -> np.ndarray:
     of the grid the prompts are in; `prompts.previous`, if any, covers that whole grid."""
     origin = np.asarray(origin, dtype=int)
     out = np.zeros((len(CHANNELS), *shape), dtype=bool)
-    _balls(out[0], origin, prompts.points, radius)
-    _balls(out[1], origin, prompts.negative_points, radius)
+    balls(out[0], origin, prompts.points, radius)
+    balls(out[1], origin, prompts.negative_points, radius)
     if prompts.box is not None:
         lo = np.clip(np.asarray(prompts.box[:3]) - origin, 0, shape)
         hi = np.clip(np.asarray(prompts.box[3:]) - origin, 0, shape)

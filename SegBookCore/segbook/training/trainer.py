@@ -72,7 +72,7 @@ def train_step(net, batch, loss_fn, opt, scaler, device, d: Dist = Dist()) -> fl
     scale, as on an overflow."""
     image = batch["image"].to(device, non_blocking=True)
     targets = [t.to(device, non_blocking=True) for t in batch["target"]]
-    extra = (batch["prompt_class"].to(device),) if "prompt_class" in batch else ()   # training.prompting
+    extra = tuple(batch[k].to(device) for k in ("prompt_class", "prompt_focus") if k in batch)  # training.prompting
     opt.zero_grad(set_to_none=True)
     with autocast(device, enabled=device.type == "cuda"):
         outputs = net(image)

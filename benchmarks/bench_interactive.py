@@ -20,7 +20,8 @@ then `--repeats` clicks at new points up to ~75 mm around it on the same warm wo
 settings (OpenVINO fp32 where installed). `--ct`, `--size` and `--device` change the case, the STU-Net size
 and the device (`make gpu-check` runs STU-Net-B on its 512x512x300 case on the GPU). `--in-process` sends
 the same clicks to the worker's click path in this process and reports each click's network seconds and
-the rest apart. `--precision bf16` sends the CT clicks in bf16 (the Segment tab's precision). `--tta` sends `"tta": true` with every request (the module's TTA box ticked).
+the rest apart. `--precision bf16` sends the CT clicks in bf16 (the Segment tab's precision). `--tta` sends
+`"tta": true` with every request (the module's TTA box ticked).
 """
 from __future__ import annotations
 

@@ -43,6 +43,7 @@ CT = ROOT.parent / "shared" / "data" / "ct" / "abdomen_ct_3mm.nii.gz"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from segbook.clicks import dice, next_click  # noqa: E402
+from segbook.runners import PRECISIONS  # noqa: E402
 
 
 class Worker:
@@ -213,7 +214,7 @@ def main() -> int:
     parser.add_argument("--ct", type=Path, default=CT, help="the case of --timing-ct")
     parser.add_argument("--size", default="S", choices="SBLH", help="the STU-Net of --timing-ct")
     parser.add_argument("--device", default="cpu", help="the device of --timing-ct (cpu, cuda, ...)")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="the precision of --timing-ct's requests (the Segment tab's precision)")
     parser.add_argument("--in-process", action="store_true",
                         help="--timing-ct in this process, each click's network seconds and the rest apart")
